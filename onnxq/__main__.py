@@ -1,0 +1,5 @@
+"""``python -m onnxq`` is the ``onnxq`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""Run the float model with onnxruntime and accumulate each layer's Gram matrix ``H = X^T X``.
+
+One session exposes every layer input as an extra output; batches stream through it and each input
+is unfolded exactly as its operator reads it, then added into ``H`` in float64. Nothing grows with the
+calibration set, so memory is bounded by one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import OnnxqError
+from .layers import Layer
+from .sources import Feed
+from .unfold import unfold
+
+UNFOLD_CHUNK_ELEMENTS = 1 << 23  # unfolded values processed at once: bounds the im2col copy to ~64 MB
+
+
+@dataclass
+class LayerStats:
+    """What a rounding pass needs from calibration: the Gram matrix (G x d x d) and input ranges."""
+
+    gram: np.ndarray
+    rows: int
+    act_min: float
+    act_max: float
+    samples: int = 0
+
+    def merge(self, x: np.ndarray, layer: Layer) -> None:
+        """Add one batch of the layer's raw input."""
+        self.act_min = min(self.act_min, float(x.min()))
+        self.act_max = max(self.act_max, float(x.max()))
+        self.samples += x.shape[0]
+        for chunk in _chunks(x, layer):
+            rows = unfold(layer, chunk).astype(np.float64)
+            self.gram += np.matmul(rows.transpose(0, 2, 1), rows)
+            self.rows += rows.shape[1]
+
+    @property
+    def normalised_gram(self) -> np.ndarray:
+        """``H / rows``: the same minimiser, with magnitudes independent of the calibration size."""
+        return self.gram / max(self.rows, 1)
+
+
+def empty_stats(layer: Layer) -> LayerStats:
+    d = layer.fan_in
+    return LayerStats(np.zeros((layer.groups, d, d)), 0, np.inf, -np.inf)
+
+
+def _chunks(x: np.ndarray, layer: Layer) -> Iterable[np.ndarray]:
+    """Split a batch along its first axis so one unfolded chunk stays small."""
+    if layer.op_type != "Conv" or x.shape[0] <= 1:
+        yield x
+        return
+    per_sample = x[0].size * int(np.prod(layer.conv["kernel_shape"])) // max(
+        1, int(np.prod(layer.conv["strides"])))
+    step = max(1, UNFOLD_CHUNK_ELEMENTS // max(per_sample, 1))
+    for start in range(0, x.shape[0], step):
+        yield x[start:start + step]
+
+
+def capture_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of the model whose outputs are the given intermediate tensors."""
+    captured = onnx.ModelProto()
+    captured.CopyFrom(model)
+    known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
+    del captured.graph.output[:]
+    for name in tensors:
+        value = known.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        captured.graph.output.append(value)
+    return captured
+
+
+def make_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session for an in-memory model (spilled to a temporary file when over protobuf's 2 GB)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    if model.ByteSize() < 2**31 - 2**26:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="onnxq-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, location="model.data")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Feed],
+              on_batch: Callable[[int], None] | None = None) -> dict[str, LayerStats]:
+    """Stream the batches through the float model and return each layer's statistics."""
+    graph_inputs = {v.name for v in model.graph.input}
+    captured = sorted({layer.activation for layer in layers} - graph_inputs)
+    session = make_session(capture_model(model, captured)) if captured else None
+    stats = {layer.name: empty_stats(layer) for layer in layers}
+    for feed in batches:
+        values = dict(zip(captured, session.run(captured, feed), strict=True)) if session else {}
+        values.update(feed)
+        for layer in layers:
+            stats[layer.name].merge(np.asarray(values[layer.activation], dtype=np.float32), layer)
+        if on_batch:
+            on_batch(next(iter(feed.values())).shape[0])
+    return stats
+
+
+def save_stats(path: Path, stats: dict[str, LayerStats], fingerprint: str) -> None:
+    """Write statistics atomically (temporary file, then rename) so an interrupted run leaves nothing."""
+    arrays = {"header": np.frombuffer(json.dumps(
+        {"fingerprint": fingerprint, "layers": list(stats)}).encode(), dtype=np.uint8)}
+    for index, item in enumerate(stats.values()):
+        arrays[f"gram_{index}"] = item.gram
+        arrays[f"info_{index}"] = np.array([item.rows, item.act_min, item.act_max, item.samples])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_stats(path: Path, fingerprint: str) -> dict[str, LayerStats] | None:
+    """Statistics saved for the same layers and weights, or None when the file is for another model."""
+    try:
+        with np.load(path) as data:
+            header = json.loads(data["header"].tobytes().decode())
+            if header.get("fingerprint") != fingerprint:
+                return None
+            stats = {}
+            for index, name in enumerate(header["layers"]):
+                rows, lo, hi, samples = data[f"info_{index}"]
+                stats[name] = LayerStats(data[f"gram_{index}"], int(rows), float(lo), float(hi), int(samples))
+            return stats
+    except (OSError, ValueError, KeyError) as err:
+        raise OnnxqError(f"cannot read statistics file {path} ({err}); delete it to recalibrate") from err

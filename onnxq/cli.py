@@ -1,0 +1,203 @@
+"""The ``onnxq`` command line: ``onnxq MODEL --calib DATA -o OUT`` (the ``quantize`` subcommand is implied)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import OnnxqError
+from .images import ImagePreprocessing
+from .layers import QUANTIZABLE_OPS
+from .passes import DEFAULT_METHOD, ROUNDING_PASSES, SUPPORTED_BITS
+from .pipeline import Options, quantize_model
+from .report import layer_table, summary
+
+
+class DefaultToQuantize(click.Group):
+    """A group where ``onnxq MODEL ...`` means ``onnxq quantize MODEL ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["quantize", *args]
+        return super().parse_args(ctx, args)
+
+
+def split_list(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Accept repeated flags and comma- or space-separated lists alike."""
+    return tuple(item for value in values for item in value.replace(",", " ").split() if item)
+
+
+def parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError as err:
+        raise click.BadParameter(f"{name} takes numbers separated by commas, e.g. 0.485,0.456,0.406") from err
+
+
+def parse_size(text: str | None) -> tuple[int, int] | int | None:
+    """``256`` (short side) or ``256x256`` (height x width)."""
+    if text is None:
+        return None
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError as err:
+        raise click.BadParameter("sizes look like 256 or 256x256") from err
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def image_preprocessing(image_size, resize, mean, std, scale, channel_order) -> ImagePreprocessing | None:
+    """Build the preprocessing from the flags, leaving unset fields at their defaults."""
+    fields = {}
+    size = parse_size(image_size)
+    if size is not None:
+        fields["size"] = (size, size) if isinstance(size, int) else size
+    if resize is not None:
+        fields["resize"] = parse_size(resize)
+    if mean is not None:
+        fields["mean"] = parse_floats(mean, "--mean")
+    if std is not None:
+        fields["std"] = parse_floats(std, "--std")
+    if scale is not None:
+        fields["scale"] = scale
+    if channel_order is not None:
+        fields["channel_order"] = channel_order
+    return ImagePreprocessing(**fields) if fields else None
+
+
+class Progress:
+    """A click progress bar on stderr (a plain counter when the total is unknown)."""
+
+    def __init__(self, total: int | None, label: str, enabled: bool) -> None:
+        self.total, self.label, self.enabled, self.done, self.bar = total, label, enabled, 0, None
+
+    def __enter__(self) -> Progress:
+        if self.enabled and self.total:
+            self.bar = click.progressbar(length=self.total, label=self.label, file=sys.stderr,
+                                         show_pos=True).__enter__()
+        return self
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled:
+            click.echo(f"\r{self.label}: {self.done}", err=True, nl=False)
+
+    def __exit__(self, *exc) -> bool:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        elif self.enabled and self.done:
+            click.echo("", err=True)
+        return False
+
+
+@click.group(cls=DefaultToQuantize, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxq")
+def cli() -> None:
+    """onnxq: post-training low-bit weight quantization for ONNX models.
+
+    \b
+    onnxq model.onnx --calib data/ -o model_int4.onnx
+    """
+
+
+@cli.command("quantize")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", "calib", required=True, type=click.Path(path_type=Path),
+              help="Calibration data: a folder of images, *.npy files, <input_name>/*.npy folders, .npz files "
+                   "keyed by input name, or onnxruntime's test_data_set_*/input_*.pb layout.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Where to write the quantized model (never the input file).")
+@click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True,
+              help="Weight width for every layer. 3-bit codes are stored in INT4 with the range [-4, 3].")
+@click.option("--method", type=click.Choice(sorted(ROUNDING_PASSES)), default=DEFAULT_METHOD,
+              show_default=True,
+              help="Rounding pass: comq (coordinate descent, best), gptq, or rtn (round to nearest).")
+@click.option("--symmetric/--asymmetric", default=False, show_default=True,
+              help="Symmetric grids (zero point 0, as onnxruntime's default) or asymmetric (more accurate).")
+@click.option("--clip/--no-clip", default=True, show_default=True,
+              help="Search a per-channel clipping range that minimises the weight MSE before rounding.")
+@click.option("--first-last-bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
+              help="Width of the first and last quantized layers (they are the most sensitive), e.g. 8.")
+@click.option("--nodes_to_exclude", "--nodes-to-exclude", multiple=True,
+              help="Node names or regular expressions to keep in float (repeat or separate with commas).")
+@click.option("--op_types_to_quantize", "--op-types-to-quantize", multiple=True,
+              help=f"Op types to quantize (default: {', '.join(QUANTIZABLE_OPS)}).")
+@click.option("--calib-size", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Use at most this many calibration samples, in sorted file order (0: all).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Samples per onnxruntime batch; memory is bounded by one batch.")
+@click.option("--stats", type=click.Path(path_type=Path), default=None,
+              help="Cache file for calibration statistics: reused when it matches the model's weights, "
+                   "written otherwise. Lets a second run with other bits skip calibration.")
+@click.option("--image-size", default=None, help="Crop size HxW for image folders (default: the model input).")
+@click.option("--resize", default=None,
+              help="Resize before the centre crop: 256 (short side) or 256x256 (default: crop size / 0.875).")
+@click.option("--mean", default=None, help="Per-channel mean subtracted after scaling [default: 0.485,0.456,0.406].")
+@click.option("--std", default=None, help="Per-channel std divided by [default: 0.229,0.224,0.225].")
+@click.option("--scale", type=float, default=None, help="Pixel multiplier applied first [default: 1/255].")
+@click.option("--channel-order", type=click.Choice(["RGB", "BGR"], case_sensitive=False), default=None,
+              help="Channel order the model expects [default: RGB].")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Store weights in <output>.data (default: only when the model exceeds 2 GB).")
+@click.option("--allow-empty", is_flag=True, help="Write the model unchanged if it has nothing to quantize.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or tables, only errors.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def quantize_command(model, calib, output, bits, method, symmetric, clip, first_last_bits, nodes_to_exclude,
+                     op_types_to_quantize, calib_size, batch_size, stats, image_size, resize, mean, std, scale,
+                     channel_order, external_data, allow_empty, quiet, debug) -> None:
+    """Quantize MODEL's Conv/Gemm/MatMul weights to 2, 3, 4 or 8 bits and write a QDQ ONNX model."""
+    options = Options(
+        bits=int(bits), method=method, symmetric=symmetric, clip=clip,
+        first_last_bits=int(first_last_bits) if first_last_bits else None,
+        nodes_to_exclude=split_list(nodes_to_exclude),
+        op_types_to_quantize=split_list(op_types_to_quantize) or QUANTIZABLE_OPS,
+        calib_size=calib_size or None, batch_size=batch_size, stats=stats,
+        preprocessing=image_preprocessing(image_size, resize, mean, std, scale, channel_order),
+        allow_empty=allow_empty, external_data=external_data)
+    result = quantize_model(model, calib, output, options,
+                            progress=lambda total, label: Progress(total, label, not quiet and sys.stderr.isatty()))
+    if not quiet:
+        click.echo(layer_table(result))
+        click.echo(summary(result))
+
+
+def main() -> None:
+    """Entry point: one-line errors and a non-zero exit for every failure (tracebacks with --debug)."""
+    logging.basicConfig(format="onnxq: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    debug = "--debug" in sys.argv
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.Abort:
+        click.echo("onnxq: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except OnnxqError as err:
+        if debug:
+            raise
+        click.echo(f"onnxq: error: {err}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("onnxq: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - a last line of defence: never a bare traceback
+        if debug:
+            raise
+        first = str(err).splitlines()[0][:200] if str(err) else ""
+        click.echo(f"onnxq: internal error: {type(err).__name__}: {first} (rerun with --debug and report it)",
+                   err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Find the quantizable layers of a model and map their weights to and from the matrix view.
+
+A layer is one constant float weight feeding a Conv, Gemm or MatMul. Passes see it as a matrix
+``out_channels x fan_in`` (Conv: ``Cout x Cin/g*kh*kw``); export maps codes back to the ONNX layout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import OnnxqError
+
+QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass
+class Layer:
+    """One weight to quantize, with what is needed to unfold its input and rebuild its tensor."""
+
+    name: str
+    op_type: str
+    weight: str
+    activation: str
+    shape: tuple[int, ...]
+    bias: str | None = None
+    groups: int = 1
+    transposed: bool = False  # the ONNX tensor is [fan_in, out] (MatMul, Gemm with transB=0)
+    trans_a: bool = False
+    conv: dict = field(default_factory=dict)  # kernel_shape, strides, pads, dilations, auto_pad
+
+    @property
+    def out_channels(self) -> int:
+        return self.shape[1] if self.transposed else self.shape[0]
+
+    @property
+    def fan_in(self) -> int:
+        """Inputs one output channel reads (Conv: Cin/groups * kernel area)."""
+        return self.params // self.out_channels
+
+    @property
+    def channel_axis(self) -> int:
+        """The per-channel axis of the ONNX weight tensor (DequantizeLinear's ``axis``)."""
+        return 1 if self.transposed else 0
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.shape))
+
+    def matrix(self, tensor: np.ndarray) -> np.ndarray:
+        """The ONNX weight tensor as ``out_channels x fan_in``."""
+        return tensor.T if self.transposed else tensor.reshape(self.shape[0], -1)
+
+    def tensor(self, matrix: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`matrix`: back to the ONNX layout."""
+        return np.ascontiguousarray(matrix.T) if self.transposed else matrix.reshape(self.shape)
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a unique name so layers can be reported and excluded by name."""
+    seen: set[str] = {n.name for n in model.graph.node if n.name}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            candidate = f"{node.op_type}_{index}"
+            while candidate in seen:
+                candidate += "_"
+            node.name = candidate
+            seen.add(candidate)
+
+
+def find_layers(model: onnx.ModelProto, op_types: tuple[str, ...] = QUANTIZABLE_OPS,
+                exclude: tuple[str, ...] = ()) -> tuple[list[Layer], list[str]]:
+    """Every quantizable layer in graph order, and human-readable reasons for what was skipped."""
+    unknown = set(op_types) - set(QUANTIZABLE_OPS)
+    if unknown:
+        raise OnnxqError(f"cannot quantize op types {sorted(unknown)}; choose from {', '.join(QUANTIZABLE_OPS)}")
+    name_nodes(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    uses = Counter(name for n in model.graph.node for name in n.input)
+    patterns = [re.compile(p) for p in exclude]
+    layers, skipped = [], []
+    for node in model.graph.node:
+        if node.op_type not in op_types or len(node.input) < 2:
+            continue
+        if any(p.fullmatch(node.name) for p in patterns):
+            skipped.append(f"{node.name}: excluded by --nodes_to_exclude")
+            continue
+        weight = inits.get(node.input[1])
+        if weight is None:
+            continue  # activation x activation (attention) or a computed weight: not ours
+        reason = _unsupported(node, weight, uses)
+        if reason:
+            skipped.append(f"{node.name}: {reason}")
+            continue
+        layers.append(_make_layer(node, weight))
+    return layers, skipped
+
+
+def _unsupported(node: onnx.NodeProto, weight: onnx.TensorProto, uses: Counter) -> str | None:
+    """Why a candidate node cannot be quantized, or None."""
+    if weight.data_type != onnx.TensorProto.FLOAT:
+        return f"weight {weight.name} is {onnx.TensorProto.DataType.Name(weight.data_type)}, not FLOAT"
+    if uses[weight.name] > 1:
+        return f"weight {weight.name} is shared by several nodes"
+    dims = len(weight.dims)
+    if node.op_type == "Conv" and dims not in (3, 4):
+        return f"{dims - 2}-D Conv is not supported (1-D and 2-D are)"
+    if node.op_type in ("Gemm", "MatMul") and dims != 2:
+        return f"weight has {dims} dimensions (a 2-D weight is needed)"
+    values = numpy_helper.to_array(weight)
+    if not np.isfinite(values).all():
+        raise OnnxqError(f"weight {weight.name} of {node.name} contains NaN or Inf; fix the float model first")
+    return None
+
+
+def _make_layer(node: onnx.NodeProto, weight: onnx.TensorProto) -> Layer:
+    """Build the Layer record for a supported node."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    shape = tuple(int(d) for d in weight.dims)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    common = dict(name=node.name, op_type=node.op_type, weight=weight.name, activation=node.input[0],
+                  shape=shape, bias=bias)
+    if node.op_type == "Conv":
+        spatial = len(shape) - 2
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        conv = dict(kernel_shape=list(shape[2:]), strides=list(attrs.get("strides", [1] * spatial)),
+                    pads=list(attrs.get("pads", [0] * 2 * spatial)),
+                    dilations=list(attrs.get("dilations", [1] * spatial)),
+                    auto_pad=auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad)
+        return Layer(**common, groups=int(attrs.get("group", 1)), conv=conv)
+    if node.op_type == "Gemm":
+        return Layer(**common, transposed=not attrs.get("transB", 0), trans_a=bool(attrs.get("transA", 0)))
+    return Layer(**common, transposed=True)

@@ -1,0 +1,49 @@
+"""Load an ONNX model from disk with clear errors, and fingerprint its weights."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import OnnxqError
+
+TWO_GB = 2**31
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Read a model (external data included) and check it, or fail with a one-line explanation."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxqError(f"model file {path} does not exist; check the path")
+    if path.is_dir():
+        raise OnnxqError(f"{path} is a folder; pass the path of an .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except (DecodeError, RuntimeError, ValueError, OSError) as err:
+        raise OnnxqError(f"{path} is not a readable ONNX model ({_first_line(err)}); "
+                         "re-export it or check that the file is complete") from err
+    if not model.graph.node:
+        raise OnnxqError(f"{path} is not a valid ONNX model (its graph has no nodes); re-export it")
+    try:
+        onnx.checker.check_model(model if model.ByteSize() < TWO_GB else str(path))
+    except (onnx.checker.ValidationError, ValueError) as err:
+        raise OnnxqError(f"{path} fails the ONNX checker ({_first_line(err)}); fix or re-export the model") from err
+    return model
+
+
+def weights_fingerprint(model: onnx.ModelProto, names: list[str]) -> str:
+    """A hash of the named initializers, so cached statistics are only reused for the same weights."""
+    by_name = {t.name: t for t in model.graph.initializer}
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode())
+        digest.update(by_name[name].SerializeToString())
+    return digest.hexdigest()[:16]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__

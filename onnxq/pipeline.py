@@ -1,0 +1,234 @@
+"""The quantization pipeline behind the CLI and ``onnxq.quantize``: load, calibrate, round, export, verify."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .calibrate import LayerStats, calibrate, load_stats, make_session, save_stats
+from .errors import OnnxqError
+from .export import build_quantized_model, layer_metadata, save_atomic
+from .images import ImagePreprocessing
+from .layers import QUANTIZABLE_OPS, Layer, find_layers
+from .loading import load_model, weights_fingerprint
+from .passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight, relative_error
+from .prepare import prepare
+from .sources import Feed, InputSpec, batches, feeds_from, model_inputs
+
+log = logging.getLogger("onnxq")
+
+
+@dataclass
+class LayerReport:
+    """One row of the per-layer table."""
+
+    name: str
+    op_type: str
+    shape: tuple[int, ...]
+    bits: int
+    stored_bits: int
+    relative_error: float
+    params: int
+
+
+@dataclass
+class QuantizationResult:
+    """What a run produced: the per-layer report, file sizes and a check of the output model."""
+
+    output: Path
+    method: str
+    layers: list[LayerReport]
+    skipped: list[str]
+    float_bytes: int
+    output_bytes: int
+    calibration_samples: int
+    output_sqnr_db: float | None = None
+    top1_agreement: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.output_bytes / self.float_bytes if self.float_bytes else 0.0
+
+    def average_bits(self, stored: bool) -> float:
+        """Parameter-weighted average width over the quantized layers (logical or as stored)."""
+        total = sum(r.params for r in self.layers)
+        width = sum(r.params * (r.stored_bits if stored else r.bits) for r in self.layers)
+        return width / total if total else 0.0
+
+
+@dataclass
+class Options:
+    """Every knob of a run, with the CLI's defaults."""
+
+    bits: int = 4
+    method: str = DEFAULT_METHOD
+    symmetric: bool = False
+    clip: bool = True
+    nodes_to_exclude: tuple[str, ...] = ()
+    op_types_to_quantize: tuple[str, ...] = QUANTIZABLE_OPS
+    first_last_bits: int | None = None
+    bits_per_layer: dict[str, int] = field(default_factory=dict)
+    calib_size: int | None = 256
+    batch_size: int = 16
+    stats: Path | None = None
+    preprocessing: ImagePreprocessing | None = None
+    allow_empty: bool = False
+    external_data: bool | None = None
+
+
+def check_output_path(model_path: Path, output: Path) -> None:
+    """Refuse outputs that would overwrite the input or cannot be written, before any work is done."""
+    if output.exists() and output.resolve() == model_path.resolve():
+        raise OnnxqError(f"output {output} is the input model; choose another output path")
+    if output.is_dir():
+        raise OnnxqError(f"output {output} is a folder; give a file name such as {output / 'model_q.onnx'}")
+    if not output.parent.is_dir():
+        raise OnnxqError(f"output folder {output.parent} does not exist; create it first")
+    if not os.access(output.parent, os.W_OK):
+        raise OnnxqError(f"output folder {output.parent} is not writable; choose another output path")
+
+
+def default_preprocessing(inputs: list[InputSpec], given: ImagePreprocessing | None) -> ImagePreprocessing:
+    """Fill in the crop size and layout from the model's image input when the user did not."""
+    base = given or ImagePreprocessing()
+    if len(inputs) != 1:
+        return base
+    size = inputs[0].image_size()
+    layout = "NHWC" if inputs[0].is_nhwc() else "NCHW"
+    return replace(base, size=size or base.size, layout=layout)
+
+
+def layer_bits(layers: list[Layer], options: Options) -> dict[str, int]:
+    """The width of each layer: per-layer overrides, then first/last, then the global width."""
+    chosen = {layer.name: options.bits for layer in layers}
+    if options.first_last_bits and layers:
+        chosen[layers[0].name] = chosen[layers[-1].name] = options.first_last_bits
+    unknown = set(options.bits_per_layer) - set(chosen)
+    if unknown:
+        raise OnnxqError(f"bit widths given for unknown layers {sorted(unknown)[:3]}; use names from the layer table")
+    chosen.update(options.bits_per_layer)
+    return chosen
+
+
+def collect_stats(model: onnx.ModelProto, layers: list[Layer], calib: object, inputs: list[InputSpec],
+                  options: Options, progress: Callable | None) -> tuple[dict[str, LayerStats], Feed | None]:
+    """Load cached statistics when they match the model, else calibrate (and cache if asked)."""
+    fingerprint = weights_fingerprint(model, [layer.weight for layer in layers])
+    if options.stats and options.stats.exists():
+        cached = load_stats(options.stats, fingerprint)
+        if cached is not None and set(cached) == {layer.name for layer in layers}:
+            log.info("reusing calibration statistics from %s", options.stats)
+            return cached, None
+        log.warning("statistics in %s are for another model or layer set; recalibrating", options.stats)
+    preprocessing = default_preprocessing(inputs, options.preprocessing)
+    raw, count = feeds_from(calib, inputs, preprocessing)
+    limit = options.calib_size or None
+    total = min(count, limit) if (count and limit) else (count or limit)
+    first: list[Feed] = []
+
+    def remember_first(stream):
+        for feed in stream:
+            if not first:
+                first.append(feed)
+            yield feed
+
+    stream = remember_first(batches(raw, inputs, options.batch_size, limit))
+    with (progress(total, "calibrating") if progress else _NoProgress()) as bar:
+        stats = calibrate(model, layers, stream, on_batch=bar.update)
+    if options.stats:
+        save_stats(options.stats, stats, fingerprint)
+    return stats, (first[0] if first else None)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def round_layers(model: onnx.ModelProto, layers: list[Layer], stats: dict[str, LayerStats],
+                 bits: dict[str, int], options: Options, progress: Callable | None
+                 ) -> tuple[dict[str, QuantWeight], list[LayerReport]]:
+    """Run the rounding pass on every layer and measure its relative reconstruction error."""
+    if options.method not in ROUNDING_PASSES:
+        raise OnnxqError(f"unknown method {options.method!r}; choose one of {', '.join(ROUNDING_PASSES)}")
+    rounding = ROUNDING_PASSES[options.method]
+    inits = {t.name: t for t in model.graph.initializer}
+    results, reports = {}, []
+    with (progress(len(layers), f"{options.method} rounding") if progress else _NoProgress()) as bar:
+        for layer in layers:
+            W = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
+            H = stats[layer.name].normalised_gram
+            grid = Grid(bits[layer.name], options.symmetric)
+            qw = rounding(W, H, grid, clip=options.clip)
+            results[layer.name] = qw
+            reports.append(LayerReport(layer.name, layer.op_type, layer.shape, grid.bits, grid.storage_bits,
+                                       relative_error(W, qw.dequantize(), H), layer.params))
+            bar.update(1)
+    return results, reports
+
+
+def verify(path: Path, reference: onnx.ModelProto, feed: Feed | None) -> tuple[float | None, float | None]:
+    """Load the written model in onnxruntime and run it; return output SQNR (dB) and top-1 agreement."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise OnnxqError(f"the written model does not load in onnxruntime ({str(err).splitlines()[0][:160]}); "
+                         "please report this") from err
+    if feed is None:
+        return None, None
+    quantized = session.run(None, feed)[0].astype(np.float64)
+    expected = make_session(reference).run(None, feed)[0].astype(np.float64)
+    noise = float(((quantized - expected) ** 2).sum())
+    sqnr = 10 * np.log10(float((expected**2).sum()) / noise) if noise > 0 else float("inf")
+    agreement = None
+    if expected.ndim == 2 and expected.shape[1] > 1:
+        agreement = float((quantized.argmax(1) == expected.argmax(1)).mean())
+    return sqnr, agreement
+
+
+def quantize_model(model_path: str | Path, calib: object, output: str | Path, options: Options,
+                   progress: Callable | None = None) -> QuantizationResult:
+    """Quantize ``model_path`` with calibration data ``calib`` and write ``output``; see the CLI for options."""
+    model_path, output = Path(model_path), Path(output)
+    check_output_path(model_path, output)
+    original = load_model(model_path)
+    model = prepare(original)
+    layers, skipped = find_layers(model, tuple(options.op_types_to_quantize), tuple(options.nodes_to_exclude))
+    if not layers and not options.allow_empty:
+        raise OnnxqError("the model has no Conv, Gemm or MatMul with a constant float weight to quantize; "
+                         "pass --allow-empty to write it unchanged")
+    bits = layer_bits(layers, options)
+    inputs = model_inputs(model)
+    stats, first_feed = collect_stats(model, layers, calib, inputs, options, progress) if layers else ({}, None)
+    results, reports = round_layers(model, layers, stats, bits, options, progress)
+    metadata = {"onnxq.method": options.method, "onnxq.layers": layer_metadata(layers, results)}
+    quantized = build_quantized_model(model, layers, results, metadata)
+    save_atomic(quantized, output, options.external_data)
+    try:
+        sqnr, agreement = verify(output, model, first_feed)
+    except BaseException:
+        output.unlink(missing_ok=True)
+        raise
+    samples = next(iter(stats.values())).samples if stats else 0
+    return QuantizationResult(output, options.method, reports, skipped, _file_size(model_path),
+                              _file_size(output), samples, sqnr, agreement)
+
+
+def _file_size(path: Path) -> int:
+    data = path.parent / f"{path.name}.data"
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

@@ -1,0 +1,49 @@
+"""Human-readable summaries of a run: the per-layer table and the file sizes."""
+
+from __future__ import annotations
+
+from .pipeline import QuantizationResult
+
+
+def human_bytes(size: int) -> str:
+    """Bytes as B/KB/MB/GB (decimal units, as file managers show)."""
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1000
+    return f"{value:.2f} GB"
+
+
+def layer_table(result: QuantizationResult) -> str:
+    """One line per layer: name, op, weight shape, bits (stored), relative reconstruction error."""
+    header = ("layer", "op", "shape", "bits", "rel. error")
+    rows = [(r.name, r.op_type, "x".join(map(str, r.shape)),
+             f"{r.bits}" + (f" (in INT{r.stored_bits})" if r.stored_bits != r.bits else ""),
+             f"{r.relative_error:.2e}") for r in result.layers]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary(result: QuantizationResult) -> str:
+    """Sizes, average widths and the check of the written model."""
+    lines = [
+        f"method {result.method}, {len(result.layers)} layers quantized, "
+        f"{result.calibration_samples} calibration samples",
+        f"average weight bits: {result.average_bits(stored=False):.2f} logical, "
+        f"{result.average_bits(stored=True):.2f} stored",
+        f"size: float {human_bytes(result.float_bytes)} -> {human_bytes(result.output_bytes)} "
+        f"({result.size_ratio:.3f}x)",
+    ]
+    if result.output_sqnr_db is not None:
+        check = f"output SQNR on a calibration batch: {result.output_sqnr_db:.1f} dB"
+        if result.top1_agreement is not None:
+            check += f", top-1 agreement with the float model {100 * result.top1_agreement:.1f} %"
+        lines.append(check)
+    for reason in result.skipped:
+        lines.append(f"not quantized: {reason}")
+    lines.append(f"wrote {result.output}")
+    return "\n".join(lines)

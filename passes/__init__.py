@@ -1,0 +1,13 @@
+"""Rounding and allocation passes: pure numpy/scipy, no ONNX (installed as ``onnxq.passes``).
+
+Every rounding pass has the signature ``quantize(W, H, grid, **options) -> QuantWeight`` and minimises
+the same objective, ``tr((W-Q) H (W-Q)^T)``.
+"""
+
+from . import rtn
+from .grid import SUPPORTED_BITS, Grid, QuantWeight, objective, relative_error
+
+ROUNDING_PASSES = {"rtn": rtn.quantize}
+DEFAULT_METHOD = "rtn"
+
+__all__ = ["DEFAULT_METHOD", "Grid", "QuantWeight", "ROUNDING_PASSES", "SUPPORTED_BITS", "objective", "relative_error"]

@@ -1,0 +1,113 @@
+"""Integer grids, quantized weights and the layer objective shared by every rounding pass.
+
+A pass sees a layer as a matrix ``W`` (out_channels x fan_in) and the Gram matrix of its inputs
+``H`` with shape (groups, fan_in, fan_in): output rows ``[g*out/G, (g+1)*out/G)`` read the inputs
+whose Gram matrix is ``H[g]`` (G = 1 for a plain layer, G = out for a depthwise Conv).
+Codes are signed integers in the range the ONNX container holds (3-bit codes live in INT4 as [-4, 3]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A per-output-channel uniform integer grid of ``bits`` bits, symmetric (zero point 0) or not."""
+
+    bits: int
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"unsupported bit width {self.bits}; choose one of {SUPPORTED_BITS}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits per code in the file: ONNX has INT2, INT4 and INT8 but no INT3."""
+        return {2: 2, 3: 4, 4: 4, 8: 8}[self.bits]
+
+
+@dataclass
+class QuantWeight:
+    """Integer codes with a per-output-channel scale and zero point: ``Q = (codes - zp) * scale``."""
+
+    codes: np.ndarray  # int8, out x fan_in, every value in [grid.qmin, grid.qmax]
+    scale: np.ndarray  # float32, (out,)
+    zero_point: np.ndarray  # int8, (out,), in [grid.qmin, grid.qmax]
+    grid: Grid
+
+    def dequantize(self) -> np.ndarray:
+        """The float weight matrix the exported model computes with (float32, as onnxruntime does)."""
+        centred = self.codes.astype(np.float32) - self.zero_point.astype(np.float32)[:, None]
+        return centred * self.scale.astype(np.float32)[:, None]
+
+
+def group_of_rows(out_channels: int, groups: int) -> np.ndarray:
+    """Index of the Gram matrix that each output row reads."""
+    if out_channels % groups:
+        raise ValueError(f"{out_channels} output channels do not split into {groups} groups")
+    return np.repeat(np.arange(groups), out_channels // groups)
+
+
+def as_grouped(H: np.ndarray) -> np.ndarray:
+    """Accept a single Gram matrix (d x d) or a stack (G x d x d); return the stack."""
+    return H[None] if H.ndim == 2 else H
+
+
+def row_quadratic(E: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """Per-row ``e_i^T H_{g(i)} e_i`` for E (out x d) and grouped H (G x d x d)."""
+    H = as_grouped(H)
+    G = H.shape[0]
+    Eg = E.reshape(G, -1, E.shape[1]).astype(np.float64)
+    return np.einsum("gri,gij,grj->gr", Eg, H, Eg, optimize=True).reshape(-1)
+
+
+def objective(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
+    """The layer reconstruction error ``tr((W-Q) H (W-Q)^T)``: what every pass minimises."""
+    return float(row_quadratic(W - Q, H).sum())
+
+
+def relative_error(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
+    """``tr((W-Q) H (W-Q)^T) / tr(W H W^T)``: 0 is exact, 1 is as bad as zeroing the layer."""
+    reference = float(row_quadratic(W, H).sum())
+    return objective(W, Q, H) / reference if reference > 0 else 0.0
+
+
+def minmax_params(lo: np.ndarray, hi: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point that map per-channel ranges [lo, hi] (widened to contain 0) onto the grid."""
+    lo = np.minimum(lo, 0.0).astype(np.float64)
+    hi = np.maximum(hi, 0.0).astype(np.float64)
+    if grid.symmetric:
+        absmax = np.maximum(-lo, hi)
+        scale = absmax / grid.qmax
+        zero_point = np.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (grid.qmax - grid.qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zero_point = np.clip(grid.qmin - np.round(lo / safe), grid.qmin, grid.qmax)
+    scale = np.where(scale > 0, scale, 1.0)  # an all-zero channel: any scale is exact with code = zp
+    return scale.astype(np.float32), zero_point.astype(np.int8)
+
+
+def round_to_grid(W: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, grid: Grid) -> np.ndarray:
+    """Nearest codes for W on the given per-channel grid (round half to even, then clip)."""
+    codes = np.round(W / scale.astype(np.float64)[:, None]) + zero_point[:, None]
+    return np.clip(codes, grid.qmin, grid.qmax).astype(np.int8)
+
+
+def quant_weight(W: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, grid: Grid) -> QuantWeight:
+    """Round W to the nearest codes on a given grid."""
+    return QuantWeight(round_to_grid(W, scale, zero_point, grid), scale, zero_point, grid)

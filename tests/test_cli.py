@@ -1,0 +1,117 @@
+"""The command line end to end: a working run, and one-line errors with no output file for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tiny
+from conftest import save
+
+
+def run(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onnxq", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, output: Path, message: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and message in lines[0], lines[0]
+    assert not output.exists()
+    assert not list(output.parent.glob(f".{output.name}*")), "temporary files left behind"
+
+
+def test_quantize_end_to_end(tmp_path, cnn_path, cnn_calib):
+    out = tmp_path / "q.onnx"
+    result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--bits", "4", "--method", "rtn", "--first-last-bits", "8")
+    assert result.returncode == 0, result.stderr
+    assert "conv2_grouped" in result.stdout and "wrote" in result.stdout
+    model = onnx.load(str(out))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["onnxq.method"] == "rtn"
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert types["c2_w_quantized"] == onnx.TensorProto.INT4 and types["fc_w_quantized"] == onnx.TensorProto.INT8
+
+
+def test_exclude_and_op_types(tmp_path, cnn_path, cnn_calib):
+    out = tmp_path / "q.onnx"
+    result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--method", "rtn", "--nodes_to_exclude", "conv[13].*",
+                 "--op_types_to_quantize", "Conv")
+    assert result.returncode == 0, result.stderr
+    names = {t.name for t in onnx.load(str(out)).graph.initializer}
+    assert "c2_w_quantized" in names and "dw_w" in names and "fc_w" in names
+
+
+def test_stats_are_reused(tmp_path, cnn_path, cnn_calib):
+    stats = tmp_path / "stats.npz"
+    first = run(cnn_path, "--calib", cnn_calib, "-o", tmp_path / "a.onnx", "--stats", stats, "--method", "rtn")
+    assert first.returncode == 0 and stats.exists()
+    second = run(cnn_path, "--calib", tmp_path / "missing", "-o", tmp_path / "b.onnx", "--stats", stats,
+                 "--method", "rtn", "--bits", "2")
+    assert second.returncode == 0, second.stderr
+
+
+def test_help_explains_flags():
+    result = run("quantize", "--help")
+    assert result.returncode == 0
+    for flag in ("--calib", "--bits", "--method", "--nodes_to_exclude", "--stats", "--calib-size", "--mean"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "not_onnx_dir"])
+def test_bad_model(tmp_path, cnn_calib, case):
+    model = tmp_path / "m.onnx"
+    if case == "corrupt":
+        model.write_bytes(b"\x00garbage" * 10)
+    elif case == "truncated":
+        data = tiny.cnn_model().SerializeToString()
+        model.write_bytes(data[: len(data) // 2])
+    elif case == "not_onnx_dir":
+        model.mkdir()
+    out = tmp_path / "out.onnx"
+    result = run(model, "--calib", cnn_calib, "-o", out)
+    assert_clean_failure(result, out, "model" if case != "not_onnx_dir" else "folder")
+
+
+def test_bad_calibration(tmp_path, cnn_path):
+    out = tmp_path / "out.onnx"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_failure(run(cnn_path, "--calib", empty, "-o", out), out, "no calibration data")
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    np.save(wrong / "a.npy", np.ones((1, 3, 8, 8), np.float32))
+    assert_clean_failure(run(cnn_path, "--calib", wrong, "-o", out), out, "shape")
+
+
+def test_bad_output(tmp_path, cnn_path, cnn_calib):
+    assert_clean_failure(run(cnn_path, "--calib", cnn_calib, "-o", cnn_path), tmp_path / "never.onnx", "is the input")
+    assert cnn_path.stat().st_size > 0
+    out = tmp_path / "missing" / "out.onnx"
+    assert_clean_failure(run(cnn_path, "--calib", cnn_calib, "-o", out), out, "does not exist")
+    out = Path("/proc/onnxq-test.onnx")
+    assert_clean_failure(run(cnn_path, "--calib", cnn_calib, "-o", out), tmp_path / "x.onnx", "write")
+
+
+def test_nothing_to_quantize(tmp_path, cnn_calib):
+    model = save(tiny.no_weights_model(), tmp_path / "relu.onnx")
+    data = tmp_path / "d"
+    data.mkdir()
+    np.save(data / "a.npy", np.ones((1, 4), np.float32))
+    out = tmp_path / "out.onnx"
+    assert_clean_failure(run(model, "--calib", data, "-o", out), out, "--allow-empty")
+    assert run(model, "--calib", data, "-o", out, "--allow-empty").returncode == 0
+    assert out.exists()
+
+
+def test_already_quantized(tmp_path, cnn_path, cnn_calib):
+    first = tmp_path / "q.onnx"
+    assert run(cnn_path, "--calib", cnn_calib, "-o", first, "--method", "rtn").returncode == 0
+    out = tmp_path / "qq.onnx"
+    assert_clean_failure(run(first, "--calib", cnn_calib, "-o", out), out, "already quantized")
