@@ -20,6 +20,4 @@ def quantize(model: str | Path, calib: object, output: str | Path, **options: ob
     unknown = set(options) - known
     if unknown:
         raise OnnxqError(f"unknown option(s) {sorted(unknown)}; valid options are {sorted(known)}")
-    if options.get("stats") is not None:
-        options["stats"] = Path(options["stats"])
     return quantize_model(model, calib, output, Options(**options))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -10,11 +11,13 @@ import click
 
 from . import __version__
 from .errors import OnnxqError
+from .evaluate import evaluate
 from .images import ImagePreprocessing
 from .layers import QUANTIZABLE_OPS
 from .passes import DEFAULT_METHOD, ROUNDING_PASSES, SUPPORTED_BITS
 from .pipeline import Options, quantize_model
-from .report import layer_table, summary
+from .progress import progress_factory
+from .report import eval_summary, layer_table, summary
 
 
 class DefaultToQuantize(click.Group):
@@ -70,31 +73,24 @@ def image_preprocessing(image_size, resize, mean, std, scale, channel_order) -> 
     return ImagePreprocessing(**fields) if fields else None
 
 
-class Progress:
-    """A click progress bar on stderr (a plain counter when the total is unknown)."""
+PREPROCESSING_OPTIONS = [
+    click.option("--image-size", default=None, help="Crop size HxW for image folders (default: the model input)."),
+    click.option("--resize", default=None,
+                 help="Resize before the centre crop: 256 (short side) or 256x256 (default: crop size / 0.875)."),
+    click.option("--mean", default=None,
+                 help="Per-channel mean subtracted after scaling [default: 0.485,0.456,0.406]."),
+    click.option("--std", default=None, help="Per-channel std divided by [default: 0.229,0.224,0.225]."),
+    click.option("--scale", type=float, default=None, help="Pixel multiplier applied first [default: 1/255]."),
+    click.option("--channel-order", type=click.Choice(["RGB", "BGR"], case_sensitive=False), default=None,
+                 help="Channel order the model expects [default: RGB]."),
+]
 
-    def __init__(self, total: int | None, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled, self.done, self.bar = total, label, enabled, 0, None
 
-    def __enter__(self) -> Progress:
-        if self.enabled and self.total:
-            self.bar = click.progressbar(length=self.total, label=self.label, file=sys.stderr,
-                                         show_pos=True).__enter__()
-        return self
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled:
-            click.echo(f"\r{self.label}: {self.done}", err=True, nl=False)
-
-    def __exit__(self, *exc) -> bool:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        elif self.enabled and self.done:
-            click.echo("", err=True)
-        return False
+def preprocessing_options(command):
+    """Add the image preprocessing flags shared by ``quantize`` and ``eval``."""
+    for option in reversed(PREPROCESSING_OPTIONS):
+        command = option(command)
+    return command
 
 
 @click.group(cls=DefaultToQuantize, context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,14 +132,7 @@ def cli() -> None:
 @click.option("--stats", type=click.Path(path_type=Path), default=None,
               help="Cache file for calibration statistics: reused when it matches the model's weights, "
                    "written otherwise. Lets a second run with other bits skip calibration.")
-@click.option("--image-size", default=None, help="Crop size HxW for image folders (default: the model input).")
-@click.option("--resize", default=None,
-              help="Resize before the centre crop: 256 (short side) or 256x256 (default: crop size / 0.875).")
-@click.option("--mean", default=None, help="Per-channel mean subtracted after scaling [default: 0.485,0.456,0.406].")
-@click.option("--std", default=None, help="Per-channel std divided by [default: 0.229,0.224,0.225].")
-@click.option("--scale", type=float, default=None, help="Pixel multiplier applied first [default: 1/255].")
-@click.option("--channel-order", type=click.Choice(["RGB", "BGR"], case_sensitive=False), default=None,
-              help="Channel order the model expects [default: RGB].")
+@preprocessing_options
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in <output>.data (default: only when the model exceeds 2 GB).")
 @click.option("--allow-empty", is_flag=True, help="Write the model unchanged if it has nothing to quantize.")
@@ -162,10 +151,32 @@ def quantize_command(model, calib, output, bits, method, symmetric, clip, first_
         preprocessing=image_preprocessing(image_size, resize, mean, std, scale, channel_order),
         allow_empty=allow_empty, external_data=external_data)
     result = quantize_model(model, calib, output, options,
-                            progress=lambda total, label: Progress(total, label, not quiet and sys.stderr.isatty()))
+                            progress=progress_factory(not quiet))
     if not quiet:
         click.echo(layer_table(result))
         click.echo(summary(result))
+
+
+@cli.command("eval")
+@click.argument("quantized", type=click.Path(path_type=Path))
+@click.option("--reference", required=True, type=click.Path(path_type=Path), help="The float model to compare with.")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Evaluation data, in any layout --calib accepts. Labels come from a folder per class or a "
+                   "labels file (<file> <class index> per line: labels.txt in the folder, or --labels).")
+@click.option("--labels", type=click.Path(path_type=Path), default=None, help="A labels file <file> <index>.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate at most this many samples.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@preprocessing_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def eval_command(quantized, reference, data, labels, limit, batch_size, as_json, image_size, resize, mean, std,
+                 scale, channel_order, quiet, debug) -> None:
+    """Compare QUANTIZED with its float --reference on --data: agreement, KL, SQNR, and top-1/top-5."""
+    result = evaluate(quantized, reference, data, image_preprocessing(image_size, resize, mean, std, scale,
+                                                                      channel_order),
+                      labels, batch_size, limit, progress_factory(not quiet))
+    click.echo(json.dumps(result.as_dict(), indent=1) if as_json else eval_summary(result))
 
 
 def main() -> None:

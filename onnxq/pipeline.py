@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +17,11 @@ from .export import build_quantized_model, layer_metadata, save_atomic
 from .images import ImagePreprocessing
 from .layers import QUANTIZABLE_OPS, Layer, find_layers
 from .loading import load_model, weights_fingerprint
-from .passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight, relative_error
+from .passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight
 from .prepare import prepare
-from .sources import Feed, InputSpec, batches, feeds_from, model_inputs
+from .progress import NoProgress
+from .rounding import RoundingTask, round_all
+from .sources import Feed, InputSpec, batches, default_preprocessing, feeds_from, model_inputs
 
 log = logging.getLogger("onnxq")
 
@@ -81,6 +83,11 @@ class Options:
     preprocessing: ImagePreprocessing | None = None
     allow_empty: bool = False
     external_data: bool | None = None
+    jobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.stats is not None:
+            self.stats = Path(self.stats)
 
 
 def check_output_path(model_path: Path, output: Path) -> None:
@@ -93,16 +100,6 @@ def check_output_path(model_path: Path, output: Path) -> None:
         raise OnnxqError(f"output folder {output.parent} does not exist; create it first")
     if not os.access(output.parent, os.W_OK):
         raise OnnxqError(f"output folder {output.parent} is not writable; choose another output path")
-
-
-def default_preprocessing(inputs: list[InputSpec], given: ImagePreprocessing | None) -> ImagePreprocessing:
-    """Fill in the crop size and layout from the model's image input when the user did not."""
-    base = given or ImagePreprocessing()
-    if len(inputs) != 1:
-        return base
-    size = inputs[0].image_size()
-    layout = "NHWC" if inputs[0].is_nhwc() else "NCHW"
-    return replace(base, size=size or base.size, layout=layout)
 
 
 def layer_bits(layers: list[Layer], options: Options) -> dict[str, int]:
@@ -125,7 +122,7 @@ def collect_stats(model: onnx.ModelProto, layers: list[Layer], calib: object, in
         cached = load_stats(options.stats, fingerprint)
         if cached is not None and set(cached) == {layer.name for layer in layers}:
             log.info("reusing calibration statistics from %s", options.stats)
-            return cached, None
+            return cached, first_batch(calib, inputs, options)
         log.warning("statistics in %s are for another model or layer set; recalibrating", options.stats)
     preprocessing = default_preprocessing(inputs, options.preprocessing)
     raw, count = feeds_from(calib, inputs, preprocessing)
@@ -140,22 +137,20 @@ def collect_stats(model: onnx.ModelProto, layers: list[Layer], calib: object, in
             yield feed
 
     stream = remember_first(batches(raw, inputs, options.batch_size, limit))
-    with (progress(total, "calibrating") if progress else _NoProgress()) as bar:
+    with (progress(total, "calibrating") if progress else NoProgress()) as bar:
         stats = calibrate(model, layers, stream, on_batch=bar.update)
     if options.stats:
         save_stats(options.stats, stats, fingerprint)
     return stats, (first[0] if first else None)
 
 
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n: int) -> None:
-        pass
+def first_batch(calib: object, inputs: list[InputSpec], options: Options) -> Feed | None:
+    """One calibration batch to check the written model with, or None when the data is unavailable."""
+    try:
+        raw, _ = feeds_from(calib, inputs, default_preprocessing(inputs, options.preprocessing))
+        return next(batches(raw, inputs, options.batch_size, options.batch_size), None)
+    except OnnxqError:
+        return None
 
 
 def round_layers(model: onnx.ModelProto, layers: list[Layer], stats: dict[str, LayerStats],
@@ -164,19 +159,18 @@ def round_layers(model: onnx.ModelProto, layers: list[Layer], stats: dict[str, L
     """Run the rounding pass on every layer and measure its relative reconstruction error."""
     if options.method not in ROUNDING_PASSES:
         raise OnnxqError(f"unknown method {options.method!r}; choose one of {', '.join(ROUNDING_PASSES)}")
-    rounding = ROUNDING_PASSES[options.method]
     inits = {t.name: t for t in model.graph.initializer}
+    tasks = [RoundingTask(layer.name, layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64),
+                          stats[layer.name].normalised_gram, Grid(bits[layer.name], options.symmetric),
+                          {"clip": options.clip}) for layer in layers]
+    with (progress(len(layers), f"{options.method} rounding") if progress else NoProgress()) as bar:
+        done = round_all(tasks, options.method, options.jobs, on_done=lambda: bar.update(1))
     results, reports = {}, []
-    with (progress(len(layers), f"{options.method} rounding") if progress else _NoProgress()) as bar:
-        for layer in layers:
-            W = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
-            H = stats[layer.name].normalised_gram
-            grid = Grid(bits[layer.name], options.symmetric)
-            qw = rounding(W, H, grid, clip=options.clip)
-            results[layer.name] = qw
-            reports.append(LayerReport(layer.name, layer.op_type, layer.shape, grid.bits, grid.storage_bits,
-                                       relative_error(W, qw.dequantize(), H), layer.params))
-            bar.update(1)
+    for layer in layers:
+        qw, error = done[layer.name]
+        results[layer.name] = qw
+        reports.append(LayerReport(layer.name, layer.op_type, layer.shape, qw.grid.bits, qw.grid.storage_bits,
+                                   error, layer.params))
     return results, reports
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .evaluate import EvalResult
 from .pipeline import QuantizationResult
 
 
@@ -46,4 +47,18 @@ def summary(result: QuantizationResult) -> str:
     for reason in result.skipped:
         lines.append(f"not quantized: {reason}")
     lines.append(f"wrote {result.output}")
+    return "\n".join(lines)
+
+
+def eval_summary(result: EvalResult) -> str:
+    """The evaluation figures, one per line."""
+    lines = [f"samples: {result.samples}"]
+    if result.top1 is not None:
+        lines.append(f"top-1: {result.top1:.2f} % (reference {result.reference_top1:.2f} %)")
+        lines.append(f"top-5: {result.top5:.2f} % (reference {result.reference_top5:.2f} %)")
+    if result.agreement is not None:
+        lines.append(f"top-1 agreement with the reference: {result.agreement:.2f} %")
+        lines.append(f"mean KL divergence: {result.mean_kl:.5f}")
+    lines.append(f"output SQNR: {result.sqnr_db:.2f} dB, cosine similarity {result.cosine:.6f}, "
+                 f"max abs error {result.max_error:.4g}")
     return "\n".join(lines)

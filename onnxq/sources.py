@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,15 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
         specs.append(InputSpec(value.name, dtype, shape))
     return specs
+
+
+def default_preprocessing(inputs: list[InputSpec], given: ImagePreprocessing | None) -> ImagePreprocessing:
+    """Fill in the crop size and layout from the model's image input when the user did not."""
+    base = given or ImagePreprocessing()
+    if len(inputs) != 1:
+        return base
+    size = inputs[0].image_size() if given is None or given.size == ImagePreprocessing().size else given.size
+    return replace(base, size=size or base.size, layout="NHWC" if inputs[0].is_nhwc() else "NCHW")
 
 
 def feeds_from(calib: object, inputs: list[InputSpec], preprocessing: ImagePreprocessing | None = None

@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 import tiny
 from onnx import TensorProto, numpy_helper
-from onnxq.passes import Grid, rtn
 
 from onnxq.export import build_quantized_model, save_atomic
 from onnxq.layers import find_layers
+from onnxq.passes import Grid, rtn
 from onnxq.prepare import prepare
 
 CONTAINER = {2: TensorProto.INT2, 3: TensorProto.INT4, 4: TensorProto.INT4, 8: TensorProto.INT8}

@@ -1,0 +1,67 @@
+"""Shared benchmark helpers: the ../shared models with their preprocessing, and top-1 on imagenet-val1300."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from onnxq.images import ImagePreprocessing
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ONNXQ_SHARED", ROOT.parent / "shared"))
+CALIB = SHARED / "data" / "imagenet-calib1000"
+VAL = SHARED / "data" / "imagenet-val1300"
+RESULTS = ROOT / "bench" / "results"
+
+# Preprocessing exactly as ../shared/models/MODELS.md specifies it.
+MODELS = {
+    "squeezenet1.1": ImagePreprocessing(size=(227, 227), resize=(256, 256), mean=(104, 117, 123), std=(1, 1, 1),
+                                        scale=1.0, channel_order="BGR"),
+    "mobilenet_v1_0.75_224": ImagePreprocessing(size=(224, 224), resize=256, mean=(1, 1, 1),
+                                                std=(1, 1, 1), scale=1 / 127.5),
+    "efficientnet_lite0": ImagePreprocessing(size=(224, 224), resize=256, mean=(127, 127, 127),
+                                             std=(128, 128, 128), scale=1.0),
+}
+
+
+def require_shared() -> None:
+    """Benchmarks need the shared ImageNet assets; say so plainly when they are missing."""
+    if not (SHARED / "models").is_dir():
+        sys.exit(f"benchmark needs the shared assets at {SHARED} (set ONNXQ_SHARED)")
+
+
+def model_path(name: str) -> Path:
+    return SHARED / "models" / f"{name}.onnx"
+
+
+def val_set(name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The preprocessed imagenet-val1300 images and labels (cached as .npy under bench/results/cache)."""
+    cache = RESULTS / "cache" / f"val1300_{name}_{limit or 'all'}.npz"
+    if cache.exists():
+        with np.load(cache) as data:
+            return data["x"], data["y"]
+    lines = (VAL / "labels.txt").read_text().split("\n")
+    pairs = [line.split() for line in lines if line.strip()][:limit]
+    prep = MODELS[name]
+    x = np.concatenate([prep.load(VAL / "images" / file) for file, _ in pairs])
+    y = np.array([int(label) for _, label in pairs])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, x=x, y=y)
+    return x, y
+
+
+def top1(model: str | Path, x: np.ndarray, y: np.ndarray, batch: int = 50) -> float:
+    """Top-1 accuracy in percent of an ONNX model file on preprocessed images."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    preds = np.concatenate([session.run(None, {name: x[i:i + batch]})[0].argmax(1) for i in range(0, len(x), batch)])
+    return float((preds == y).mean() * 100)
+
+
+def calib_files(count: int) -> list[Path]:
+    """The first ``count`` images of imagenet-calib1000 in sorted order (what --calib-size takes)."""
+    return sorted(CALIB.iterdir())[:count]

@@ -1,0 +1,76 @@
+"""Run a rounding pass over many layers (or layer x width candidates), using every core.
+
+Layers are independent once their Gram matrices are known, so they are farmed out to worker processes,
+largest first; each worker runs single-threaded BLAS so the processes do not fight over cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .passes import ROUNDING_PASSES, Grid, QuantWeight, relative_error
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass
+class RoundingTask:
+    """One weight matrix to round on one grid."""
+
+    key: object
+    W: np.ndarray
+    H: np.ndarray
+    grid: Grid
+    options: dict = field(default_factory=dict)
+
+    @property
+    def cost(self) -> float:
+        return float(self.W.size) * self.W.shape[1]
+
+
+def run_task(method: str, task: RoundingTask) -> tuple[QuantWeight, float]:
+    """Round one matrix and measure its relative reconstruction error."""
+    qw = ROUNDING_PASSES[method](task.W, task.H, task.grid, **task.options)
+    return qw, relative_error(task.W, qw.dequantize(), task.H)
+
+
+def default_jobs() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def round_all(tasks: list[RoundingTask], method: str, jobs: int | None = None,
+              on_done: Callable[[], None] | None = None) -> dict[object, tuple[QuantWeight, float]]:
+    """Round every task with ``method``; ``jobs`` worker processes (1: in this process)."""
+    jobs = default_jobs() if jobs is None else jobs
+    ordered = sorted(tasks, key=lambda t: -t.cost)
+    if jobs <= 1 or len(tasks) <= 1 or sum(t.cost for t in tasks) < 1e7:
+        results = {}
+        for task in ordered:
+            results[task.key] = run_task(method, task)
+            if on_done:
+                on_done()
+        return results
+    saved = {var: os.environ.get(var) for var in THREAD_VARS}
+    os.environ.update({var: "1" for var in THREAD_VARS})  # read by the workers' BLAS when they start
+    try:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(run_task, method, task): task.key for task in ordered}
+            results = {}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                if on_done:
+                    on_done()
+            return results
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
