@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .errors import OnnxqError
 from .layers import Layer
-from .sources import Feed
+from .sources import Feed, feed_samples
 from .unfold import unfold
 
 UNFOLD_CHUNK_ELEMENTS = 1 << 23  # unfolded values processed at once: bounds the im2col copy to ~32 MB
@@ -133,7 +133,7 @@ def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Fee
         for layer in layers:
             stats[layer.name].merge(np.asarray(values[layer.activation], dtype=np.float32), layer)
         if on_batch:
-            on_batch(next(iter(feed.values())).shape[0])
+            on_batch(feed_samples(feed))
     return stats
 
 

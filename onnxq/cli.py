@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from .errors import OnnxqError
 from .evaluate import evaluate
 from .images import ImagePreprocessing
 from .layers import QUANTIZABLE_OPS
+from .mixed import Budget
 from .passes import DEFAULT_METHOD, ROUNDING_PASSES, SUPPORTED_BITS
 from .pipeline import Options, quantize_model
 from .progress import progress_factory
@@ -52,6 +54,28 @@ def parse_size(text: str | None) -> tuple[int, int] | int | None:
     except ValueError as err:
         raise click.BadParameter("sizes look like 256 or 256x256") from err
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def parse_bit_choices(text: str) -> tuple[int, ...]:
+    """``2,3,4,8`` -> (2, 3, 4, 8), each a supported width."""
+    try:
+        widths = tuple(sorted({int(v) for v in text.replace(",", " ").split()}))
+    except ValueError as err:
+        raise click.BadParameter("--bit-choices takes widths such as 2,3,4,8") from err
+    if not widths or any(b not in SUPPORTED_BITS for b in widths):
+        raise click.BadParameter(f"--bit-choices must be among {', '.join(map(str, SUPPORTED_BITS))}")
+    return widths
+
+
+def budget_from_flags(avg_bits: float | None, size_mb: float | None, size_ratio: float | None) -> Budget:
+    """At most one budget flag, and a positive one."""
+    given = {k: v for k, v in (("--avg-bits", avg_bits), ("--size-mb", size_mb), ("--size-ratio", size_ratio))
+             if v is not None}
+    if len(given) > 1:
+        raise click.UsageError(f"give one budget, not {' and '.join(given)}")
+    if any(v <= 0 for v in given.values()):
+        raise click.BadParameter("a budget must be positive")
+    return Budget(avg_bits, size_mb, size_ratio)
 
 
 def image_preprocessing(image_size, resize, mean, std, scale, channel_order) -> ImagePreprocessing | None:
@@ -132,6 +156,25 @@ def cli() -> None:
 @click.option("--stats", type=click.Path(path_type=Path), default=None,
               help="Cache file for calibration statistics: reused when it matches the model's weights, "
                    "written otherwise. Lets a second run with other bits skip calibration.")
+@click.option("--bit-choices", default="2,3,4,8", show_default=True,
+              help="Mixed precision: the widths CLADO may give each layer (used with a budget).")
+@click.option("--avg-bits", type=float, default=None,
+              help="Mixed precision budget: average stored bits per weight (3-bit counts as 4, as stored).")
+@click.option("--size-mb", type=float, default=None, help="Mixed precision budget: output file size in MB.")
+@click.option("--size-ratio", type=float, default=None,
+              help="Mixed precision budget: output size as a fraction of the float file, e.g. 0.12.")
+@click.option("--sensitivity", type=click.Choice(["fast", "exact", "diagonal"]), default="fast", show_default=True,
+              help="Layer-interaction estimate: fast (single-layer runs + Fisher cross terms), exact (every "
+                   "pair measured, slow), or diagonal (layers independent, as other tools do).")
+@click.option("--clado-samples", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Calibration samples the sensitivity losses are measured on.")
+@click.option("--clado-time-limit", type=float, default=60.0, show_default=True,
+              help="Seconds for the exact integer program; the optimality gap is reported if it stops early.")
+@click.option("--sensitivity-cache", type=click.Path(path_type=Path), default=None,
+              help="Cache file for the sensitivity matrix, so another budget skips the measurement.")
+@click.option("--bits-json", type=click.Path(path_type=Path), default=None,
+              help="With a budget: write the chosen widths here (also in TensorQuantOverrides form). "
+                   "Without: read per-layer widths from this file and apply them.")
 @preprocessing_options
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in <output>.data (default: only when the model exceeds 2 GB).")
@@ -139,8 +182,9 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or tables, only errors.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def quantize_command(model, calib, output, bits, method, symmetric, clip, first_last_bits, nodes_to_exclude,
-                     op_types_to_quantize, calib_size, batch_size, stats, image_size, resize, mean, std, scale,
-                     channel_order, external_data, allow_empty, quiet, debug) -> None:
+                     op_types_to_quantize, calib_size, batch_size, stats, bit_choices, avg_bits, size_mb, size_ratio,
+                     sensitivity, clado_samples, clado_time_limit, sensitivity_cache, bits_json, image_size, resize,
+                     mean, std, scale, channel_order, external_data, allow_empty, quiet, debug) -> None:
     """Quantize MODEL's Conv/Gemm/MatMul weights to 2, 3, 4 or 8 bits and write a QDQ ONNX model."""
     options = Options(
         bits=int(bits), method=method, symmetric=symmetric, clip=clip,
@@ -149,7 +193,10 @@ def quantize_command(model, calib, output, bits, method, symmetric, clip, first_
         op_types_to_quantize=split_list(op_types_to_quantize) or QUANTIZABLE_OPS,
         calib_size=calib_size or None, batch_size=batch_size, stats=stats,
         preprocessing=image_preprocessing(image_size, resize, mean, std, scale, channel_order),
-        allow_empty=allow_empty, external_data=external_data)
+        allow_empty=allow_empty, external_data=external_data,
+        budget=budget_from_flags(avg_bits, size_mb, size_ratio), bit_choices=parse_bit_choices(bit_choices),
+        sensitivity=sensitivity, clado_samples=clado_samples, clado_time_limit=clado_time_limit,
+        sensitivity_cache=sensitivity_cache, bits_json=bits_json)
     result = quantize_model(model, calib, output, options,
                             progress=progress_factory(not quiet))
     if not quiet:
@@ -179,9 +226,15 @@ def eval_command(quantized, reference, data, labels, limit, batch_size, as_json,
     click.echo(json.dumps(result.as_dict(), indent=1) if as_json else eval_summary(result))
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """Turn a kill (SIGTERM) into the same clean unwinding as Ctrl-C, so temporary files are removed."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point: one-line errors and a non-zero exit for every failure (tracebacks with --debug)."""
     logging.basicConfig(format="onnxq: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)
     debug = "--debug" in sys.argv
     try:
         cli.main(standalone_mode=False)

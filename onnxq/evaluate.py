@@ -18,7 +18,7 @@ from .images import ImagePreprocessing, list_images, read_image
 from .loading import load_model
 from .oracle import log_softmax
 from .progress import NoProgress
-from .sources import InputSpec, batches, default_preprocessing, feeds_from, model_inputs
+from .sources import InputSpec, batches, default_preprocessing, feed_samples, feeds_from, model_inputs
 
 LABEL_FILES = ("labels.txt", "val.txt", "ground_truth.txt")
 
@@ -151,7 +151,7 @@ def evaluate(quantized: Path, reference: Path, data: Path, preprocessing: ImageP
             ref, q = (s.run(None, feed)[0] for s in sessions)
             classifier = ref.ndim == 2 and ref.shape[1] > 1
             accumulator.add(ref, q, labels)
-            bar.update(len(next(iter(feed.values()))))
+            bar.update(feed_samples(feed))
     if not accumulator.n:
         raise OnnxqError(f"no evaluation samples could be read from {data}; check the folder")
     return accumulator.result(classifier)

@@ -118,8 +118,8 @@ def save_atomic(model: onnx.ModelProto, path: Path, external_data: bool | None =
     try:
         data_name = f"{path.name}.data"
         onnx.save(model, str(tmp / path.name), save_as_external_data=external, location=data_name,
-                  all_tensors_to_one_file=True)
-        if external:
+                  all_tensors_to_one_file=True, size_threshold=0 if external_data else 1024)
+        if (tmp / data_name).exists():  # tensors under 1 KB stay inline even with external data
             os.replace(tmp / data_name, path.parent / data_name)
         os.replace(tmp / path.name, path)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -17,6 +18,15 @@ from .export import build_quantized_model, layer_metadata, save_atomic
 from .images import ImagePreprocessing
 from .layers import QUANTIZABLE_OPS, Layer, find_layers
 from .loading import load_model, weights_fingerprint
+from .mixed import (
+    Budget,
+    MixedPlan,
+    cache_key,
+    read_bits_json,
+    sensitivity_and_allocation,
+    write_bits_json,
+)
+from .oracle import LossOracle
 from .passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight
 from .prepare import prepare
 from .progress import NoProgress
@@ -24,6 +34,7 @@ from .rounding import RoundingTask, round_all
 from .sources import Feed, InputSpec, batches, default_preprocessing, feeds_from, model_inputs
 
 log = logging.getLogger("onnxq")
+METADATA_SLACK_BYTES = 512  # the mixed-precision summary written into the metadata
 
 
 @dataclass
@@ -84,10 +95,19 @@ class Options:
     allow_empty: bool = False
     external_data: bool | None = None
     jobs: int | None = None
+    # mixed precision (CLADO): active when a budget is set
+    budget: Budget = field(default_factory=Budget)
+    bit_choices: tuple[int, ...] = (2, 3, 4, 8)
+    sensitivity: str = "fast"
+    clado_samples: int = 128
+    clado_time_limit: float = 60.0
+    sensitivity_cache: Path | None = None
+    bits_json: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.stats is not None:
-            self.stats = Path(self.stats)
+        for name in ("stats", "sensitivity_cache", "bits_json"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
 
 
 def check_output_path(model_path: Path, output: Path) -> None:
@@ -153,25 +173,28 @@ def first_batch(calib: object, inputs: list[InputSpec], options: Options) -> Fee
         return None
 
 
-def round_layers(model: onnx.ModelProto, layers: list[Layer], stats: dict[str, LayerStats],
-                 bits: dict[str, int], options: Options, progress: Callable | None
-                 ) -> tuple[dict[str, QuantWeight], list[LayerReport]]:
-    """Run the rounding pass on every layer and measure its relative reconstruction error."""
+def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[str, LayerStats],
+                     widths: dict[str, tuple[int, ...]], options: Options, progress: Callable | None
+                     ) -> dict[tuple[str, int], tuple[QuantWeight, float]]:
+    """Round every layer at each of its widths; returns ``(layer, bits) -> (codes, relative error)``."""
     if options.method not in ROUNDING_PASSES:
         raise OnnxqError(f"unknown method {options.method!r}; choose one of {', '.join(ROUNDING_PASSES)}")
     inits = {t.name: t for t in model.graph.initializer}
-    tasks = [RoundingTask(layer.name, layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64),
-                          stats[layer.name].normalised_gram, Grid(bits[layer.name], options.symmetric),
-                          {"clip": options.clip}) for layer in layers]
-    with (progress(len(layers), f"{options.method} rounding") if progress else NoProgress()) as bar:
-        done = round_all(tasks, options.method, options.jobs, on_done=lambda: bar.update(1))
-    results, reports = {}, []
+    tasks = []
     for layer in layers:
-        qw, error = done[layer.name]
-        results[layer.name] = qw
-        reports.append(LayerReport(layer.name, layer.op_type, layer.shape, qw.grid.bits, qw.grid.storage_bits,
-                                   error, layer.params))
-    return results, reports
+        W = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
+        H = stats[layer.name].normalised_gram
+        tasks += [RoundingTask((layer.name, b), W, H, Grid(b, options.symmetric), {"clip": options.clip})
+                  for b in widths[layer.name]]
+    with (progress(len(tasks), f"{options.method} rounding") if progress else NoProgress()) as bar:
+        return round_all(tasks, options.method, options.jobs, on_done=lambda: bar.update(1))
+
+
+def layer_reports(layers: list[Layer], chosen: dict[str, tuple[QuantWeight, float]]) -> list[LayerReport]:
+    """The per-layer table rows for the chosen quantized weights."""
+    return [LayerReport(layer.name, layer.op_type, layer.shape, chosen[layer.name][0].grid.bits,
+                        chosen[layer.name][0].grid.storage_bits, chosen[layer.name][1], layer.params)
+            for layer in layers]
 
 
 def verify(path: Path, reference: onnx.ModelProto, feed: Feed | None) -> tuple[float | None, float | None]:
@@ -206,21 +229,72 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     if not layers and not options.allow_empty:
         raise OnnxqError("the model has no Conv, Gemm or MatMul with a constant float weight to quantize; "
                          "pass --allow-empty to write it unchanged")
+    mixed = options.budget.is_set()
+    if options.bits_json and not mixed and options.bits_json.exists():
+        options.bits_per_layer = {**read_bits_json(options.bits_json, layers), **options.bits_per_layer}
     bits = layer_bits(layers, options)
     inputs = model_inputs(model)
     stats, first_feed = collect_stats(model, layers, calib, inputs, options, progress) if layers else ({}, None)
-    results, reports = round_layers(model, layers, stats, bits, options, progress)
+    plan = None
+    if mixed:
+        plan, chosen = mixed_precision(model, model_path, layers, stats, calib, inputs, options, progress)
+    else:
+        rounded = round_candidates(model, layers, stats, {n: (b,) for n, b in bits.items()}, options, progress)
+        chosen = {name: rounded[(name, b)] for name, b in bits.items()}
+    results = {name: qw for name, (qw, _) in chosen.items()}
     metadata = {"onnxq.method": options.method, "onnxq.layers": layer_metadata(layers, results)}
+    if plan is not None:
+        metadata["onnxq.mixed_precision"] = json.dumps({"estimator": plan.estimator, "status": plan.status,
+                                                        "gap": plan.gap, "predicted_loss": plan.predicted_loss})
     quantized = build_quantized_model(model, layers, results, metadata)
     save_atomic(quantized, output, options.external_data)
     try:
-        sqnr, agreement = verify(output, model, first_feed)
+        sqnr, agreement = verify(output, model, first_feed or first_batch(calib, inputs, options))
     except BaseException:
         output.unlink(missing_ok=True)
         raise
     samples = next(iter(stats.values())).samples if stats else 0
-    return QuantizationResult(output, options.method, reports, skipped, _file_size(model_path),
-                              _file_size(output), samples, sqnr, agreement)
+    extra = {"mixed": plan} if plan is not None else {}
+    return QuantizationResult(output, options.method, layer_reports(layers, chosen), skipped,
+                              _file_size(model_path), _file_size(output), samples, sqnr, agreement, extra)
+
+
+def unquantized_bytes(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight]) -> int:
+    """Bytes of an exported model other than its weight codes: graph, float tensors, scales, metadata.
+
+    Measured by exporting one assignment and subtracting its codes, so a size budget is what the file holds.
+    """
+    exported = build_quantized_model(model, layers, results, {"onnxq.layers": layer_metadata(layers, results)})
+    codes = sum(-(-layer.params * results[layer.name].grid.storage_bits // 8) for layer in layers)
+    return exported.ByteSize() - codes + METADATA_SLACK_BYTES
+
+
+def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer], stats: dict[str, LayerStats],
+                    calib: object, inputs: list[InputSpec], options: Options, progress: Callable | None
+                    ) -> tuple[MixedPlan, dict[str, tuple[QuantWeight, float]]]:
+    """CLADO: round every candidate width, measure sensitivities, allocate under the budget."""
+    choices = tuple(sorted(set(options.bit_choices)))
+    fixed = {layers[0].name, layers[-1].name} if options.first_last_bits else set()
+    widths = {layer.name: (options.first_last_bits,) if layer.name in fixed else choices for layer in layers}
+    widths.update({name: (b,) for name, b in options.bits_per_layer.items()})
+    candidates = round_candidates(model, layers, stats, widths, options, progress)
+
+    def oracle() -> LossOracle:
+        raw, _ = feeds_from(calib, inputs, default_preprocessing(inputs, options.preprocessing))
+        feeds = list(batches(raw, inputs, options.batch_size, options.clado_samples))
+        return LossOracle(model, layers, feeds)
+
+    float_bytes = _file_size(model_path)
+    fixed_bytes = unquantized_bytes(model, layers, {name: candidates[(name, w[0])][0] for name, w in widths.items()})
+    fingerprint = weights_fingerprint(model, [layer.weight for layer in layers])
+    per_layer = [widths[layer.name] for layer in layers]
+    key = cache_key(fingerprint, per_layer, options.method, options.sensitivity, options.clado_samples)
+    plan = sensitivity_and_allocation(oracle, layers, {k: qw for k, (qw, _) in candidates.items()}, per_layer,
+                                      options.budget, options.sensitivity, fixed_bytes, float_bytes,
+                                      options.sensitivity_cache, key, options.clado_time_limit, progress)
+    if options.bits_json:
+        write_bits_json(options.bits_json, layers, plan.bits)
+    return plan, {name: candidates[(name, b)] for name, b in plan.bits.items()}
 
 
 def _file_size(path: Path) -> int:

@@ -44,6 +44,12 @@ def summary(result: QuantizationResult) -> str:
         if result.top1_agreement is not None:
             check += f", top-1 agreement with the float model {100 * result.top1_agreement:.1f} %"
         lines.append(check)
+    plan = result.extra.get("mixed")
+    if plan is not None:
+        lines.append(f"mixed precision ({plan.estimator} sensitivities, {plan.evaluations} forward passes, "
+                     f"{plan.seconds.get('sensitivity', 0):.0f} s): predicted loss increase {plan.predicted_loss:.4g}, "
+                     f"solver {plan.status} (gap {100 * plan.gap:.2g} %), budget use "
+                     f"{100 * plan.used_bits / plan.budget_bits:.1f} %")
     for reason in result.skipped:
         lines.append(f"not quantized: {reason}")
     lines.append(f"wrote {result.output}")

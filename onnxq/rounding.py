@@ -1,7 +1,8 @@
 """Run a rounding pass over many layers (or layer x width candidates), using every core.
 
 Layers are independent once their Gram matrices are known, so they are farmed out to worker processes,
-largest first; each worker runs single-threaded BLAS so the processes do not fight over cores.
+largest first; each worker runs single-threaded BLAS so the processes do not fight over cores. Workers are
+forked where the platform allows it, so scripts that call onnxq need no ``if __name__ == "__main__"`` guard.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .passes import ROUNDING_PASSES, Grid, QuantWeight, relative_error
-
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @dataclass
@@ -56,21 +56,18 @@ def round_all(tasks: list[RoundingTask], method: str, jobs: int | None = None,
             if on_done:
                 on_done()
         return results
-    saved = {var: os.environ.get(var) for var in THREAD_VARS}
-    os.environ.update({var: "1" for var in THREAD_VARS})  # read by the workers' BLAS when they start
-    try:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(run_task, method, task): task.key for task in ordered}
-            results = {}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                if on_done:
-                    on_done()
-            return results
-    finally:
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
+    method_names = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in method_names else "spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_single_threaded_blas) as pool:
+        futures = {pool.submit(run_task, method, task): task.key for task in ordered}
+        results = {}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            if on_done:
+                on_done()
+        return results
+
+
+def _single_threaded_blas() -> None:
+    """In a worker: one BLAS thread, since the workers themselves already use every core."""
+    threadpool_limits(1)

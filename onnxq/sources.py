@@ -181,7 +181,7 @@ def _check_array(array: np.ndarray, spec: InputSpec) -> np.ndarray:
             raise OnnxqError(f"calibration input {spec.name} has dtype {array.dtype} but the model expects "
                              f"{spec.dtype}; convert the data")
         array = array.astype(spec.dtype)
-    if spec.shape and array.ndim == len(spec.shape) - 1:
+    if spec.shape and array.ndim == len(spec.shape) - 1 and spec.shape[0] is None:
         array = array[None]
     if spec.shape and (array.ndim != len(spec.shape) or any(
             want is not None and want != got for want, got in zip(spec.shape[1:], array.shape[1:], strict=True))):
@@ -193,13 +193,18 @@ def _check_array(array: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 def batches(feeds: Iterable[Feed], inputs: list[InputSpec], batch_size: int, limit: int | None) -> Iterator[Feed]:
-    """Validated feeds regrouped into batches of ``batch_size`` samples, at most ``limit`` samples in all."""
+    """Validated feeds regrouped into batches of ``batch_size`` samples, at most ``limit`` samples in all.
+
+    Feeds are only merged when every input has a dynamic leading (batch) axis; otherwise each feed is one
+    sample and is passed through as it is.
+    """
+    mergeable = all(spec.shape and spec.shape[0] is None for spec in inputs)
     pending: list[Feed] = []
     taken = 0
     for raw in feeds:
         feed = check_feed(raw, inputs)
-        rows = next(iter(feed.values())).shape[0] if feed else 1
-        if limit is not None and taken + rows > limit:
+        rows = feed_samples(feed) if mergeable else 1
+        if mergeable and limit is not None and taken + rows > limit:
             feed = {k: v[: limit - taken] for k, v in feed.items()}
             rows = limit - taken
         if rows <= 0:
@@ -209,7 +214,7 @@ def batches(feeds: Iterable[Feed], inputs: list[InputSpec], batch_size: int, lim
             pending = []
         pending.append(feed)
         taken += rows
-        if sum(next(iter(f.values())).shape[0] for f in pending) >= batch_size:
+        if not mergeable or sum(feed_samples(f) for f in pending) >= batch_size:
             yield _concat(pending)
             pending = []
         if limit is not None and taken >= limit:
@@ -220,9 +225,14 @@ def batches(feeds: Iterable[Feed], inputs: list[InputSpec], batch_size: int, lim
         raise OnnxqError("the calibration data is empty; pass at least one sample")
 
 
+def feed_samples(feed: Feed) -> int:
+    """Samples in a feed: the leading axis of its batched arrays (1 for scalars only)."""
+    return max((v.shape[0] for v in feed.values() if np.ndim(v) > 0), default=1)
+
+
 def _same_shapes(a: Feed, b: Feed) -> bool:
     return all(a[k].shape[1:] == b[k].shape[1:] for k in a)
 
 
 def _concat(feeds: list[Feed]) -> Feed:
-    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    return feeds[0] if len(feeds) == 1 else {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}

@@ -4,10 +4,10 @@ Every rounding pass has the signature ``quantize(W, H, grid, **options) -> Quant
 the same objective, ``tr((W-Q) H (W-Q)^T)``.
 """
 
-from . import rtn
+from . import comq, gptq, rtn
 from .grid import SUPPORTED_BITS, Grid, QuantWeight, objective, relative_error
 
-ROUNDING_PASSES = {"rtn": rtn.quantize}
-DEFAULT_METHOD = "rtn"
+ROUNDING_PASSES = {"rtn": rtn.quantize, "gptq": gptq.quantize, "comq": comq.quantize}
+DEFAULT_METHOD = "comq"
 
 __all__ = ["DEFAULT_METHOD", "Grid", "QuantWeight", "ROUNDING_PASSES", "SUPPORTED_BITS", "objective", "relative_error"]

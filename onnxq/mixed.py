@@ -1,0 +1,211 @@
+"""CLADO mixed precision on an ONNX model: candidates, measured sensitivities, and the budgeted allocation.
+
+For every layer and candidate width the rounding pass (COMQ by default) gives a quantized weight; the
+loss oracle measures how much the model's loss rises with each candidate alone (and, for the exact
+estimator, with every pair); ``onnxq.passes.clado`` turns the losses into the sensitivity matrix Omega and
+solves ``min alpha^T Omega alpha`` under the size budget exactly with HiGHS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import OnnxqError
+from .layers import Layer
+from .oracle import LossOracle
+from .passes import Grid, QuantWeight, clado
+from .progress import NoProgress
+
+log = logging.getLogger("onnxq")
+ESTIMATORS = ("fast", "exact", "diagonal")
+
+
+@dataclass
+class Budget:
+    """One of: an average stored width over the quantized weights, a file size in MB, or a size ratio."""
+
+    avg_bits: float | None = None
+    size_mb: float | None = None
+    size_ratio: float | None = None
+
+    def is_set(self) -> bool:
+        return any(v is not None for v in (self.avg_bits, self.size_mb, self.size_ratio))
+
+
+@dataclass
+class MixedPlan:
+    """The outcome of the allocation, for reports and metadata."""
+
+    bits: dict[str, int]
+    estimator: str
+    predicted_loss: float
+    gap: float
+    status: str
+    budget_bits: float
+    used_bits: float
+    evaluations: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    omega: np.ndarray | None = None
+    keys: list[tuple[str, int]] = field(default_factory=list)
+
+
+def candidates_for(layers: list[Layer], choices: list[tuple[int, ...]]) -> clado.Candidates:
+    """Per layer, its candidate widths and what their codes cost in stored bits (whole bytes, as packed)."""
+    costs = tuple(tuple(float(-(-layer.params * Grid(bits).storage_bits // 8) * 8) for bits in widths)
+                  for layer, widths in zip(layers, choices, strict=True))
+    return clado.Candidates(tuple(choices), costs)
+
+
+def budget_bits(budget: Budget, layers: list[Layer], fixed_bytes: int, float_bytes: int) -> tuple[float, bool]:
+    """The budget in stored bits for the weight codes, and whether it is a file size (else an average)."""
+    if budget.avg_bits is not None:
+        return budget.avg_bits * sum(layer.params for layer in layers), False
+    target_bytes = budget.size_mb * 1e6 if budget.size_mb is not None else budget.size_ratio * float_bytes
+    available = (target_bytes - fixed_bytes) * 8
+    if available <= 0:
+        raise OnnxqError(f"the size budget ({target_bytes / 1e6:.3f} MB) is smaller than the parts of the model "
+                         f"that are not quantized ({fixed_bytes / 1e6:.3f} MB); raise the budget")
+    return available, True
+
+
+def check_budget(cands: clado.Candidates, limit: float, layers: list[Layer], is_size: bool, fixed_bytes: int) -> None:
+    """Refuse budgets that no assignment meets, naming the smallest feasible one."""
+    if cands.min_cost <= limit:
+        return
+    if is_size:
+        smallest = (cands.min_cost / 8 + fixed_bytes) / 1e6
+        raise OnnxqError(f"the size budget is below the smallest mixed model ({smallest:.3f} MB with every layer "
+                         "at its lowest width); raise the budget or add lower --bit-choices")
+    params = sum(layer.params for layer in layers)
+    raise OnnxqError(f"--avg-bits is below the smallest stored width ({cands.min_cost / params:.2f} bits); "
+                     "raise it or add lower --bit-choices")
+
+
+def cache_key(fingerprint: str, choices: list[tuple[int, ...]], method: str, estimator: str, samples: int) -> str:
+    text = json.dumps([fingerprint, choices, method, estimator, samples])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_omega(path: Path | None, key: str) -> np.ndarray | None:
+    if path is None or not path.exists():
+        return None
+    with np.load(path) as data:
+        if str(data["key"]) == key:
+            log.info("reusing the sensitivity matrix from %s", path)
+            return data["omega"]
+    return None
+
+
+def save_omega(path: Path | None, key: str, omega: np.ndarray) -> None:
+    if path is not None:
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, key=np.array(key), omega=omega)
+        tmp.replace(path)
+
+
+def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidates,
+                  candidates: dict[tuple[str, int], QuantWeight], estimator: str,
+                  progress: Callable | None) -> np.ndarray:
+    """Measure Omega: single-layer losses always; pairs for "exact"; Fisher cross terms for "fast"."""
+    plan = clado.evaluation_plan(cands)
+    pairs = plan.pairs if estimator == "exact" else []
+    total = len(plan.singles) + len(pairs)
+    log.warning("measuring sensitivities: %d forward passes of %d samples", total + 1, len(oracle.reference))
+    tensors = {(i, b): layers[i].tensor(candidates[(layers[i].name, b)].dequantize())
+               for i, b in plan.singles}
+    weight = {i: layer.weight for i, layer in enumerate(layers)}
+    single, deltas, pair = {}, {}, {}
+    reference_loss = oracle.loss_of_outputs(oracle.reference)
+    with (progress(total, "sensitivity") if progress else NoProgress()) as bar:
+        for key in plan.singles:
+            outputs = oracle.outputs({weight[key[0]]: tensors[key]})
+            single[key] = oracle.loss_of_outputs(outputs)
+            if estimator == "fast" and oracle.classifier:
+                deltas[key] = (outputs - oracle.reference).astype(np.float32)
+            bar.update(1)
+        for a, b in pairs:
+            pair[(a, b)] = oracle.loss({weight[a[0]]: tensors[a], weight[b[0]]: tensors[b]})
+            bar.update(1)
+    omega = clado.sensitivity_matrix(cands, reference_loss, single, pair)
+    if estimator == "fast" and deltas:
+        omega = clado.with_diagonal(clado.fisher_sensitivity(cands, deltas, oracle.probabilities), np.diag(omega))
+    return omega
+
+
+def allocate_bits(layers: list[Layer], choices: list[tuple[int, ...]], budget: Budget, omega: np.ndarray,
+                  fixed_bytes: int, float_bytes: int, estimator: str, time_limit: float) -> MixedPlan:
+    """Solve the allocation under the budget: exactly (MILP) with cross terms, or the diagonal baseline."""
+    limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
+    cands = candidates_for(layers, choices)
+    check_budget(cands, limit, layers, is_size, fixed_bytes)
+    if estimator == "diagonal":
+        result = clado.allocate_diagonal(omega, cands, limit, time_limit=time_limit)
+    else:
+        result = clado.allocate(omega, cands, limit, time_limit=time_limit)
+    bits = {layer.name: int(b) for layer, b in zip(layers, result.bits, strict=True)}
+    keys = [(layer.name, b) for layer, widths in zip(layers, choices, strict=True) for b in widths]
+    return MixedPlan(bits, estimator, float(result.objective), float(result.gap), result.status, limit,
+                     float(result.cost), 0, {"solve": result.seconds}, omega, keys)
+
+
+def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers: list[Layer],
+                               candidates: dict[tuple[str, int], QuantWeight], choices: list[tuple[int, ...]],
+                               budget: Budget, estimator: str, fixed_bytes: int, float_bytes: int,
+                               cache: Path | None, key: str, time_limit: float,
+                               progress: Callable | None) -> MixedPlan:
+    """Measure (or reload) Omega, then allocate widths under the budget."""
+    if estimator not in ESTIMATORS:
+        raise OnnxqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
+    check_budget(candidates_for(layers, choices), limit, layers, is_size, fixed_bytes)  # before any measuring
+    start = time.perf_counter()
+    omega = load_omega(cache, key)
+    evaluations = 0
+    if omega is None:
+        oracle = oracle_factory()
+        cands = candidates_for(layers, choices)
+        omega = measure_omega(oracle, layers, cands, candidates, estimator, progress)
+        evaluations = oracle.evaluations
+        save_omega(cache, key, omega)
+    measured = time.perf_counter() - start
+    plan = allocate_bits(layers, choices, budget, omega, fixed_bytes, float_bytes, estimator, time_limit)
+    plan.evaluations = evaluations
+    plan.seconds["sensitivity"] = measured
+    return plan
+
+
+def write_bits_json(path: Path, layers: list[Layer], bits: dict[str, int]) -> None:
+    """The assignment as ``{"bits": {layer: width}}`` plus onnxruntime's TensorQuantOverrides form."""
+    overrides = {layer.weight: [{"quant_type": "QInt8" if bits[layer.name] == 8 else "QInt4",
+                                 "axis": layer.channel_axis}] for layer in layers if layer.name in bits}
+    text = json.dumps({"bits": bits, "tensor_quant_overrides": overrides}, indent=1)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_bits_json(path: Path, layers: list[Layer]) -> dict[str, int]:
+    """Per-layer widths from an onnxq bits file, or from a plain TensorQuantOverrides file (by weight name)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise OnnxqError(f"cannot read bit assignment {path} ({err}); fix or delete the file") from err
+    if "bits" in data:
+        return {name: int(b) for name, b in data["bits"].items()}
+    overrides = data.get("tensor_quant_overrides", data)
+    by_weight = {layer.weight: layer.name for layer in layers}
+    widths = {"QInt8": 8, "QUInt8": 8, "QInt4": 4, "QUInt4": 4}
+    bits = {}
+    for weight, entries in overrides.items():
+        quant_type = entries[0].get("quant_type") if entries else None
+        if weight in by_weight and quant_type in widths:
+            bits[by_weight[weight]] = widths[quant_type]
+    return bits

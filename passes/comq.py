@@ -1,0 +1,378 @@
+"""COMQ (Zhang et al., 2024): coordinate descent on the integer codes plus a closed-form per-channel scale
+update, in Gram form (no calibration activations needed, only H).
+
+Per output row i the state is ``G_i = (w_i - q_i) H``. Visiting coordinate j sets the code to the exact
+minimiser on the grid along that coordinate, ``round((q_ij + G_ij / H_jj) / delta_i) + z_i`` (clipped), and
+updates ``G_i`` by a rank-one term. A move is only taken when it strictly lowers the objective, so from a
+fully quantized start the objective never rises. Two visiting orders:
+
+* ``"channel"``: the paper's greedy order, decreasing ``|w_ij| sqrt(H_jj)`` separately per row; rows
+  whose code does not change cost nothing (most of them after the first sweep).
+* ``"shared"``: one greedy order per Gram group (``sqrt(H_jj) mean_i |w_ij|``), which allows GPTQ-style
+  lazy blocks: within a block only the block's columns of G are updated, the rest by one BLAS-3 product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import scipy.sparse
+
+from . import gptq, rtn
+from .gptq import dead_inputs, dequantize_codes, round_codes, stacked, unpermute_columns
+from .grid import Grid, QuantWeight, as_grouped, objective
+
+INITS = ("gptq", "rtn", "float")
+ORDERS = ("auto", "channel", "shared")
+SPARSE_UPDATE_MAX = 0.02  # above this fraction of changed codes, (codes - zp) H is recomputed by a GEMM
+DEFER_MIN_ROWS = 8  # per-channel order: defer a step's moves when at least 1/8 of the rows move
+SHARED_BLOCK, CHANNEL_BLOCK = 128, 32  # default lazy-block sizes (measured best on the bench shapes)
+SHARED_MIN_DIM = 2048  # "auto" always uses the shared blocked order from this fan-in on (bench/pass_speed.py)
+
+Callback = Callable[[int, QuantWeight], None]
+
+
+class _State:
+    """Mutable working arrays of one COMQ run, stacked per Gram group.
+
+    ``rows_last`` False: (G, r, d), rows of W (channel order). True: (G, d, r), one contiguous slice per
+    input coordinate (shared order, columns already permuted into visiting order).
+    """
+
+    def __init__(
+        self,
+        W: np.ndarray,
+        H: np.ndarray,
+        codes: np.ndarray,
+        scale32: np.ndarray,
+        zero_point: np.ndarray,
+        fixed: np.ndarray | None,
+        grid: Grid,
+        rows_last: bool,
+    ) -> None:
+        self.W, self.H, self.codes, self.fixed, self.grid = W, H, codes, fixed, grid
+        self.rows_last = rows_last
+        self.scale32 = scale32  # (G, r) float32
+        self.zp = zero_point.astype(np.float64)  # (G, r)
+        self.Q = dequantize_codes(codes, self.per_row(scale32), self.per_row(self.zp))
+        if fixed is not None:  # None: every coordinate holds a grid value
+            self.Q = np.where(fixed, self.Q, W)
+        self.live = ~dead_inputs(H)  # (G, d)
+        self.hsafe = np.where(self.live, np.diagonal(H, axis1=1, axis2=2), 1.0)
+        self.Gr = np.empty_like(W)
+        self.KH: np.ndarray | None = None  # (codes - zp) H, kept for the scale update
+        self.K_at_KH = codes.copy()  # the codes KH was computed for
+
+    def per_row(self, x: np.ndarray) -> np.ndarray:
+        """A (G, r) per-row quantity shaped to broadcast against the working arrays."""
+        return x[:, None, :] if self.rows_last else x[:, :, None]
+
+    def times_gram(self, X: np.ndarray) -> np.ndarray:
+        """Every row of X times its group's H (H is symmetric, so the transposed layout is H @ X)."""
+        return np.matmul(self.H, X) if self.rows_last else np.matmul(X, self.H)
+
+    def row_dot(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """(G, r) per-row inner products over the input coordinates."""
+        return (X * Y).sum(axis=1 if self.rows_last else 2)
+
+    def centred_codes(self) -> np.ndarray:
+        """Codes minus zero point, as float64."""
+        return self.codes.astype(np.float64) - self.per_row(self.zp)
+
+    def codes_times_gram(self) -> np.ndarray:
+        """(codes - zp) H, by one GEMM or, when few codes moved since the last call, a sparse update."""
+        changed = self.codes != self.K_at_KH
+        if self.KH is None or changed.mean() > SPARSE_UPDATE_MAX:
+            self.KH = self.times_gram(self.centred_codes())
+        elif changed.any():
+            self.KH += self._sparse_gram(changed)
+        self.K_at_KH = self.codes.copy()
+        return self.KH
+
+    def _sparse_gram(self, changed: np.ndarray) -> np.ndarray:
+        """(new codes - old codes) H for a sparse set of changed codes: cost nnz x d instead of a GEMM."""
+        if self.rows_last:
+            g, t, i = np.nonzero(changed)
+        else:
+            g, i, t = np.nonzero(changed)
+        G, d = self.live.shape
+        r = self.codes.size // (G * d)
+        dk = self.codes[changed].astype(np.float64) - self.K_at_KH[changed]
+        rows, cols = g * r + i, g * d + t
+        delta = scipy.sparse.csr_matrix((dk, (rows, cols)), shape=(G * r, G * d)) @ self.H.reshape(G * d, d)
+        delta = np.asarray(delta).reshape(G, r, d)
+        return delta.transpose(0, 2, 1) if self.rows_last else delta
+
+    def refresh_gradient(self) -> None:
+        """Recompute G = (W - Q) H from scratch (at every sweep start, so rank-one drift never builds up)."""
+        self.Gr = self.times_gram(self.W - self.Q)
+
+
+def _proposal(
+    grid: Grid,
+    q: np.ndarray,
+    g: np.ndarray,
+    hsafe: np.ndarray,
+    scale64: np.ndarray,
+    zp: np.ndarray,
+    fixed: np.ndarray | None,
+    live: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact coordinate minimiser on the grid: its codes, values and whether taking it strictly helps."""
+    tgt = q + g / hsafe
+    k = round_codes(tgt, scale64, zp, grid)
+    qn = dequantize_codes(k, scale64.astype(np.float32), zp)
+    better = np.abs(qn - tgt) < np.abs(q - tgt)
+    if fixed is not None:
+        better |= ~fixed
+    return k, qn, better & live
+
+
+def sweep_shared(state: _State, block: int) -> int:
+    """One pass over the (permuted, rows-last) coordinates with lazy blocks; returns the number of moves."""
+    G, d, r = state.W.shape
+    scale64, zp, H = state.scale32.astype(np.float64), state.zp, state.H
+    moves = 0
+    for b1 in range(0, d, block):
+        b2 = min(b1 + block, d)
+        D = np.zeros((G, b2 - b1, r))
+        for t in range(b1, b2):
+            fixed = None if state.fixed is None else state.fixed[:, t]
+            q = state.Q[:, t]
+            hjj, live = state.hsafe[:, t, None], state.live[:, t, None]
+            k, qn, move = _proposal(state.grid, q, state.Gr[:, t], hjj, scale64, zp, fixed, live)
+            if not move.any():
+                continue
+            moves += int(move.sum())
+            dq = np.where(move, q - qn, 0.0)
+            state.Gr[:, t + 1 : b2] += H[:, t, t + 1 : b2, None] * dq[:, None, :]
+            D[:, t - b1] = dq
+            q[...] = np.where(move, qn, q)
+            state.codes[:, t] = np.where(move, k, state.codes[:, t])
+            if fixed is not None:
+                fixed |= move
+        if b2 < d and D.any():
+            state.Gr[:, b2:] += np.matmul(H[:, b2:, b1:b2], D)
+    return moves
+
+
+def sweep_channel(state: _State, perm: np.ndarray, block: int) -> int:
+    """One pass where every row follows its own order ``perm`` (n x d); returns the number of moves.
+
+    A step where few rows move updates their rows of G at once (rank one each). When many move (first sweep
+    from a float or RTN start), the moves are deferred within a lazy block of ``block`` steps: a step reads
+    G plus the block's deferred moves of its row (a gather of their H entries), and at block end they reach
+    G in one sparse x dense product, (moves x d) in C instead of numpy temporaries of n x d per step.
+    """
+    G, r, d = state.W.shape
+    n = G * r
+    Q, Gr, codes = state.Q.reshape(n, d), state.Gr.reshape(n, d), state.codes.reshape(n, d)
+    fixed_all = None if state.fixed is None else state.fixed.reshape(n, d)
+    group = np.repeat(np.arange(G), r)
+    Hflat, Hrows, hbase = state.H.reshape(-1), state.H.reshape(G * d, d), group * d * d
+    hsafe, live = state.hsafe[group], state.live[group]
+    scale64, zp = state.scale32.astype(np.float64).reshape(n), state.zp.reshape(n)
+    rows = np.arange(n)
+    moves = 0
+    for b1 in range(0, d, block):
+        J = perm[:, b1 : b1 + block]
+        D = np.zeros(J.shape)
+        moved = np.zeros(n, dtype=bool)
+        for s in range(J.shape[1]):
+            j = J[:, s]
+            g = Gr[rows, j]
+            act = np.flatnonzero(moved)
+            if act.size:  # this block's earlier moves of the same row: sum_s' D[i, s'] H[J[i, s'], j_i]
+                h = Hflat[hbase[act, None] + J[act, :s] * d + j[act, None]]
+                g[act] += (D[act, :s] * h).sum(axis=1)
+            q = Q[rows, j]
+            fixed = None if fixed_all is None else fixed_all[rows, j]
+            k, qn, move = _proposal(state.grid, q, g, hsafe[rows, j], scale64, zp, fixed, live[rows, j])
+            idx = np.flatnonzero(move)
+            if not idx.size:
+                continue
+            moves += idx.size
+            ji = j[idx]
+            if idx.size * DEFER_MIN_ROWS < n:  # few rows move: update their G rows now
+                Gr[idx] += (q[idx] - qn[idx])[:, None] * Hrows[group[idx] * d + ji]
+            else:  # many: defer to the block's sparse flush
+                D[idx, s] = q[idx] - qn[idx]
+                moved[idx] = True
+            Q[idx, ji] = qn[idx]
+            codes[idx, ji] = k[idx]
+            if fixed_all is not None:
+                fixed_all[idx, ji] = True
+        if moved.any():
+            i, s = np.nonzero(D)
+            flush = scipy.sparse.csr_matrix((D[i, s], (i, group[i] * d + J[i, s])), shape=(n, G * d))
+            Gr += np.asarray(flush @ Hrows)
+    return moves
+
+
+def update_scale(state: _State) -> int:
+    """Closed-form least-squares scale per row, delta = k^T H w / k^T H k (codes centred on the zero point).
+
+    A row keeps its old scale unless the new one is finite, positive and lowers that row's objective
+    (checked on the float32 value actually stored). Returns the number of rows changed.
+    """
+    K = state.centred_codes()
+    KH = state.codes_times_gram()
+    a = state.row_dot(KH, state.W)
+    b = state.row_dot(KH, K)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cand32 = np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan).astype(np.float32)
+    cand = cand32.astype(np.float64)
+    old = state.scale32.astype(np.float64)
+    ok = np.isfinite(cand) & (cand > 0)
+    gain = (cand - old) * ((cand + old) * b - 2.0 * a)  # f(cand) - f(old) for f(s) = c - 2 s a + s^2 b
+    ok &= np.where(ok, gain, 0.0) < 0
+    if not ok.any():
+        return 0
+    state.scale32 = np.where(ok, cand32, state.scale32)
+    Qnew = dequantize_codes(state.codes, state.per_row(state.scale32), state.per_row(state.zp))
+    state.Q = np.where(state.per_row(ok), Qnew, state.Q)
+    return int(ok.sum())
+
+
+def _start(
+    W: np.ndarray, H: np.ndarray, grid: Grid, init: str, clip: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Codes, scale, zero point and the mask of quantized coordinates (None: all) the descent starts from."""
+    if init == "gptq":
+        qw = gptq.quantize(W, H, grid, clip=clip)
+    elif init in ("rtn", "float"):
+        qw = rtn.quantize(W, None, grid, clip=clip)
+    else:
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    fixed = None
+    if init == "float":  # the paper: every live coordinate starts at its float value
+        dead = dead_inputs(as_grouped(H))
+        fixed = np.repeat(dead, W.shape[0] // H.shape[0], axis=0)
+    return qw.codes.copy(), qw.scale.astype(np.float32), qw.zero_point.astype(np.int8), fixed
+
+
+def resolve_order(order: str, d: int, init: str) -> str:
+    """The visiting order used; "auto" picks by measurement (bench/pass_speed.py, synthetic correlated H).
+
+    From a GPTQ start both orders reach the same error and the blocked shared order is 1.0-1.6x faster at
+    every measured shape; from RTN or float starts the paper's per-channel order ends 1-9 % lower, so it is
+    used unless the fan-in is so wide that its per-row gathers get slow.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; choose one of {ORDERS}")
+    if order != "auto":
+        return order
+    return "shared" if init == "gptq" or d >= SHARED_MIN_DIM else "channel"
+
+
+def effective_gram(H: np.ndarray, damp: float) -> np.ndarray:
+    """The float64 Gram stack COMQ minimises: H plus ``damp`` x mean diagonal (per group) when damp > 0."""
+    H = as_grouped(np.asarray(H, dtype=np.float64))
+    if damp > 0:
+        H = H.copy()
+        idx = np.arange(H.shape[1])
+        H[:, idx, idx] += damp * H[:, idx, idx].mean(axis=1, keepdims=True)
+    return H
+
+
+def quantize(
+    W: np.ndarray,
+    H: np.ndarray,
+    grid: Grid,
+    sweeps: int = 3,
+    init: str = "gptq",
+    order: str = "auto",
+    scale_update: bool = True,
+    clip: bool = True,
+    damp: float = 0.0,
+    block: int | None = None,
+    callback: Callback | None = None,
+) -> QuantWeight:
+    """COMQ: ``sweeps`` coordinate-descent passes over the codes, each followed by the scale update.
+
+    ``block`` is the lazy-block size (None: 128 for the shared order, 32 for the per-channel one; results do
+    not depend on it beyond float rounding). ``callback(k, qw)`` sees the weight after sweep k (and k = 0,
+    the start, unless init is "float"). Stops early once a sweep moves no code and changes no scale.
+    """
+    W = np.asarray(W, dtype=np.float64)
+    out, d = W.shape
+    H = effective_gram(H, damp)
+    Ws, H = stacked(W, H)
+    G, r, _ = Ws.shape
+    codes, scale32, zp, fixed = _start(W, H, grid, init, clip)
+    mode = resolve_order(order, d, init)
+    perm = _shared_order(Ws, H) if mode == "shared" else None
+    layout, restore = _layout(perm)
+    state = _State(
+        layout(Ws),
+        H if perm is None else gptq.permute_gram(H, perm),
+        layout(codes.reshape(G, r, d)),
+        scale32.reshape(G, r),
+        zp.reshape(G, r),
+        None if fixed is None else layout(fixed.reshape(G, r, d)),
+        grid,
+        rows_last=perm is not None,
+    )
+
+    def snapshot() -> QuantWeight:
+        codes_now = restore(state.codes).reshape(out, d).copy()
+        return QuantWeight(codes_now, state.scale32.reshape(out).copy(), zp.copy(), grid)
+
+    if callback is not None and fixed is None:
+        callback(0, snapshot())
+    row_perm = _channel_order(Ws, H) if mode == "channel" else None
+    for k in range(1, sweeps + 1):
+        state.refresh_gradient()
+        if mode == "shared":
+            moves = sweep_shared(state, max(block or SHARED_BLOCK, 1))
+        else:
+            moves = sweep_channel(state, row_perm, max(block or CHANNEL_BLOCK, 1))
+        state.fixed = None  # every live coordinate has now been visited
+        changed = update_scale(state) if scale_update else 0
+        if callback is not None:
+            callback(k, snapshot())
+        if moves == 0 and changed == 0:
+            break
+    return snapshot()
+
+
+def _layout(perm: np.ndarray | None) -> tuple[Callable, Callable]:
+    """Maps between (G, r, d) stacks and the working layout: as is, or permuted and rows-last (shared order)."""
+    if perm is None:
+        return np.ascontiguousarray, lambda X: X
+
+    def to_work(X: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.take_along_axis(X, perm[:, None, :], axis=2).transpose(0, 2, 1))
+
+    def from_work(X: np.ndarray) -> np.ndarray:
+        return unpermute_columns(X.transpose(0, 2, 1), perm)
+
+    return to_work, from_work
+
+
+def _channel_order(W: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """(n, d) per-row greedy order: decreasing |w_ij| sqrt(H_jj) (the paper's order)."""
+    G, r, d = W.shape
+    root = np.sqrt(np.maximum(np.diagonal(H, axis1=1, axis2=2), 0.0))
+    score = np.abs(W) * root[:, None, :]
+    return np.argsort(-score.reshape(G * r, d), axis=1, kind="stable")
+
+
+def _shared_order(W: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """(G, d) one greedy order per group: decreasing sqrt(H_jj) x mean_i |w_ij|."""
+    root = np.sqrt(np.maximum(np.diagonal(H, axis1=1, axis2=2), 0.0))
+    return np.argsort(-(np.abs(W).mean(axis=1) * root), axis=1, kind="stable")
+
+
+def comq_trace(W: np.ndarray, H: np.ndarray, grid: Grid, **options) -> tuple[QuantWeight, list[float]]:
+    """COMQ's result and the objective after each sweep (index 0: the start, unless init is "float")."""
+    Heff = effective_gram(H, options.get("damp", 0.0))
+    W = np.asarray(W, dtype=np.float64)
+    trace: list[float] = []
+
+    def record(_sweep: int, qw: QuantWeight) -> None:
+        trace.append(objective(W, qw.dequantize(), Heff))
+
+    qw = quantize(W, H, grid, callback=record, **options)
+    return qw, trace

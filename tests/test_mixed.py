@@ -1,0 +1,74 @@
+"""Mixed precision end to end on a tiny CNN: budgets hold, the assignment replays, bad budgets fail clearly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tiny
+
+import onnxq
+from onnxq.errors import OnnxqError
+from onnxq.layers import find_layers
+from onnxq.mixed import Budget
+from onnxq.oracle import LossOracle
+from onnxq.prepare import prepare
+
+
+def stored_bits(path) -> dict[str, int]:
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    return {name: entry["stored_bits"] for name, entry in json.loads(meta["onnxq.layers"]).items()}
+
+
+@pytest.mark.parametrize("estimator", ["fast", "exact", "diagonal"])
+def test_avg_bits_budget_is_met(tmp_path, cnn_path, cnn_calib, estimator):
+    out = tmp_path / "mixed.onnx"
+    result = onnxq.quantize(cnn_path, cnn_calib, out, method="rtn", budget=Budget(avg_bits=3.0),
+                            sensitivity=estimator, clado_samples=8, bits_json=tmp_path / "bits.json")
+    assert result.average_bits(stored=True) <= 3.0 + 1e-9
+    params = {r.name: r.params for r in result.layers}
+    stored = stored_bits(out)
+    assert sum(params[n] * b for n, b in stored.items()) <= 3.0 * sum(params.values())
+    assert result.extra["mixed"].status == "optimal"
+    replay = tmp_path / "replay.onnx"
+    onnxq.quantize(cnn_path, cnn_calib, replay, method="rtn", bits_json=tmp_path / "bits.json")
+    assert stored_bits(replay) == stored
+
+
+def test_size_budget_and_infeasible_budgets(tmp_path, cnn_path, cnn_calib):
+    out = tmp_path / "m.onnx"
+    float_size = cnn_path.stat().st_size
+    result = onnxq.quantize(cnn_path, cnn_calib, out, method="rtn", budget=Budget(size_ratio=0.9), clado_samples=4)
+    assert out.stat().st_size <= 0.9 * float_size
+    assert result.layers
+    with pytest.raises(OnnxqError, match="avg-bits"):
+        onnxq.quantize(cnn_path, cnn_calib, tmp_path / "x.onnx", method="rtn", budget=Budget(avg_bits=1.5),
+                       bit_choices=(2, 4))
+    with pytest.raises(OnnxqError, match="size budget"):
+        onnxq.quantize(cnn_path, cnn_calib, tmp_path / "x.onnx", method="rtn", budget=Budget(size_mb=1e-6))
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_oracle_weights_as_inputs_reproduce_the_model(tmp_path):
+    model = prepare(tiny.cnn_model())
+    layers, _ = find_layers(model)
+    x = np.random.default_rng(0).normal(size=(6, 3, 16, 16)).astype(np.float32)
+    oracle = LossOracle(model, layers, [{"x": x}])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x})[0]
+    np.testing.assert_allclose(oracle.reference, expected, rtol=1e-5, atol=1e-5)
+    assert oracle.loss({}) == pytest.approx(0.0, abs=1e-9)
+    zeroed = {layers[-1].weight: np.zeros_like(oracle.float_weights[layers[-1].weight])}
+    assert oracle.loss(zeroed) > 0
+
+
+def test_cli_rejects_two_budgets(tmp_path, cnn_path, cnn_calib):
+    import subprocess
+    import sys
+    out = tmp_path / "o.onnx"
+    run = subprocess.run([sys.executable, "-m", "onnxq", str(cnn_path), "--calib", str(cnn_calib), "-o", str(out),
+                          "--avg-bits", "3", "--size-mb", "1"], capture_output=True, text=True)
+    assert run.returncode != 0 and "one budget" in run.stderr and not out.exists()
