@@ -90,7 +90,9 @@ def check_budget(cands: clado.Candidates, limit: float, layers: list[Layer], is_
 
 
 def cache_key(fingerprint: str, choices: list[tuple[int, ...]], method: str, estimator: str, samples: int) -> str:
-    text = json.dumps([fingerprint, choices, method, estimator, samples])
+    """What a cached Omega depends on; "diagonal" shares "fast"'s matrix (it only reads its diagonal)."""
+    measured = "fast" if estimator == "diagonal" else estimator
+    text = json.dumps([fingerprint, choices, method, measured, samples])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -172,7 +174,8 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
     if omega is None:
         oracle = oracle_factory()
         cands = candidates_for(layers, choices)
-        omega = measure_omega(oracle, layers, cands, candidates, estimator, progress)
+        measured = "fast" if estimator == "diagonal" else estimator  # the Fisher terms cost no extra passes
+        omega = measure_omega(oracle, layers, cands, candidates, measured, progress)
         evaluations = oracle.evaluations
         save_omega(cache, key, omega)
     measured = time.perf_counter() - start

@@ -4,10 +4,11 @@ Every rounding pass has the signature ``quantize(W, H, grid, **options) -> Quant
 the same objective, ``tr((W-Q) H (W-Q)^T)``.
 """
 
-from . import comq, gptq, rtn
+from . import clado, comq, gptq, rtn
 from .grid import SUPPORTED_BITS, Grid, QuantWeight, objective, relative_error
 
 ROUNDING_PASSES = {"rtn": rtn.quantize, "gptq": gptq.quantize, "comq": comq.quantize}
 DEFAULT_METHOD = "comq"
 
-__all__ = ["DEFAULT_METHOD", "Grid", "QuantWeight", "ROUNDING_PASSES", "SUPPORTED_BITS", "objective", "relative_error"]
+__all__ = ["DEFAULT_METHOD", "ROUNDING_PASSES", "SUPPORTED_BITS", "Grid", "QuantWeight", "clado", "objective",
+           "relative_error"]
