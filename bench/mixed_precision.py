@@ -83,7 +83,9 @@ def markdown(rows: list[dict], fp32: dict[str, float]) -> str:
 @click.option("--clado-samples", default=128)
 @click.option("--exact-models", default="", help="Models on which the exact (all pairs) estimator also runs.")
 @click.option("--exact-samples", default=32, help="Samples for the exact estimator (it needs every pair).")
-def main(models: str, budgets: str, method: str, clado_samples: int, exact_models: str, exact_samples: int) -> None:
+@click.option("--tag", default="mixed_precision", help="Name of the result files.")
+def main(models: str, budgets: str, method: str, clado_samples: int, exact_models: str, exact_samples: int,
+         tag: str) -> None:
     require_shared()
     rows, fp32 = [], {}
     cache = RESULTS / "cache"
@@ -106,10 +108,10 @@ def main(models: str, budgets: str, method: str, clado_samples: int, exact_model
                 rows.append({"model": name, "strategy": strategy, "budget": f"avg {budget:g}", **row})
                 click.echo(json.dumps(rows[-1]), err=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "mixed_precision.json").write_text(json.dumps({"fp32": fp32, "rows": rows}, indent=1))
+    (RESULTS / f"{tag}.json").write_text(json.dumps({"fp32": fp32, "rows": rows}, indent=1))
     table = markdown(rows, fp32)
-    (RESULTS / "mixed_precision.md").write_text(table)
-    plot(rows, fp32, RESULTS / "mixed_precision.png")
+    (RESULTS / f"{tag}.md").write_text(table)
+    plot(rows, fp32, RESULTS / f"{tag}.png")
     click.echo(table)
 
 

@@ -13,7 +13,7 @@ def quantize(model: str | Path, calib: object, output: str | Path, **options: ob
     """Quantize a model file and write ``output``; ``calib`` is a path, a CalibrationDataReader or feed dicts.
 
     Keyword options are the fields of :class:`onnxq.pipeline.Options` (the CLI flags with underscores):
-    bits, method, symmetric, clip, first_last_bits, nodes_to_exclude, op_types_to_quantize,
+    bits, method, symmetric, clip, block_size, matmul_nbits, first_last_bits, nodes_to_exclude, op_types_to_quantize,
     bits_per_layer, calib_size, batch_size, stats, preprocessing, allow_empty, external_data.
     """
     known = {f.name for f in fields(Options)}

@@ -3,7 +3,8 @@
 One session exposes every layer input as an extra output; batches stream through it and each input
 is unfolded exactly as its operator reads it; blocks of rows are multiplied in float32 and summed into
 ``H`` in float64. Nothing grows with the
-calibration set, so memory is bounded by one batch.
+calibration set, so memory is bounded by one batch. When the model takes an attention mask, padding tokens
+are left out of every (batch, tokens, features) layer input (``masking.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import onnxruntime as ort
 
 from .errors import OnnxqError
 from .layers import Layer
-from .sources import Feed, feed_samples
+from .masking import attention_mask_name, batch_mask, token_rows
+from .sources import Feed, feed_samples, model_inputs
 from .unfold import unfold
 
 UNFOLD_CHUNK_ELEMENTS = 1 << 23  # unfolded values processed at once: bounds the im2col copy to ~32 MB
@@ -40,11 +42,14 @@ class LayerStats:
     act_max: float
     samples: int = 0
 
-    def merge(self, x: np.ndarray, layer: Layer) -> None:
-        """Add one batch of the layer's raw input."""
+    def merge(self, x: np.ndarray, layer: Layer, mask: np.ndarray | None = None) -> None:
+        """Add one batch of the layer's raw input (only its real tokens, given the batch's attention mask)."""
+        self.samples += x.shape[0]
+        x = token_rows(x, layer, mask)
+        if not x.size:
+            return
         self.act_min = min(self.act_min, float(x.min()))
         self.act_max = max(self.act_max, float(x.max()))
-        self.samples += x.shape[0]
         if is_pointwise(layer):
             self._merge_pointwise(x)
             return
@@ -127,11 +132,13 @@ def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Fee
     captured = sorted({layer.activation for layer in layers} - graph_inputs)
     session = make_session(capture_model(model, captured)) if captured else None
     stats = {layer.name: empty_stats(layer) for layer in layers}
+    mask_name = attention_mask_name(model_inputs(model))
     for feed in batches:
         values = dict(zip(captured, session.run(captured, feed), strict=True)) if session else {}
         values.update(feed)
+        mask = batch_mask(feed, mask_name)
         for layer in layers:
-            stats[layer.name].merge(np.asarray(values[layer.activation], dtype=np.float32), layer)
+            stats[layer.name].merge(np.asarray(values[layer.activation], dtype=np.float32), layer, mask)
         if on_batch:
             on_batch(feed_samples(feed))
     return stats

@@ -1,5 +1,9 @@
 """Write the quantized model: integer weight initializers feeding per-channel DequantizeLinear nodes.
 
+Block-wise grids use opset 21's blocked DequantizeLinear (``block_size``, ``axis`` = the weight's input
+dimension). With ``matmul_nbits``, MatMul layers with 4-bit codes become ``com.microsoft.MatMulNBits``
+(see ``nbits.py``) instead.
+
 Names follow onnxruntime's QDQ conventions (``<w>_quantized``, ``<w>_scale``, ``<w>_zero_point``,
 ``<w>_DequantizeLinear``) so its tools (qdq_loss_debug) pair float and quantized tensors. Codes are stored
 as INT8, INT4 (opset 21) or INT2 (opset 25); 3-bit codes live in INT4 with the range [-4, 3].
@@ -21,17 +25,20 @@ from onnx import TensorProto, numpy_helper, version_converter
 from . import __version__
 from .errors import OnnxqError
 from .layers import Layer
+from .nbits import ensure_domain, nbits_node, supports_nbits
 from .passes import QuantWeight
 
 CONTAINERS = {2: (ml_dtypes.int2, TensorProto.INT2, 25), 4: (ml_dtypes.int4, TensorProto.INT4, 21),
               8: (np.int8, TensorProto.INT8, 13)}
 IR_FOR_OPSET = {13: 7, 21: 10, 25: 11}
+BLOCKED_OPSET = 21  # DequantizeLinear's block_size attribute
 PROTOBUF_LIMIT = 2**31 - 2**26
 
 
 def required_opset(results: dict[str, QuantWeight]) -> int:
-    """The lowest default-domain opset whose DequantizeLinear accepts every container used."""
-    return max([13] + [CONTAINERS[q.grid.storage_bits][2] for q in results.values()])
+    """The lowest default-domain opset whose DequantizeLinear accepts every container (and blocking) used."""
+    return max([13] + [max(CONTAINERS[q.grid.storage_bits][2], BLOCKED_OPSET if q.grid.block_size else 0)
+                       for q in results.values()])
 
 
 def raise_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -47,14 +54,24 @@ def raise_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     return model
 
 
+def nbits_layers(layers: list[Layer], results: dict[str, QuantWeight], matmul_nbits: bool) -> set[str]:
+    """The layers written as MatMulNBits: with the option, every MatMul whose codes fit its 4-bit blocks."""
+    return {layer.name for layer in layers if matmul_nbits and layer.name in results
+            and supports_nbits(layer, results[layer.name])}
+
+
 def build_quantized_model(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight],
-                          metadata: dict[str, str]) -> onnx.ModelProto:
-    """A copy of ``model`` with every quantized layer's weight replaced by integer codes and a DQ node."""
-    out = raise_opset(_copy(model), required_opset(results))
+                          metadata: dict[str, str], matmul_nbits: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` with every quantized layer's weight replaced by integer codes and a DQ node
+    (or, with ``matmul_nbits``, 4-bit MatMul layers replaced by MatMulNBits nodes)."""
+    nbits = nbits_layers(layers, results, matmul_nbits)
+    out = raise_opset(_copy(model), required_opset({k: v for k, v in results.items() if k not in nbits}))
     inits = {t.name: t for t in out.graph.initializer}
     dq_nodes = []
     for layer in layers:
-        if layer.name in results:
+        if layer.name in nbits:
+            _replace_with_nbits(out, layer, results[layer.name], inits)
+        elif layer.name in results:
             dq_nodes.append(_quantize_weight(out, layer, results[layer.name], inits))
     nodes = dq_nodes + list(out.graph.node)
     del out.graph.node[:]
@@ -68,21 +85,42 @@ def _quantize_weight(model: onnx.ModelProto, layer: Layer, qw: QuantWeight, init
     numpy_type, _, _ = CONTAINERS[qw.grid.storage_bits]
     name = layer.weight
     codes = layer.tensor(qw.codes).astype(numpy_type)
-    model.graph.initializer.remove(inits[name])
+    _remove_float_weight(model, name, inits)
     model.graph.initializer.extend([
         numpy_helper.from_array(codes, f"{name}_quantized"),
-        numpy_helper.from_array(qw.scale.astype(np.float32), f"{name}_scale"),
-        numpy_helper.from_array(qw.zero_point.astype(numpy_type), f"{name}_zero_point"),
+        numpy_helper.from_array(_param_tensor(layer, qw.scale).astype(np.float32), f"{name}_scale"),
+        numpy_helper.from_array(_param_tensor(layer, qw.zero_point).astype(numpy_type), f"{name}_zero_point"),
     ])
-    for value in [v for v in model.graph.input if v.name == name]:
-        model.graph.input.remove(value)
     output = f"{name}_DequantizeLinear_Output"
     for node in model.graph.node:
         for index, tensor in enumerate(node.input):
             if tensor == name:
                 node.input[index] = output
+    blocked = {"axis": layer.input_axis, "block_size": qw.grid.block_size} if qw.grid.block_size else None
     return onnx.helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
-                                 [output], name=f"{name}_DequantizeLinear", axis=layer.channel_axis)
+                                 [output], name=f"{name}_DequantizeLinear", **(blocked or {"axis": layer.channel_axis}))
+
+
+def _param_tensor(layer: Layer, values: np.ndarray) -> np.ndarray:
+    """Per-channel (out,) parameters as they are; per-block (out, n_blocks) ones in the weight's layout."""
+    return values.T if values.ndim == 2 and layer.transposed else values
+
+
+def _remove_float_weight(model: onnx.ModelProto, name: str, inits: dict) -> None:
+    """Drop the float initializer (and its graph input entry, if the model lists one)."""
+    model.graph.initializer.remove(inits[name])
+    for value in [v for v in model.graph.input if v.name == name]:
+        model.graph.input.remove(value)
+
+
+def _replace_with_nbits(model: onnx.ModelProto, layer: Layer, qw: QuantWeight, inits: dict) -> None:
+    """Swap a MatMul and its float weight for a MatMulNBits node (same place in the graph) and packed blocks."""
+    index, node = next((i, n) for i, n in enumerate(model.graph.node) if n.name == layer.name)
+    new, tensors = nbits_node(node, layer, qw)
+    _remove_float_weight(model, layer.weight, inits)
+    model.graph.initializer.extend(tensors)
+    model.graph.node[index].CopyFrom(new)
+    ensure_domain(model)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -101,10 +139,15 @@ def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
 
 def layer_metadata(layers: list[Layer], results: dict[str, QuantWeight]) -> str:
     """Per-layer bit widths as JSON for the model's metadata."""
-    return json.dumps({layer.name: {"weight": layer.weight, "bits": results[layer.name].grid.bits,
-                                    "stored_bits": results[layer.name].grid.storage_bits,
-                                    "symmetric": results[layer.name].grid.symmetric}
-                       for layer in layers if layer.name in results})
+    return json.dumps({layer.name: _layer_entry(layer, results[layer.name]) for layer in layers
+                       if layer.name in results})
+
+
+def _layer_entry(layer: Layer, qw: QuantWeight) -> dict:
+    """One layer's metadata: weight name, widths, symmetry and (blocked grids only) the block size."""
+    entry = {"weight": layer.weight, "bits": qw.grid.bits, "stored_bits": qw.grid.storage_bits,
+             "symmetric": qw.grid.symmetric}
+    return entry | ({"block_size": qw.grid.block_size} if qw.grid.block_size else {})
 
 
 def save_atomic(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:

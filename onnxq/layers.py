@@ -49,6 +49,11 @@ class Layer:
         return 1 if self.transposed else 0
 
     @property
+    def input_axis(self) -> int:
+        """The fan-in axis of a 2-D weight (blocked DequantizeLinear's ``axis``): 0 for MatMul's [in, out]."""
+        return 0 if self.transposed else 1
+
+    @property
     def params(self) -> int:
         return int(np.prod(self.shape))
 

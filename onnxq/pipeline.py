@@ -84,6 +84,8 @@ class Options:
     method: str = DEFAULT_METHOD
     symmetric: bool = False
     clip: bool = True
+    block_size: int | None = None  # one scale per block of this many inputs (MatMul/Gemm); None: per channel
+    matmul_nbits: bool = False  # write 4-bit MatMul layers as com.microsoft.MatMulNBits
     nodes_to_exclude: tuple[str, ...] = ()
     op_types_to_quantize: tuple[str, ...] = QUANTIZABLE_OPS
     first_last_bits: int | None = None
@@ -173,6 +175,13 @@ def first_batch(calib: object, inputs: list[InputSpec], options: Options) -> Fee
         return None
 
 
+def layer_block_size(layer: Layer, options: Options) -> int | None:
+    """Block-wise scales apply to 2-D weights (MatMul, Gemm); Conv layers stay per channel."""
+    if options.block_size is not None and options.block_size < 1:
+        raise OnnxqError(f"block size must be positive, not {options.block_size}")
+    return options.block_size if options.block_size and len(layer.shape) == 2 else None
+
+
 def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[str, LayerStats],
                      widths: dict[str, tuple[int, ...]], options: Options, progress: Callable | None
                      ) -> dict[tuple[str, int], tuple[QuantWeight, float]]:
@@ -184,7 +193,8 @@ def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[st
     for layer in layers:
         W = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
         H = stats[layer.name].normalised_gram
-        tasks += [RoundingTask((layer.name, b), W, H, Grid(b, options.symmetric), {"clip": options.clip})
+        block = layer_block_size(layer, options)
+        tasks += [RoundingTask((layer.name, b), W, H, Grid(b, options.symmetric, block), {"clip": options.clip})
                   for b in widths[layer.name]]
     with (progress(len(tasks), f"{options.method} rounding") if progress else NoProgress()) as bar:
         return round_all(tasks, options.method, options.jobs, on_done=lambda: bar.update(1))
@@ -246,7 +256,7 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     if plan is not None:
         metadata["onnxq.mixed_precision"] = json.dumps({"estimator": plan.estimator, "status": plan.status,
                                                         "gap": plan.gap, "predicted_loss": plan.predicted_loss})
-    quantized = build_quantized_model(model, layers, results, metadata)
+    quantized = build_quantized_model(model, layers, results, metadata, options.matmul_nbits)
     save_atomic(quantized, output, options.external_data)
     try:
         sqnr, agreement = verify(output, model, first_feed or first_batch(calib, inputs, options))

@@ -10,6 +10,10 @@ fully quantized start the objective never rises. Two visiting orders:
   whose code does not change cost nothing (most of them after the first sweep).
 * ``"shared"``: one greedy order per Gram group (``sqrt(H_jj) mean_i |w_ij|``), which allows GPTQ-style
   lazy blocks: within a block only the block's columns of G are updated, the rest by one BLAS-3 product.
+
+Block-wise grids (``Grid.block_size``): each coordinate rounds on its own block's scale and zero point, and
+the scale update is the closed form restricted to one block's coordinates, ``delta_b += k_b^T H (w - q) /
+k_b^T H_bb k_b`` (the exact minimiser over that block's scale with the others fixed), one block after another.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import scipy.sparse
 
 from . import gptq, rtn
 from .gptq import dead_inputs, dequantize_codes, round_codes, stacked, unpermute_columns
-from .grid import Grid, QuantWeight, as_grouped, objective
+from .grid import Grid, QuantWeight, as_grouped, block_index, objective
 
 INITS = ("gptq", "rtn", "float")
 ORDERS = ("auto", "channel", "shared")
@@ -37,7 +41,8 @@ class _State:
     """Mutable working arrays of one COMQ run, stacked per Gram group.
 
     ``rows_last`` False: (G, r, d), rows of W (channel order). True: (G, d, r), one contiguous slice per
-    input coordinate (shared order, columns already permuted into visiting order).
+    input coordinate (shared order, columns already permuted into visiting order). Scales and zero points
+    are (G, r) per channel, or (G, r, n_blocks) with ``col_block`` (G, d) giving each working column's block.
     """
 
     def __init__(
@@ -50,12 +55,14 @@ class _State:
         fixed: np.ndarray | None,
         grid: Grid,
         rows_last: bool,
+        col_block: np.ndarray | None = None,
     ) -> None:
         self.W, self.H, self.codes, self.fixed, self.grid = W, H, codes, fixed, grid
-        self.rows_last = rows_last
-        self.scale32 = scale32  # (G, r) float32
-        self.zp = zero_point.astype(np.float64)  # (G, r)
-        self.Q = dequantize_codes(codes, self.per_row(scale32), self.per_row(self.zp))
+        self.rows_last, self.col_block = rows_last, col_block
+        self.scale32 = scale32  # (G, r) or (G, r, n_blocks) float32
+        self.zp = zero_point.astype(np.float64)  # shaped as scale32
+        self.coordinate_params()
+        self.Q = dequantize_codes(codes, self.S32, self.Z)
         if fixed is not None:  # None: every coordinate holds a grid value
             self.Q = np.where(fixed, self.Q, W)
         self.live = ~dead_inputs(H)  # (G, d)
@@ -68,6 +75,19 @@ class _State:
         """A (G, r) per-row quantity shaped to broadcast against the working arrays."""
         return x[:, None, :] if self.rows_last else x[:, :, None]
 
+    def coordinate_params(self) -> None:
+        """Refresh ``S32``/``Z``: every coordinate's scale and zero point in the working layout (views per channel)."""
+        if self.col_block is None:
+            self.S32 = np.broadcast_to(self.per_row(self.scale32), self.W.shape)
+            self.Z = np.broadcast_to(self.per_row(self.zp), self.W.shape)
+            return
+        self.S32, self.Z = self._per_coordinate(self.scale32), self._per_coordinate(self.zp)
+
+    def _per_coordinate(self, x: np.ndarray) -> np.ndarray:
+        """A (G, r, n_blocks) quantity gathered to one value per working coordinate."""
+        values = np.take_along_axis(x, self.col_block[:, None, :], axis=2)  # (G, r, d)
+        return np.ascontiguousarray(values.transpose(0, 2, 1)) if self.rows_last else values
+
     def times_gram(self, X: np.ndarray) -> np.ndarray:
         """Every row of X times its group's H (H is symmetric, so the transposed layout is H @ X)."""
         return np.matmul(self.H, X) if self.rows_last else np.matmul(X, self.H)
@@ -78,7 +98,7 @@ class _State:
 
     def centred_codes(self) -> np.ndarray:
         """Codes minus zero point, as float64."""
-        return self.codes.astype(np.float64) - self.per_row(self.zp)
+        return self.codes.astype(np.float64) - self.Z
 
     def codes_times_gram(self) -> np.ndarray:
         """(codes - zp) H, by one GEMM or, when few codes moved since the last call, a sparse update."""
@@ -132,7 +152,7 @@ def _proposal(
 def sweep_shared(state: _State, block: int) -> int:
     """One pass over the (permuted, rows-last) coordinates with lazy blocks; returns the number of moves."""
     G, d, r = state.W.shape
-    scale64, zp, H = state.scale32.astype(np.float64), state.zp, state.H
+    H = state.H
     moves = 0
     for b1 in range(0, d, block):
         b2 = min(b1 + block, d)
@@ -141,6 +161,7 @@ def sweep_shared(state: _State, block: int) -> int:
             fixed = None if state.fixed is None else state.fixed[:, t]
             q = state.Q[:, t]
             hjj, live = state.hsafe[:, t, None], state.live[:, t, None]
+            scale64, zp = state.S32[:, t].astype(np.float64), state.Z[:, t]
             k, qn, move = _proposal(state.grid, q, state.Gr[:, t], hjj, scale64, zp, fixed, live)
             if not move.any():
                 continue
@@ -172,8 +193,8 @@ def sweep_channel(state: _State, perm: np.ndarray, block: int) -> int:
     group = np.repeat(np.arange(G), r)
     Hflat, Hrows, hbase = state.H.reshape(-1), state.H.reshape(G * d, d), group * d * d
     hsafe, live = state.hsafe[group], state.live[group]
-    scale64, zp = state.scale32.astype(np.float64).reshape(n), state.zp.reshape(n)
     rows = np.arange(n)
+    params = _row_params(state, rows)
     moves = 0
     for b1 in range(0, d, block):
         J = perm[:, b1 : b1 + block]
@@ -188,6 +209,7 @@ def sweep_channel(state: _State, perm: np.ndarray, block: int) -> int:
                 g[act] += (D[act, :s] * h).sum(axis=1)
             q = Q[rows, j]
             fixed = None if fixed_all is None else fixed_all[rows, j]
+            scale64, zp = params(j)
             k, qn, move = _proposal(state.grid, q, g, hsafe[rows, j], scale64, zp, fixed, live[rows, j])
             idx = np.flatnonzero(move)
             if not idx.size:
@@ -210,6 +232,16 @@ def sweep_channel(state: _State, perm: np.ndarray, block: int) -> int:
     return moves
 
 
+def _row_params(state: _State, rows: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """For the per-channel order: ``j -> (scale64, zp)`` of coordinate ``j[i]`` of every row i."""
+    n = rows.size
+    if state.col_block is None:
+        scale64, zp = state.scale32.astype(np.float64).reshape(n), state.zp.reshape(n)
+        return lambda j: (scale64, zp)
+    S32, Z = state.S32.reshape(n, -1), state.Z.reshape(n, -1)
+    return lambda j: (S32[rows, j].astype(np.float64), Z[rows, j])
+
+
 def update_scale(state: _State) -> int:
     """Closed-form least-squares scale per row, delta = k^T H w / k^T H k (codes centred on the zero point).
 
@@ -230,9 +262,54 @@ def update_scale(state: _State) -> int:
     if not ok.any():
         return 0
     state.scale32 = np.where(ok, cand32, state.scale32)
-    Qnew = dequantize_codes(state.codes, state.per_row(state.scale32), state.per_row(state.zp))
+    state.coordinate_params()
+    Qnew = dequantize_codes(state.codes, state.S32, state.Z)
     state.Q = np.where(state.per_row(ok), Qnew, state.Q)
     return int(ok.sum())
+
+
+def update_block_scales(state: _State, W: np.ndarray, H: np.ndarray, to_work: Callable, from_work: Callable) -> int:
+    """Blocked grids: per block b in turn, ``delta_b += k_b^T H (w - q) / (k_b^T H_bb k_b)`` for every row.
+
+    Each step is the exact minimiser over one block's scale with the others fixed (block coordinate descent,
+    done in the natural layout: W (G, r, d), H (G, d, d)); a scale changes only when the float32 value
+    stored lowers the row's objective. Returns the number of (row, block) scales changed.
+    """
+    d = W.shape[2]
+    idx = block_index(d, state.grid)
+    codes, scale32 = from_work(state.codes), state.scale32.copy()
+    K = codes.astype(np.float64) - state.zp[..., idx]
+    R = np.matmul(W - dequantize_codes(codes, scale32[..., idx], state.zp[..., idx]), H)  # (W - Q) H
+    changed = 0
+    for b, start in enumerate(range(0, d, state.grid.block_size)):
+        cols = slice(start, start + state.grid.block_size)
+        Kb = K[:, :, cols]
+        KbH = np.matmul(Kb, H[:, cols, :])
+        step = _block_step(scale32[:, :, b], (Kb * R[:, :, cols]).sum(axis=2), (Kb * KbH[:, :, cols]).sum(axis=2))
+        if not step.any():
+            continue
+        scale32[:, :, b] = (scale32[:, :, b] + step).astype(np.float32)
+        R -= step[:, :, None] * KbH
+        changed += int(np.count_nonzero(step))
+    if changed:
+        state.scale32 = scale32
+        state.coordinate_params()
+        state.Q = to_work(dequantize_codes(codes, scale32[..., idx], state.zp[..., idx]))
+    return changed
+
+
+def _block_step(old32: np.ndarray, num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """Exact change of one block's float32 scales toward ``old + num / den``; 0 where it would not help.
+
+    For f(s) = c - 2 (s - old) num + (s - old)^2 den, the step t lowers f iff t (t den - 2 num) < 0.
+    """
+    old = old32.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cand32 = np.where(den > 0, old + num / np.where(den > 0, den, 1.0), np.nan).astype(np.float32)
+    step = cand32.astype(np.float64) - old
+    ok = np.isfinite(step) & (cand32 > 0)
+    step = np.where(ok, step, 0.0)
+    return np.where(step * (step * den - 2.0 * num) < 0, step, 0.0)
 
 
 def _start(
@@ -304,20 +381,27 @@ def quantize(
     mode = resolve_order(order, d, init)
     perm = _shared_order(Ws, H) if mode == "shared" else None
     layout, restore = _layout(perm)
+    params = (G, r) if grid.block_size is None else (G, r, -1)
     state = _State(
         layout(Ws),
         H if perm is None else gptq.permute_gram(H, perm),
         layout(codes.reshape(G, r, d)),
-        scale32.reshape(G, r),
-        zp.reshape(G, r),
+        scale32.reshape(params),
+        zp.reshape(params),
         None if fixed is None else layout(fixed.reshape(G, r, d)),
         grid,
         rows_last=perm is not None,
+        col_block=_column_blocks(grid, d, G, perm),
     )
 
     def snapshot() -> QuantWeight:
         codes_now = restore(state.codes).reshape(out, d).copy()
-        return QuantWeight(codes_now, state.scale32.reshape(out).copy(), zp.copy(), grid)
+        return QuantWeight(codes_now, state.scale32.reshape(scale32.shape).copy(), zp.copy(), grid)
+
+    def rescale() -> int:
+        if not scale_update:
+            return 0
+        return update_scale(state) if grid.block_size is None else update_block_scales(state, Ws, H, layout, restore)
 
     if callback is not None and fixed is None:
         callback(0, snapshot())
@@ -329,12 +413,20 @@ def quantize(
         else:
             moves = sweep_channel(state, row_perm, max(block or CHANNEL_BLOCK, 1))
         state.fixed = None  # every live coordinate has now been visited
-        changed = update_scale(state) if scale_update else 0
+        changed = rescale()
         if callback is not None:
             callback(k, snapshot())
         if moves == 0 and changed == 0:
             break
     return snapshot()
+
+
+def _column_blocks(grid: Grid, d: int, G: int, perm: np.ndarray | None) -> np.ndarray | None:
+    """(G, d) block of each working column (columns permuted in the shared order); None per channel."""
+    if grid.block_size is None:
+        return None
+    blocks = block_index(d, grid)
+    return blocks[perm] if perm is not None else np.broadcast_to(blocks, (G, d))
 
 
 def _layout(perm: np.ndarray | None) -> tuple[Callable, Callable]:

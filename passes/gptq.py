@@ -3,6 +3,9 @@ the columns not yet quantized (the upper Cholesky factor of H^-1, used implicitl
 
 Grouped Gram matrices (G x d x d) are handled as a stack: the column loop is vectorised over groups, so a
 depthwise layer (G = out, d = 9) costs d numpy steps, not G Python loops.
+
+Block-wise grids use static groups: every block's scale and zero point are fixed from the float weights
+before the column loop (as AutoGPTQ's ``static_groups``), so act-order stays compatible with contiguous blocks.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from .grid import Grid, QuantWeight, as_grouped, group_of_rows
+from .grid import Grid, QuantWeight, as_grouped, group_of_rows, per_weight
 from .rtn import initial_grid
 
 DEAD_RTOL = 1e-12  # an input whose H_jj is below this fraction of the group's largest H_jj never varies
@@ -124,6 +127,9 @@ def gptq_columns(
 ) -> np.ndarray:
     """The GPTQ column loop, last column first, on W (G, r, d) and lower factors L (G, d, d; consumed).
 
+    ``scale32`` and ``zero_point`` are (G, r, d), one value per weight in visiting order (broadcast views for
+    per-channel grids).
+
     Columns are stored in reverse visiting order, so ``H = L L^T`` gives the usual upper factor of H^-1 as
     ``J L^-1 J``. The update is written with L itself: the value rounded at column t is
     ``w_t + sum_{i > t} (w_i - q_i) L_it / L_tt``, which equals GPTQ's ``w_t - sum_i err_i U_it`` exactly but
@@ -132,21 +138,38 @@ def gptq_columns(
     G, r, d = W.shape
     Ln = L
     Ln /= np.diagonal(L, axis1=1, axis2=2).copy()[:, None, :]  # column t scaled by 1 / L_tt
-    scale64 = scale32.astype(np.float64)
     codes = np.empty((G, r, d), dtype=np.int8)
     acc = np.zeros_like(W)
     for b2 in range(d, 0, -block):
         b1 = max(b2 - block, 0)
         D = np.empty((G, r, b2 - b1))
         for t in range(b2 - 1, b1 - 1, -1):
-            k = round_codes(W[:, :, t] + acc[:, :, t], scale64, zero_point, grid)
-            delta = W[:, :, t] - dequantize_codes(k, scale32, zero_point)
+            s32, z = scale32[:, :, t], zero_point[:, :, t]
+            k = round_codes(W[:, :, t] + acc[:, :, t], s32.astype(np.float64), z, grid)
+            delta = W[:, :, t] - dequantize_codes(k, s32, z)
             acc[:, :, b1:t] += delta[:, :, None] * Ln[:, None, t, b1:t]
             D[:, :, t - b1] = delta
             codes[:, :, t] = k
         if b1 > 0:
             acc[:, :, :b1] += np.matmul(D, Ln[:, b1:b2, :b1])
     return codes
+
+
+def column_params(
+    scale: np.ndarray, zero_point: np.ndarray, grid: Grid, shape: tuple[int, int, int], perm: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of every weight as (G, r, d) in the permuted column order ``perm`` (G, d).
+
+    Per-channel grids give read-only broadcast views (no copy); blocked grids a gathered copy.
+    """
+    G, r, d = shape
+    if scale.ndim == 1:
+        return (np.broadcast_to(scale.reshape(G, r, 1), shape), np.broadcast_to(zero_point.reshape(G, r, 1), shape))
+
+    def gather(x: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(per_weight(x, d, grid).reshape(shape), perm[:, None, :], axis=2)
+
+    return gather(scale), gather(zero_point)
 
 
 def unpermute_columns(X: np.ndarray, perm: np.ndarray) -> np.ndarray:
@@ -174,7 +197,7 @@ def quantize(
     rev = column_order(damped_diagonal(Hs, percdamp)[0], act_order)[:, ::-1]  # last visited first
     L = cholesky_stack(prepared_gram(Hs, rev, percdamp))
     Wp = np.take_along_axis(Ws, rev[:, None, :], axis=2)
-    zp = zero_point.reshape(G, r).astype(np.float64)
-    codes = gptq_columns(Wp, L, scale32.reshape(G, r), zp, grid, max(block, 1))
+    s_cols, z_cols = column_params(scale32, zero_point.astype(np.float64), grid, (G, r, d), rev)
+    codes = gptq_columns(Wp, L, s_cols, z_cols, grid, max(block, 1))
     codes = unpermute_columns(codes, rev).reshape(out, d)
     return QuantWeight(codes, scale32, zero_point, grid)

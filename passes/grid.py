@@ -4,6 +4,11 @@ A pass sees a layer as a matrix ``W`` (out_channels x fan_in) and the Gram matri
 ``H`` with shape (groups, fan_in, fan_in): output rows ``[g*out/G, (g+1)*out/G)`` read the inputs
 whose Gram matrix is ``H[g]`` (G = 1 for a plain layer, G = out for a depthwise Conv).
 Codes are signed integers in the range the ONNX container holds (3-bit codes live in INT4 as [-4, 3]).
+
+Scales and zero points are per output channel, shape (out,), or with ``Grid.block_size`` per block of
+``block_size`` consecutive inputs, shape (out, n_blocks) with n_blocks = ceil(fan_in / block_size): when
+the block does not divide the fan-in the last block is shorter (as ONNX's blocked DequantizeLinear reads it;
+MatMulNBits export pads it with zero-point codes).
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 @dataclass(frozen=True)
 class Grid:
-    """A per-output-channel uniform integer grid of ``bits`` bits, symmetric (zero point 0) or not."""
+    """A uniform integer grid of ``bits`` bits, symmetric (zero point 0) or not, per channel or per block."""
 
     bits: int
     symmetric: bool = False
+    block_size: int | None = None  # None: one scale per output channel; else one per block of inputs
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"unsupported bit width {self.bits}; choose one of {SUPPORTED_BITS}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block size must be positive, not {self.block_size}")
 
     @property
     def qmin(self) -> int:
@@ -42,17 +50,40 @@ class Grid:
 
 @dataclass
 class QuantWeight:
-    """Integer codes with a per-output-channel scale and zero point: ``Q = (codes - zp) * scale``."""
+    """Integer codes with a per-channel or per-block scale and zero point: ``Q = (codes - zp) * scale``."""
 
     codes: np.ndarray  # int8, out x fan_in, every value in [grid.qmin, grid.qmax]
-    scale: np.ndarray  # float32, (out,)
-    zero_point: np.ndarray  # int8, (out,), in [grid.qmin, grid.qmax]
+    scale: np.ndarray  # float32, (out,) or, blocked, (out, n_blocks)
+    zero_point: np.ndarray  # int8, shaped as scale, in [grid.qmin, grid.qmax]
     grid: Grid
 
     def dequantize(self) -> np.ndarray:
         """The float weight matrix the exported model computes with (float32, as onnxruntime does)."""
-        centred = self.codes.astype(np.float32) - self.zero_point.astype(np.float32)[:, None]
-        return centred * self.scale.astype(np.float32)[:, None]
+        d = self.codes.shape[1]
+        centred = self.codes.astype(np.float32) - per_weight(self.zero_point.astype(np.float32), d, self.grid)
+        return centred * per_weight(self.scale.astype(np.float32), d, self.grid)
+
+
+def n_blocks(fan_in: int, grid: Grid) -> int:
+    """Scales per output row: 1 per channel, ceil(fan_in / block_size) blocked (the last block shorter)."""
+    return 1 if grid.block_size is None else -(-fan_in // grid.block_size)
+
+
+def block_index(fan_in: int, grid: Grid) -> np.ndarray:
+    """The block of each input coordinate (all 0 per channel)."""
+    return np.arange(fan_in) // (grid.block_size or max(fan_in, 1))
+
+
+def per_weight(x: np.ndarray, fan_in: int, grid: Grid) -> np.ndarray:
+    """A per-row (out,) or per-block (out, n_blocks) quantity, broadcastable against an out x fan_in weight."""
+    return x[:, None] if x.ndim == 1 else x[:, block_index(fan_in, grid)]
+
+
+def block_reduce(X: np.ndarray, grid: Grid, ufunc: np.ufunc = np.add) -> np.ndarray:
+    """Reduce every row of X over each block: shape (out,) per channel, (out, n_blocks) blocked."""
+    if grid.block_size is None:
+        return ufunc.reduce(X, axis=1)
+    return ufunc.reduceat(X, np.arange(0, X.shape[1], grid.block_size), axis=1)
 
 
 def group_of_rows(out_channels: int, groups: int) -> np.ndarray:
@@ -87,7 +118,7 @@ def relative_error(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
 
 
 def minmax_params(lo: np.ndarray, hi: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point that map per-channel ranges [lo, hi] (widened to contain 0) onto the grid."""
+    """Scale and zero point that map per-channel (or per-block) ranges [lo, hi], widened to contain 0, onto the grid."""
     lo = np.minimum(lo, 0.0).astype(np.float64)
     hi = np.maximum(hi, 0.0).astype(np.float64)
     if grid.symmetric:
@@ -103,8 +134,9 @@ def minmax_params(lo: np.ndarray, hi: np.ndarray, grid: Grid) -> tuple[np.ndarra
 
 
 def round_to_grid(W: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, grid: Grid) -> np.ndarray:
-    """Nearest codes for W on the given per-channel grid (round half to even, then clip)."""
-    codes = np.round(W / scale.astype(np.float64)[:, None]) + zero_point[:, None]
+    """Nearest codes for W on the given per-channel or per-block grid (round half to even, then clip)."""
+    d = W.shape[1]
+    codes = np.round(W / per_weight(scale.astype(np.float64), d, grid)) + per_weight(zero_point, d, grid)
     return np.clip(codes, grid.qmin, grid.qmax).astype(np.int8)
 
 

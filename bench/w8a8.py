@@ -1,0 +1,203 @@
+"""Issue 5 benchmark: W8A8 models that onnxruntime runs with integer kernels, against FP32 and quantize_static.
+
+Per model: FP32; onnxq W8A8 (8-bit symmetric RTN or COMQ weights from the cached Gram statistics, uint8
+activations calibrated on the first 256 images of imagenet-calib1000 with each range method); onnxruntime
+``quantize_static`` (``quant_pre_process`` first, QDQ, per-channel, MinMax) on the same 256 images, with uint8
+activations (onnxruntime's advice for x86 with VNNI) and with its defaults (int8 activations); W4 weight-only
+(COMQ) and W4A8 (the same weights plus uint8 activation Q/DQ). Reports top-1 on imagenet-val1300, file size,
+median latency at batch 1 and 32 (measured in interleaved rounds, so machine load hits every variant alike)
+and which kernel runs each layer. Writes bench/results/w8a8.json and bench/results/w8a8.md.
+
+    python bench/w8a8.py [--models squeezenet1.1,...] [--repeats 20] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import onnx
+from common import CALIB, MODELS, RESULTS, calib_files, model_path, require_shared, top1, val_set
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+from onnxq.act_qdq import default_act_layers, insert_activation_qdq, plan_qdq
+from onnxq.activations import METHODS, activation_histograms, ranges_from
+from onnxq.calibrate import load_stats
+from onnxq.export import build_quantized_model, save_atomic
+from onnxq.kernels import kernel_report, kernel_summary, latency
+from onnxq.layers import Layer, find_layers
+from onnxq.loading import load_model, weights_fingerprint
+from onnxq.passes import Grid, QuantWeight
+from onnxq.prepare import prepare
+from onnxq.rounding import RoundingTask, round_all
+
+CALIB_SIZE, CALIB_BATCH = 256, 32
+DEFAULT_METHOD = "mse"
+
+
+class Reader(CalibrationDataReader):
+    """onnxruntime's reader over in-memory feeds."""
+
+    def __init__(self, feeds: list[dict]) -> None:
+        self.feeds, self.position = feeds, 0
+
+    def get_next(self) -> dict | None:
+        self.position += 1
+        return self.feeds[self.position - 1] if self.position <= len(self.feeds) else None
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def calib_feeds(name: str, input_name: str) -> list[dict]:
+    """The first 256 calib1000 images, preprocessed for the model, in batches of 32."""
+    x = np.concatenate([MODELS[name].load(f) for f in calib_files(CALIB_SIZE)])
+    return [{input_name: x[i:i + CALIB_BATCH]} for i in range(0, len(x), CALIB_BATCH)]
+
+
+def round_weights(model: onnx.ModelProto, layers: list[Layer], stats: dict, method: str, grid: Grid
+                  ) -> dict[str, QuantWeight]:
+    """Every layer's weight rounded on ``grid`` by ``method`` with the cached Gram matrices."""
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    tasks = [RoundingTask(layer.name, layer.matrix(inits[layer.weight]).astype(np.float64),
+                          stats[layer.name].normalised_gram, grid, {"clip": True}) for layer in layers]
+    return {name: qw for name, (qw, _) in round_all(tasks, method).items()}
+
+
+def onnxq_models(name: str, folder: Path, feeds: list[dict]) -> dict[str, tuple[Path, float]]:
+    """Write every onnxq variant; returns label -> (path, seconds to produce it)."""
+    model = prepare(load_model(model_path(name)))
+    layers, _ = find_layers(model)
+    stats = load_stats(RESULTS / "cache" / f"stats_{name}_{CALIB_SIZE}.npz",
+                       weights_fingerprint(model, [layer.weight for layer in layers]))
+    if stats is None:
+        raise SystemExit(f"no cached statistics for {name}; run bench/methods.py first")
+    out = {}
+    start = time.perf_counter()
+    plan = plan_qdq(model, layers, [layer.name for layer in layers])
+    hists = activation_histograms(model, plan.calibrated, iter(feeds))
+    calib_seconds = time.perf_counter() - start
+    exact = {t: "minmax" for t in plan.exact}
+    for method in ("rtn", "comq"):
+        start = time.perf_counter()
+        qmodel = build_quantized_model(model, layers, round_weights(model, layers, stats, method, Grid(8, True)), {})
+        acts = default_act_layers(qmodel, layers)
+        seconds = time.perf_counter() - start + calib_seconds
+        for act_method in (METHODS if method == "comq" else (DEFAULT_METHOD,)):
+            path = folder / f"w8a8_{method}_{act_method}.onnx"
+            save_atomic(insert_activation_qdq(qmodel, layers, ranges_from(hists, act_method, methods=exact), acts),
+                        path)
+            out[f"onnxq W8A8 {method.upper()} act={act_method}"] = (path, seconds)
+    start = time.perf_counter()
+    w4 = build_quantized_model(model, layers, round_weights(model, layers, stats, "comq", Grid(4)), {})
+    save_atomic(w4, folder / "w4.onnx")
+    out["onnxq W4 COMQ weight-only"] = (folder / "w4.onnx", time.perf_counter() - start)
+    names = [layer.name for layer in layers]
+    save_atomic(insert_activation_qdq(w4, layers, ranges_from(hists, DEFAULT_METHOD, methods=exact), names),
+                folder / "w4a8.onnx")
+    out[f"onnxq W4A8 COMQ act={DEFAULT_METHOD}"] = (folder / "w4a8.onnx", time.perf_counter() - start + calib_seconds)
+    return out
+
+
+def ort_models(name: str, folder: Path, feeds: list[dict]) -> dict[str, tuple[Path, float]]:
+    """onnxruntime quantize_static after quant_pre_process: uint8 activations, then its int8 defaults."""
+    pre = folder / "ort_pre.onnx"
+    cache = folder / "ort_calibration.json"
+    out = {}
+    for label, act_type in (("ORT quantize_static u8s8", QuantType.QUInt8), ("ORT quantize_static s8s8 (defaults)",
+                                                                           QuantType.QInt8)):
+        start = time.perf_counter()
+        if not pre.exists():
+            quant_pre_process(str(model_path(name)), str(pre))
+        path = folder / f"ort_{act_type.name}.onnx"
+        quantize_static(str(pre), str(path), Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=act_type, weight_type=QuantType.QInt8, calibration_cache_path=cache)
+        out[label] = (path, time.perf_counter() - start)
+    return out
+
+
+def timed(paths: dict[str, Path], batches: tuple[int, ...], repeats: int, rounds: int) -> dict[str, dict]:
+    """Median latency (ms) per variant and batch, from interleaved rounds of ``repeats`` runs each."""
+    samples = {label: {b: [] for b in batches} for label in paths}
+    for _ in range(rounds):
+        for b in batches:
+            for label, path in paths.items():
+                samples[label][b].append(latency(path, b, repeats))
+    return {label: {f"b{b}": round(statistics.median(v), 2) for b, v in per.items()} for label, per in samples.items()}
+
+
+def run_model(name: str, repeats: int, rounds: int) -> list[dict]:
+    x, y = val_set(name)
+    input_name = onnx.load(str(model_path(name))).graph.input[0].name
+    feeds = calib_feeds(name, input_name)
+    with tempfile.TemporaryDirectory(prefix="w8a8-") as tmp:
+        folder = Path(tmp)
+        variants = {"FP32": (model_path(name), 0.0)}
+        variants.update(onnxq_models(name, folder, feeds))
+        variants.update(ort_models(name, folder, feeds))
+        rows = []
+        for label, (path, seconds) in variants.items():
+            report = kernel_report(path)
+            rows.append({"model": name, "variant": label, "top1": round(top1(path, x, y), 2),
+                         "size_bytes": path.stat().st_size, "seconds": round(seconds, 1),
+                         "kernels": kernel_summary(report),
+                         "integer_layers": f"{sum(r['runs'] == 'integer' for r in report)}/{len(report)}"})
+            click.echo(json.dumps(rows[-1]), err=True)
+        timed_labels = [r["variant"] for r in rows if "act=" not in r["variant"] or DEFAULT_METHOD in r["variant"]]
+        timed_labels = [t for t in timed_labels if "RTN" not in t]
+        times = timed({t: variants[t][0] for t in timed_labels}, (1, 32), repeats, rounds)
+        for row in rows:
+            row["latency_ms"] = times.get(row["variant"])
+        return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table per model, speed-ups against its FP32 row."""
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        fp32 = mine[0]
+        lines += [f"\n**{name}** (FP32 top-1 {fp32['top1']:.2f} %)\n",
+                  "| variant | top-1 | Δ vs FP32 | size | ms b1 | ms b32 | speed-up b32 | integer layers | kernels |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in mine:
+            lat = r.get("latency_ms") or {}
+            speed = f"{fp32['latency_ms']['b32'] / lat['b32']:.2f}x" if lat else ""
+            kernels = ", ".join(f"{k} {v}" for k, v in r["kernels"].items())
+            lines.append(f"| {r['variant']} | {r['top1']:.2f} | {r['top1'] - fp32['top1']:+.2f} | "
+                         f"{r['size_bytes'] / 1e6:.2f} MB | {lat.get('b1', '')} | {lat.get('b32', '')} | {speed} | "
+                         f"{r['integer_layers']} | {kernels} |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--models", default=",".join(MODELS))
+@click.option("--repeats", default=20, help="Runs per latency measurement (the median is kept).")
+@click.option("--rounds", default=3, help="Interleaved latency rounds per variant (the median is kept).")
+@click.option("--tag", default="w8a8", help="Name of the result files.")
+def main(models: str, repeats: int, rounds: int, tag: str) -> None:
+    require_shared()
+    assert CALIB.is_dir()
+    rows = []
+    for name in models.split(","):
+        rows += run_model(name, repeats, rounds)
+        (RESULTS / f"{tag}.json").write_text(json.dumps({"calibration": f"first {CALIB_SIZE} of {CALIB.name}",
+                                                         "rows": rows}, indent=1))
+    table = markdown(rows)
+    (RESULTS / f"{tag}.md").write_text(table)
+    click.echo(table)
+
+
+if __name__ == "__main__":
+    main()
