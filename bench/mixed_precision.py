@@ -102,7 +102,8 @@ def main(models: str, budgets: str, method: str, clado_samples: int, exact_model
             strategies.append(("clado-exact", "exact", exact_samples))
         for budget in map(float, budgets.split(",")):
             for strategy, estimator, samples in strategies:
-                sens_cache = cache / f"omega_{name}_{method}_{estimator}_{samples}.npz"
+                shared = "fast" if estimator == "diagonal" else estimator  # the same measured matrix
+                sens_cache = cache / f"omega_{name}_{method}_{shared}_{samples}.npz"
                 row = run(name, stats, x, y, method=method, budget=Budget(avg_bits=budget), sensitivity=estimator,
                           clado_samples=samples, sensitivity_cache=sens_cache, clado_time_limit=120)
                 rows.append({"model": name, "strategy": strategy, "budget": f"avg {budget:g}", **row})

@@ -5,16 +5,15 @@ activations calibrated on the first 256 images of imagenet-calib1000 with each r
 ``quantize_static`` (``quant_pre_process`` first, QDQ, per-channel, MinMax) on the same 256 images, with uint8
 activations (onnxruntime's advice for x86 with VNNI) and with its defaults (int8 activations); W4 weight-only
 (COMQ) and W4A8 (the same weights plus uint8 activation Q/DQ). Reports top-1 on imagenet-val1300, file size,
-median latency at batch 1 and 32 (measured in interleaved rounds, so machine load hits every variant alike)
+median latency at batch 1 and 32 (single runs alternate between variants, so machine load hits them alike)
 and which kernel runs each layer. Writes bench/results/w8a8.json and bench/results/w8a8.md.
 
-    python bench/w8a8.py [--models squeezenet1.1,...] [--repeats 20] [--rounds 3]
+    python bench/w8a8.py [--models squeezenet1.1,...] [--repeats 30] [--keep DIR [--latency-only]]
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from onnxq.act_qdq import default_act_layers, insert_activation_qdq, plan_qdq
 from onnxq.activations import METHODS, activation_histograms, ranges_from
 from onnxq.calibrate import load_stats
 from onnxq.export import build_quantized_model, save_atomic
-from onnxq.kernels import kernel_report, kernel_summary, latency
+from onnxq.kernels import compare_latency, kernel_report, kernel_summary
 from onnxq.layers import Layer, find_layers
 from onnxq.loading import load_model, weights_fingerprint
 from onnxq.passes import Grid, QuantWeight
@@ -127,39 +126,46 @@ def ort_models(name: str, folder: Path, feeds: list[dict]) -> dict[str, tuple[Pa
     return out
 
 
-def timed(paths: dict[str, Path], batches: tuple[int, ...], repeats: int, rounds: int) -> dict[str, dict]:
-    """Median latency (ms) per variant and batch, from interleaved rounds of ``repeats`` runs each."""
-    samples = {label: {b: [] for b in batches} for label in paths}
-    for _ in range(rounds):
-        for b in batches:
-            for label, path in paths.items():
-                samples[label][b].append(latency(path, b, repeats))
-    return {label: {f"b{b}": round(statistics.median(v), 2) for b, v in per.items()} for label, per in samples.items()}
+def timed(paths: dict[str, Path], batches: tuple[int, ...], repeats: int) -> dict[str, dict]:
+    """Median latency (ms) per variant and batch; single runs alternate between variants (fair under load)."""
+    per_batch = {b: compare_latency(paths, b, repeats) for b in batches}
+    return {label: {f"b{b}": round(per_batch[b][label], 2) for b in batches} for label in paths}
 
 
-def run_model(name: str, repeats: int, rounds: int) -> list[dict]:
+def timed_variants(rows: list[dict]) -> list[str]:
+    """The variants worth timing: FP32, one W8A8 (COMQ, default ranges), W4, W4A8 and onnxruntime's."""
+    return [r["variant"] for r in rows if "RTN" not in r["variant"]
+            and ("act=" not in r["variant"] or f"act={DEFAULT_METHOD}" in r["variant"])]
+
+
+def run_model(name: str, repeats: int, keep: Path | None) -> list[dict]:
     x, y = val_set(name)
     input_name = onnx.load(str(model_path(name))).graph.input[0].name
     feeds = calib_feeds(name, input_name)
     with tempfile.TemporaryDirectory(prefix="w8a8-") as tmp:
-        folder = Path(tmp)
+        folder = keep / name if keep else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         variants = {"FP32": (model_path(name), 0.0)}
         variants.update(onnxq_models(name, folder, feeds))
         variants.update(ort_models(name, folder, feeds))
         rows = []
         for label, (path, seconds) in variants.items():
             report = kernel_report(path)
-            rows.append({"model": name, "variant": label, "top1": round(top1(path, x, y), 2),
+            rows.append({"model": name, "variant": label, "file": path.name, "top1": round(top1(path, x, y), 2),
                          "size_bytes": path.stat().st_size, "seconds": round(seconds, 1),
                          "kernels": kernel_summary(report),
                          "integer_layers": f"{sum(r['runs'] == 'integer' for r in report)}/{len(report)}"})
             click.echo(json.dumps(rows[-1]), err=True)
-        timed_labels = [r["variant"] for r in rows if "act=" not in r["variant"] or DEFAULT_METHOD in r["variant"]]
-        timed_labels = [t for t in timed_labels if "RTN" not in t]
-        times = timed({t: variants[t][0] for t in timed_labels}, (1, 32), repeats, rounds)
-        for row in rows:
-            row["latency_ms"] = times.get(row["variant"])
+        add_latency(rows, {label: path for label, (path, _) in variants.items()}, repeats)
         return rows
+
+
+def add_latency(rows: list[dict], paths: dict[str, Path], repeats: int) -> None:
+    """Time the chosen variants of one model and store the medians in their rows."""
+    labels = timed_variants(rows)
+    times = timed({label: paths[label] for label in labels}, (1, 32), repeats)
+    for row in rows:
+        row["latency_ms"] = times.get(row["variant"])
 
 
 def markdown(rows: list[dict]) -> str:
@@ -183,20 +189,37 @@ def markdown(rows: list[dict]) -> str:
 
 @click.command()
 @click.option("--models", default=",".join(MODELS))
-@click.option("--repeats", default=20, help="Runs per latency measurement (the median is kept).")
-@click.option("--rounds", default=3, help="Interleaved latency rounds per variant (the median is kept).")
+@click.option("--repeats", default=30, help="Timed runs per variant and batch size (the median is kept).")
+@click.option("--keep", type=click.Path(path_type=Path), default=None,
+              help="Keep the quantized models in this folder (for --latency-only).")
+@click.option("--latency-only", is_flag=True, help="Re-time the models kept by --keep; top-1 rows are reused.")
 @click.option("--tag", default="w8a8", help="Name of the result files.")
-def main(models: str, repeats: int, rounds: int, tag: str) -> None:
+def main(models: str, repeats: int, keep: Path | None, latency_only: bool, tag: str) -> None:
     require_shared()
     assert CALIB.is_dir()
-    rows = []
-    for name in models.split(","):
-        rows += run_model(name, repeats, rounds)
-        (RESULTS / f"{tag}.json").write_text(json.dumps({"calibration": f"first {CALIB_SIZE} of {CALIB.name}",
-                                                         "rows": rows}, indent=1))
-    table = markdown(rows)
-    (RESULTS / f"{tag}.md").write_text(table)
-    click.echo(table)
+    if latency_only:
+        rows = json.loads((RESULTS / f"{tag}.json").read_text())["rows"]
+        for name in models.split(","):
+            mine = [r for r in rows if r["model"] == name]
+            paths = {r["variant"]: model_path(name) if r["variant"] == "FP32" else keep / name / r["file"]
+                     for r in mine}
+            add_latency(mine, paths, repeats)
+    else:
+        rows = []
+        for name in models.split(","):
+            rows += run_model(name, repeats, keep)
+            write(rows, tag, final=False)
+    write(rows, tag, final=True)
+
+
+def write(rows: list[dict], tag: str, final: bool) -> None:
+    """Save the rows as JSON (after every model) and, at the end, the markdown tables."""
+    (RESULTS / f"{tag}.json").write_text(json.dumps({"calibration": f"first {CALIB_SIZE} of {CALIB.name}",
+                                                     "rows": rows}, indent=1))
+    if final:
+        table = markdown(rows)
+        (RESULTS / f"{tag}.md").write_text(table)
+        click.echo(table)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,8 @@ def _quantize_biases(model: onnx.ModelProto, layers: list[Layer], act_layers: Co
         if f"{layer.weight}_scale" not in inits:
             raise OnnxqError(f"the weight of {layer.name} is not quantized; export the weights of every act layer "
                              "with build_quantized_model first")
+        if len(inits[f"{layer.weight}_scale"].dims) > 1:
+            continue  # block-wise weights have no per-channel s_w; such a layer runs in float, bias and all
         in_scale = params[plan.source[node.input[0]]][0]
         weight_scale = _fit_weight_scale(model, layer, inits, bias, in_scale)
         dq_nodes.append(_replace_bias(model, node, bias, in_scale * np.broadcast_to(weight_scale, bias.shape)))
@@ -347,13 +349,13 @@ def _pair(tensor: str, owner: str, q_input: str, dq_output: str) -> list[onnx.No
 
 
 def default_act_layers(qmodel: onnx.ModelProto, layers: list[Layer]) -> list[str]:
-    """Layers whose weight is stored INT8 with zero point 0: those onnxruntime can run as integer kernels."""
+    """Layers whose weight is INT8 per channel with zero point 0: those onnxruntime runs as integer kernels."""
     inits = {t.name: t for t in qmodel.graph.initializer}
     chosen = []
     for layer in layers:
         codes, zp = inits.get(f"{layer.weight}_quantized"), inits.get(f"{layer.weight}_zero_point")
-        if codes is not None and zp is not None and codes.data_type == TensorProto.INT8 and not np.any(
-                numpy_helper.to_array(zp)):
+        if (codes is not None and zp is not None and codes.data_type == TensorProto.INT8 and len(zp.dims) <= 1
+                and not np.any(numpy_helper.to_array(zp))):
             chosen.append(layer.name)
     return chosen
 

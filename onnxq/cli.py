@@ -19,7 +19,7 @@ from .mixed import Budget
 from .passes import DEFAULT_METHOD, ROUNDING_PASSES, SUPPORTED_BITS
 from .pipeline import Options, quantize_model
 from .progress import progress_factory
-from .report import eval_summary, layer_table, summary
+from .report import eval_summary, kernel_table, layer_table, summary
 
 
 class DefaultToQuantize(click.Group):
@@ -184,6 +184,14 @@ def cli() -> None:
 @click.option("--bits-json", type=click.Path(path_type=Path), default=None,
               help="With a budget: write the chosen widths here (also in TensorQuantOverrides form). "
                    "Without: read per-layer widths from this file and apply them.")
+@click.option("--act-bits", type=click.Choice(["8"]), default=None,
+              help="Also quantize activations to uint8 (opt-in). 8-bit layers become W8A8 with symmetric weights and "
+                   "run as QLinearConv/QGemm integer kernels; lower-bit layers become WnA8 (small, not faster).")
+@click.option("--calibration_method", "--act-method", "act_method", type=click.Choice(["mse", "percentile", "minmax"]),
+              default="mse", show_default=True, help="How activation ranges are chosen (with --act-bits).")
+@click.option("--kernel-report", is_flag=True,
+              help="After writing, list the onnxruntime kernel each layer runs as and time float vs quantized "
+                   "(median latency at batch 1 and 32).")
 @preprocessing_options
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in <output>.data (default: only when the model exceeds 2 GB).")
@@ -193,7 +201,8 @@ def cli() -> None:
 def quantize_command(model, calib, output, bits, method, symmetric, clip, block_size, matmul_nbits,
                      first_last_bits, nodes_to_exclude,
                      op_types_to_quantize, calib_size, batch_size, stats, bit_choices, avg_bits, size_mb, size_ratio,
-                     sensitivity, clado_samples, clado_time_limit, sensitivity_cache, bits_json, image_size, resize,
+                     sensitivity, clado_samples, clado_time_limit, sensitivity_cache, bits_json, act_bits, act_method,
+                     kernel_report, image_size, resize,
                      mean, std, scale, channel_order, external_data, allow_empty, quiet, debug) -> None:
     """Quantize MODEL's Conv/Gemm/MatMul weights to 2, 3, 4 or 8 bits and write a QDQ ONNX model."""
     options = Options(
@@ -207,12 +216,15 @@ def quantize_command(model, calib, output, bits, method, symmetric, clip, block_
         allow_empty=allow_empty, external_data=external_data,
         budget=budget_from_flags(avg_bits, size_mb, size_ratio), bit_choices=parse_bit_choices(bit_choices),
         sensitivity=sensitivity, clado_samples=clado_samples, clado_time_limit=clado_time_limit,
-        sensitivity_cache=sensitivity_cache, bits_json=bits_json)
+        sensitivity_cache=sensitivity_cache, bits_json=bits_json,
+        act_bits=int(act_bits) if act_bits else None, act_method=act_method)
     result = quantize_model(model, calib, output, options,
                             progress=progress_factory(not quiet))
     if not quiet:
         click.echo(layer_table(result))
         click.echo(summary(result))
+    if kernel_report:
+        click.echo(kernel_table(model, result.output))
 
 
 @cli.command("eval")

@@ -125,18 +125,31 @@ def random_feed(session: ort.InferenceSession, batch: int, seed: int = 0) -> dic
     return feed
 
 
-def latency(path: str | Path, batch: int, repeats: int = 20, warmup: int = 3, threads: int | None = None) -> float:
-    """Median wall time in ms of one run on random inputs (CPU, all optimisations, every core)."""
+def cpu_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session with every optimisation and ``threads`` intra-op threads (default: every core)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = random_feed(session, batch)
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def latency(path: str | Path, batch: int, repeats: int = 20, warmup: int = 3, threads: int | None = None) -> float:
+    """Median wall time in ms of one run on random inputs (CPU, all optimisations, every core)."""
+    return compare_latency({"model": path}, batch, repeats, warmup, threads)["model"]
+
+
+def compare_latency(paths: dict[str, str | Path], batch: int, repeats: int = 20, warmup: int = 3,
+                    threads: int | None = None) -> dict[str, float]:
+    """Median ms per model, timing single runs in turn so that changing machine load hits every model alike."""
+    sessions = {label: cpu_session(path, threads) for label, path in paths.items()}
+    feeds = {label: random_feed(session, batch) for label, session in sessions.items()}
+    for label, session in sessions.items():
+        for _ in range(warmup):
+            session.run(None, feeds[label])
+    times: dict[str, list[float]] = {label: [] for label in sessions}
     for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for label, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds[label])
+            times[label].append((time.perf_counter() - start) * 1000)
+    return {label: statistics.median(values) for label, values in times.items()}

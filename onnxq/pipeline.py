@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .act_qdq import quantize_activations
 from .calibrate import LayerStats, calibrate, load_stats, make_session, save_stats
 from .errors import OnnxqError
 from .export import build_quantized_model, layer_metadata, save_atomic
@@ -86,6 +87,8 @@ class Options:
     clip: bool = True
     block_size: int | None = None  # one scale per block of this many inputs (MatMul/Gemm); None: per channel
     matmul_nbits: bool = False  # write 4-bit MatMul layers as com.microsoft.MatMulNBits
+    act_bits: int | None = None  # 8: uint8 activation Q/DQ so onnxruntime runs integer kernels (W8A8)
+    act_method: str = "mse"  # activation range calibration: mse, percentile or minmax
     nodes_to_exclude: tuple[str, ...] = ()
     op_types_to_quantize: tuple[str, ...] = QUANTIZABLE_OPS
     first_last_bits: int | None = None
@@ -175,6 +178,22 @@ def first_batch(calib: object, inputs: list[InputSpec], options: Options) -> Fee
         return None
 
 
+def weight_symmetric(bits: int, options: Options) -> bool:
+    """With activation quantization, 8-bit weights are symmetric: onnxruntime's integer kernels need zero point 0."""
+    return options.symmetric or (options.act_bits is not None and bits == 8)
+
+
+def with_activations(model: onnx.ModelProto, quantized: onnx.ModelProto, layers: list[Layer], calib: object,
+                     inputs: list[InputSpec], options: Options) -> onnx.ModelProto:
+    """Add uint8 activation Q/DQ around every quantized layer, ranges calibrated on the float model."""
+    if options.act_bits != 8:
+        raise OnnxqError(f"--act-bits {options.act_bits} is not supported; use --act-bits 8")
+    raw, _ = feeds_from(calib, inputs, default_preprocessing(inputs, options.preprocessing))
+    stream = batches(raw, inputs, options.batch_size, options.calib_size or None)
+    return quantize_activations(model, quantized, layers, stream, options.act_method,
+                                [layer.name for layer in layers])
+
+
 def layer_block_size(layer: Layer, options: Options) -> int | None:
     """Block-wise scales apply to 2-D weights (MatMul, Gemm); Conv layers stay per channel."""
     if options.block_size is not None and options.block_size < 1:
@@ -194,8 +213,8 @@ def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[st
         W = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
         H = stats[layer.name].normalised_gram
         block = layer_block_size(layer, options)
-        tasks += [RoundingTask((layer.name, b), W, H, Grid(b, options.symmetric, block), {"clip": options.clip})
-                  for b in widths[layer.name]]
+        tasks += [RoundingTask((layer.name, b), W, H, Grid(b, weight_symmetric(b, options), block),
+                               {"clip": options.clip}) for b in widths[layer.name]]
     with (progress(len(tasks), f"{options.method} rounding") if progress else NoProgress()) as bar:
         return round_all(tasks, options.method, options.jobs, on_done=lambda: bar.update(1))
 
@@ -257,6 +276,8 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
         metadata["onnxq.mixed_precision"] = json.dumps({"estimator": plan.estimator, "status": plan.status,
                                                         "gap": plan.gap, "predicted_loss": plan.predicted_loss})
     quantized = build_quantized_model(model, layers, results, metadata, options.matmul_nbits)
+    if options.act_bits is not None and layers:
+        quantized = with_activations(model, quantized, layers, calib, inputs, options)
     save_atomic(quantized, output, options.external_data)
     try:
         sqnr, agreement = verify(output, model, first_feed or first_batch(calib, inputs, options))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .evaluate import EvalResult
+from .kernels import kernel_report, latency
 from .pipeline import QuantizationResult
 
 
@@ -67,4 +70,17 @@ def eval_summary(result: EvalResult) -> str:
         lines.append(f"mean KL divergence: {result.mean_kl:.5f}")
     lines.append(f"output SQNR: {result.sqnr_db:.2f} dB, cosine similarity {result.cosine:.6f}, "
                  f"max abs error {result.max_error:.4g}")
+    return "\n".join(lines)
+
+
+def kernel_table(float_path: Path, quantized_path: Path) -> str:
+    """What onnxruntime really runs: the kernel per layer, and float vs quantized latency at batch 1 and 32."""
+    rows = kernel_report(quantized_path)
+    width = max([len(r["layer"]) for r in rows] + [5])
+    lines = [f"{'layer'.ljust(width)}  kernel", f"{'-' * width}  ------"]
+    lines += [f"{r['layer'].ljust(width)}  {r['kernel']} ({r['runs']})" for r in rows]
+    for batch in (1, 32):
+        reference, quantized = latency(float_path, batch), latency(quantized_path, batch)
+        lines.append(f"latency at batch {batch}: float {reference:.1f} ms, quantized {quantized:.1f} ms "
+                     f"({reference / quantized:.2f}x)")
     return "\n".join(lines)

@@ -304,3 +304,19 @@ def test_dead_channel_bias_fits_int32_by_raising_its_weight_scale(tmp_path):
     assert q["b1_scale"][0] == pytest.approx(q["x_scale"] * q["w1_scale"][0])
     feed = random_feed(model, (8, 3, 16, 16), seed=3)
     assert cosine(run(model, feed), run(quantized, feed)) > 0.99
+
+
+def test_block_wise_weights_keep_a_float_bias_and_are_not_default_act_layers():
+    model = prepare(tiny.mlp_model())  # Gemm layers: onnxruntime runs blocked DQ on 2-D weights
+    layers, _ = find_layers(model)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    results = {layer.name: rtn.quantize(layer.matrix(inits[layer.weight]), None, Grid(8, True, block_size=4))
+               for layer in layers}
+    qmodel = build_quantized_model(model, layers, results, {})
+    assert default_act_layers(qmodel, layers) == []
+    feeds = [random_feed(model, (16, 12), seed) for seed in range(2)]
+    quantized = quantize_activations(model, qmodel, layers, iter(feeds), act_layers=[layer.name for layer in layers])
+    assert not any(t.data_type == TensorProto.INT32 for t in quantized.graph.initializer)
+    assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+    feed = random_feed(model, (16, 12), seed=7)
+    assert cosine(run(model, feed), run(quantized, feed)) > 0.99

@@ -115,3 +115,15 @@ def test_already_quantized(tmp_path, cnn_path, cnn_calib):
     assert run(cnn_path, "--calib", cnn_calib, "-o", first, "--method", "rtn").returncode == 0
     out = tmp_path / "qq.onnx"
     assert_clean_failure(run(first, "--calib", cnn_calib, "-o", out), out, "already quantized")
+
+
+def test_w8a8_runs_integer_kernels(tmp_path, cnn_path, cnn_calib):
+    from onnxq.kernels import kernel_report
+
+    out = tmp_path / "w8a8.onnx"
+    result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--bits", "8", "--act-bits", "8", "--method", "rtn",
+                 "--kernel-report")
+    assert result.returncode == 0, result.stderr
+    assert "latency at batch 32" in result.stdout
+    kernels = {row["layer"]: row["runs"] for row in kernel_report(out)}
+    assert set(kernels.values()) == {"integer"}, kernels
