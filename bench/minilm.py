@@ -7,7 +7,8 @@ and shuffled with a fixed seed: 1000 for evaluation, the rest (disjoint) for cal
 
 For every method at W8, W4 (per channel and block 32) and W3 (per channel and block 32): mean cosine
 similarity of float vs quantized embeddings, 10-nearest-neighbour overlap among the 1000 evaluation
-sentences, and file size; then batch-1 latency of float vs the COMQ W4 block-32 MatMulNBits model.
+sentences, and file size; then batch-1 latency of float vs the COMQ W4 block-32 MatMulNBits model, and of
+single MatMul layers (one row and 20 rows) to show where MatMulNBits pays off.
 Accuracy is measured with onnxruntime computing in float from the dequantized weights ("exact"), and also
 with its default session settings, where 4-bit DequantizeLinear + MatMul is fused into MatMulNBits with
 int8 activations ("ORT default"). Writes bench/results/minilm.json and minilm.md.
@@ -39,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = RESULTS / "cache" / "minilm"
 EVAL_SIZE, BATCH, MAX_TOKENS, NEIGHBOURS = 1000, 32, 128, 10
+MATMUL_SHAPES = [(1, 384, 1536), (20, 384, 1536), (1, 4096, 4096)]  # (rows, K, N): MiniLM's FFN, a big GEMV
 CONFIGS = [("W8", 8, None), ("W4", 4, None), ("W4 b32", 4, 32), ("W3", 3, None), ("W3 b32", 3, 32)]
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -157,21 +159,62 @@ def with_accuracy_level(path: Path, level: int, out: Path) -> Path:
     return out
 
 
-def latency_ms(paths: dict[str, Path], texts: list[str], threads: int, rounds: int) -> dict[str, float]:
-    """Median batch-1 latency per model, models interleaved sentence by sentence so drift hits all alike."""
-    sessions = {name: session(path, exact=False, threads=threads) for name, path in paths.items()}
-    singles = feeds(texts, 1)
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    for feed in singles[:5]:
+def interleaved_ms(sessions: dict[str, ort.InferenceSession], inputs: list[dict], rounds: int) -> dict[str, float]:
+    """Median milliseconds per run, the sessions interleaved input by input so machine drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for feed in inputs[:5]:
         for run in sessions.values():
             run.run(None, feed)
     for _ in range(rounds):
-        for feed in singles:
+        for feed in inputs:
             for name, run in sessions.items():
                 start = time.perf_counter()
                 run.run(None, feed)
                 times[name].append(1000 * (time.perf_counter() - start))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def latency_ms(paths: dict[str, Path], texts: list[str], threads: int, rounds: int) -> dict[str, float]:
+    """Median batch-1 latency of each model over the given sentences."""
+    sessions = {name: session(path, exact=False, threads=threads) for name, path in paths.items()}
+    return interleaved_ms(sessions, feeds(texts, 1), rounds)
+
+
+def matmul_variants(k: int, n: int) -> dict[str, onnx.ModelProto]:
+    """One float MatMul [k, n] and its RTN W4 block-32 exports: MatMulNBits (level 0 and 4) and DQ."""
+    from onnxq.export import build_quantized_model
+    from onnxq.layers import find_layers
+    from onnxq.passes import Grid, rtn
+
+    W = np.random.default_rng(0).normal(size=(k, n)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "mm",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["rows", k])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["rows", n])],
+        [onnx.numpy_helper.from_array(W, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    layers, _ = find_layers(model)
+    results = {"mm": rtn.quantize(W.T, None, Grid(4, block_size=32))}
+    nbits = build_quantized_model(model, layers, results, {}, matmul_nbits=True)
+    level4 = onnx.ModelProto()
+    level4.CopyFrom(nbits)
+    level4.graph.node[0].attribute.append(onnx.helper.make_attribute("accuracy_level", 4))
+    return {"FP32": model, "MatMulNBits": nbits, "MatMulNBits, accuracy_level 4": level4,
+            "DequantizeLinear (ORT fuses)": build_quantized_model(model, layers, results, {})}
+
+
+def matmul_latency(threads: int, runs: int) -> list[dict]:
+    """Median ms of one MatMul layer per export, at one row (GEMV) and at 20 rows."""
+    rows_out = []
+    for rows, k, n in MATMUL_SHAPES:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        sessions = {name: ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                    for name, m in matmul_variants(k, n).items()}
+        x = {"x": np.random.default_rng(1).normal(size=(rows, k)).astype(np.float32)}
+        rows_out.append({"rows": rows, "K": k, "N": n, "ms": interleaved_ms(sessions, [x] * runs, 1)})
+    return rows_out
 
 
 def markdown(report: dict) -> str:
@@ -191,6 +234,12 @@ def markdown(report: dict) -> str:
               f"{lat['threads']} thread(s), {lat['cpu']}:", "", "| model | ms | vs FP32 |", "|---|---|---|"]
     for name, ms in lat["ms"].items():
         lines.append(f"| {name} | {ms:.2f} | {lat['ms']['FP32'] / ms:.2f}x |")
+    names = list(lat["matmul"][0]["ms"])
+    lines += ["", f"One MatMul layer (RTN W4 block 32), median ms, {lat['threads']} thread(s):", "",
+              "| rows x K x N | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for row in lat["matmul"]:
+        cells = [f"{row['ms'][n]:.4f} ({row['ms']['FP32'] / row['ms'][n]:.2f}x)" for n in names]
+        lines.append(f"| {row['rows']} x {row['K']} x {row['N']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -238,10 +287,11 @@ def main(methods: str, threads: int, latency_sentences: int, rounds: int) -> Non
               "MatMulNBits, accuracy_level 4": with_accuracy_level(nbits, 4, CACHE / "nbits_acc4.onnx"),
               "DequantizeLinear W4 b32 (ORT fuses)": CACHE / "comq_W4_b32.onnx"}
     ms = latency_ms(models, evaluation[:latency_sentences], threads, rounds)
+    matmul = matmul_latency(threads, runs=300)
     report = {"eval_sentences": len(evaluation), "calib_sentences": len(calibration), "rows": rows,
               "nbits_model": {**nbits_row, "file_mb": nbits.stat().st_size / 1e6},
-              "latency": {"ms": ms, "threads": threads, "rounds": rounds, "sentences": latency_sentences,
-                          "cpu": cpu_name(), "onnxruntime": ort.__version__}}
+              "latency": {"ms": ms, "matmul": matmul, "threads": threads, "rounds": rounds,
+                          "sentences": latency_sentences, "cpu": cpu_name(), "onnxruntime": ort.__version__}}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "minilm.json").write_text(json.dumps(report, indent=1) + "\n")
     (RESULTS / "minilm.md").write_text(markdown(report))
