@@ -8,7 +8,7 @@ activations (onnxruntime's advice for x86 with VNNI) and with its defaults (int8
 median latency at batch 1 and 32 (single runs alternate between variants, so machine load hits them alike)
 and which kernel runs each layer. Writes bench/results/w8a8.json and bench/results/w8a8.md.
 
-    python bench/w8a8.py [--models squeezenet1.1,...] [--repeats 30] [--keep DIR [--latency-only]]
+    python bench/w8a8.py [--models squeezenet1.1,...] [--repeats 30] [--keep DIR [--latency-only [--threads 1]]]
 """
 
 from __future__ import annotations
@@ -126,9 +126,9 @@ def ort_models(name: str, folder: Path, feeds: list[dict]) -> dict[str, tuple[Pa
     return out
 
 
-def timed(paths: dict[str, Path], batches: tuple[int, ...], repeats: int) -> dict[str, dict]:
+def timed(paths: dict[str, Path], batches: tuple[int, ...], repeats: int, threads: int) -> dict[str, dict]:
     """Median latency (ms) per variant and batch; single runs alternate between variants (fair under load)."""
-    per_batch = {b: compare_latency(paths, b, repeats) for b in batches}
+    per_batch = {b: compare_latency(paths, b, repeats, threads=threads or None) for b in batches}
     return {label: {f"b{b}": round(per_batch[b][label], 2) for b in batches} for label in paths}
 
 
@@ -160,31 +160,45 @@ def run_model(name: str, repeats: int, keep: Path | None) -> list[dict]:
         return rows
 
 
-def add_latency(rows: list[dict], paths: dict[str, Path], repeats: int) -> None:
-    """Time the chosen variants of one model and store the medians in their rows."""
+def add_latency(rows: list[dict], paths: dict[str, Path], repeats: int, threads: int = 0) -> None:
+    """Time the chosen variants of one model and store the medians in their rows (per thread count)."""
     labels = timed_variants(rows)
-    times = timed({label: paths[label] for label in labels}, (1, 32), repeats)
+    times = timed({label: paths[label] for label in labels}, (1, 32), repeats, threads)
     for row in rows:
-        row["latency_ms"] = times.get(row["variant"])
+        row[latency_key(threads)] = times.get(row["variant"])
+
+
+def latency_key(threads: int) -> str:
+    return "latency_ms" if not threads else f"latency_ms_{threads}thread"
 
 
 def markdown(rows: list[dict]) -> str:
-    """One table per model, speed-ups against its FP32 row."""
+    """One table per model, speed-ups against its FP32 row (every core; one thread too when measured)."""
     lines = []
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
         fp32 = mine[0]
+        single = latency_key(1) in fp32
+        extra = " ms b32 1 thread | speed-up 1 thread |" if single else ""
         lines += [f"\n**{name}** (FP32 top-1 {fp32['top1']:.2f} %)\n",
-                  "| variant | top-1 | Δ vs FP32 | size | ms b1 | ms b32 | speed-up b32 | integer layers | kernels |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | top-1 | Δ vs FP32 | size | ms b1 | ms b32 | speed-up b32 |" + extra
+                  + " integer layers | kernels |", "|---" * (9 + 2 * single) + "|"]
         for r in mine:
-            lat = r.get("latency_ms") or {}
-            speed = f"{fp32['latency_ms']['b32'] / lat['b32']:.2f}x" if lat else ""
+            cells = _latency_cells(r, fp32, latency_key(0)) + (_latency_cells(r, fp32, latency_key(1))[1:]
+                                                                if single else [])
             kernels = ", ".join(f"{k} {v}" for k, v in r["kernels"].items())
             lines.append(f"| {r['variant']} | {r['top1']:.2f} | {r['top1'] - fp32['top1']:+.2f} | "
-                         f"{r['size_bytes'] / 1e6:.2f} MB | {lat.get('b1', '')} | {lat.get('b32', '')} | {speed} | "
-                         f"{r['integer_layers']} | {kernels} |")
+                         f"{r['size_bytes'] / 1e6:.2f} MB | " + " | ".join(cells) + f" | {r['integer_layers']} | "
+                         f"{kernels} |")
     return "\n".join(lines) + "\n"
+
+
+def _latency_cells(row: dict, fp32: dict, key: str) -> list[str]:
+    """ms at batch 1 and 32 and the batch-32 speed-up over FP32, blank when not timed."""
+    lat = row.get(key)
+    if not lat:
+        return ["", "", ""]
+    return [f"{lat['b1']:.1f}", f"{lat['b32']:.1f}", f"{fp32[key]['b32'] / lat['b32']:.2f}x"]
 
 
 @click.command()
@@ -193,8 +207,9 @@ def markdown(rows: list[dict]) -> str:
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="Keep the quantized models in this folder (for --latency-only).")
 @click.option("--latency-only", is_flag=True, help="Re-time the models kept by --keep; top-1 rows are reused.")
+@click.option("--threads", default=0, help="Intra-op threads for timing (0: every core, the reported figure).")
 @click.option("--tag", default="w8a8", help="Name of the result files.")
-def main(models: str, repeats: int, keep: Path | None, latency_only: bool, tag: str) -> None:
+def main(models: str, repeats: int, keep: Path | None, latency_only: bool, threads: int, tag: str) -> None:
     require_shared()
     assert CALIB.is_dir()
     if latency_only:
@@ -203,7 +218,7 @@ def main(models: str, repeats: int, keep: Path | None, latency_only: bool, tag: 
             mine = [r for r in rows if r["model"] == name]
             paths = {r["variant"]: model_path(name) if r["variant"] == "FP32" else keep / name / r["file"]
                      for r in mine}
-            add_latency(mine, paths, repeats)
+            add_latency(mine, paths, repeats, threads)
     else:
         rows = []
         for name in models.split(","):

@@ -60,13 +60,14 @@ def kernel_report(path: str | Path, level: str = "extended") -> list[dict]:
 
 
 def _layers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
-    """Conv/Gemm/MatMul nodes whose weight is an initializer, directly or through a DequantizeLinear."""
+    """Conv/Gemm/MatMul nodes (and exported MatMulNBits) whose weight is an initializer, directly or through a
+    DequantizeLinear."""
     inits = {t.name for t in model.graph.initializer}
     dq_source = {n.output[0]: n.input[0] for n in model.graph.node
                  if n.op_type == "DequantizeLinear" and n.input[0] in inits}
     found = []
     for node in model.graph.node:
-        if node.op_type in QUANTIZABLE_OPS and len(node.input) > 1:
+        if node.op_type in (*QUANTIZABLE_OPS, *LOW_BIT_KERNELS) and len(node.input) > 1:
             weight = dq_source.get(node.input[1], node.input[1])
             if weight in inits:
                 found.append((node, weight))

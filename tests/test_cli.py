@@ -64,7 +64,7 @@ def test_help_explains_flags():
         assert flag in result.stdout
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "not_onnx_dir"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "not_onnx_dir", "checker"])
 def test_bad_model(tmp_path, cnn_calib, case):
     model = tmp_path / "m.onnx"
     if case == "corrupt":
@@ -74,6 +74,10 @@ def test_bad_model(tmp_path, cnn_calib, case):
         model.write_bytes(data[: len(data) // 2])
     elif case == "not_onnx_dir":
         model.mkdir()
+    elif case == "checker":  # a node reads a tensor that nothing defines
+        broken = tiny.cnn_model()
+        broken.graph.node[2].input[0] = "undefined_tensor"
+        model.write_bytes(broken.SerializeToString())
     out = tmp_path / "out.onnx"
     result = run(model, "--calib", cnn_calib, "-o", out)
     assert_clean_failure(result, out, "model" if case != "not_onnx_dir" else "folder")
