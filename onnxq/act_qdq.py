@@ -19,11 +19,14 @@ Placement follows ``onnxruntime.quantization.quantize_static(quant_format=QDQ)``
 and every Conv output get ``<t>_QuantizeLinear`` -> ``<t>_DequantizeLinear``; a Relu, or a Clip whose bounds
 contain 0, that alone consumes a quantized output is removed and its range moves to the Q node (onnxruntime
 does the same); MaxPool/Flatten/Reshape/Transpose/Squeeze/Unsqueeze reuse their input's scale, so
-onnxruntime runs them on uint8; Add/Mul/Concat/GlobalAveragePool/AveragePool whose inputs are all quantized
-get their own output range (QLinearAdd, QLinearConcat, ...). A Gemm or MatMul output is quantized only when
-something quantized consumes it (onnxruntime's QGemm and MatMulIntegerToFloat can return float), so logits
-stay float. Tensors that reach a graph output are calibrated by min/max: clipping the top logit would change
-the prediction. Biases become int32 with scale ``s_in * s_w`` (per channel) and zero point 0.
+onnxruntime runs them on uint8; Add/Mul/GlobalAveragePool/AveragePool whose inputs are all quantized get
+their own output range (QLinearAdd, QLinearGlobalAveragePool, ...); a Concat of quantized inputs shares one
+scale with them (the union of their ranges), so QLinearConcat only copies bytes (onnxruntime's quantize_static
+requantizes every input). A Gemm or MatMul output is quantized only when something quantized consumes it
+(onnxruntime's QGemm and MatMulIntegerToFloat can return float), so logits stay float. Tensors that reach a
+graph output unchanged or only averaged (SqueezeNet's last Conv before its global pooling) are calibrated by
+min/max: clipping the top logit, or its evidence, changes the prediction. Biases become int32 with scale
+``s_in * s_w`` (per channel) and zero point 0.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ log = logging.getLogger("onnxq")
 SAME_SCALE_OPS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
 QLINEAR_OPS = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool")
 FOLDABLE_OPS = ("Relu", "Clip")
+POOLING_OPS = ("GlobalAveragePool", "AveragePool")  # order-preserving: the top values before them matter
 QMIN, QMAX = 0, 255  # uint8 activations (u8s8 on x86, what onnxruntime's CPU kernels prefer)
 INT32_MAX = 2**31 - 1
 BIAS_LIMIT = 2**30  # largest int32 bias code we write: headroom for the accumulator it starts
@@ -53,16 +57,56 @@ BIAS_LIMIT = 2**30  # largest int32 bias code we write: headroom for the accumul
 
 @dataclass
 class QdqPlan:
-    """Which activation tensors get a Q/DQ pair and whose scale each one reuses."""
+    """Which activation tensors get a Q/DQ pair, and which of them share one scale and zero point."""
 
-    source: dict[str, str] = field(default_factory=dict)  # quantized tensor -> tensor owning its scale
+    source: dict[str, str] = field(default_factory=dict)  # quantized tensor -> tensor naming its group's scale
+    ranged: set[str] = field(default_factory=set)  # calibrated tensors; a group's range is their union
     folded: dict[str, str] = field(default_factory=dict)  # removed Relu/Clip node -> producer node
-    exact: set[str] = field(default_factory=set)  # calibrated tensors that reach a graph output
+    exact: set[str] = field(default_factory=set)  # ranged tensors whose group reaches a graph output
 
     @property
     def calibrated(self) -> list[str]:
-        """The tensors that need their own calibrated range."""
-        return sorted(set(self.source.values()))
+        """The tensors that need a calibrated range."""
+        return sorted(self.ranged)
+
+    def group_ranges(self, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        """Each group's range: the union of its calibrated members' ranges."""
+        union: dict[str, tuple[float, float]] = {}
+        for tensor in self.calibrated:
+            owner, (low, high) = self.source[tensor], ranges[tensor]
+            old_low, old_high = union.get(owner, (low, high))
+            union[owner] = (min(low, old_low), max(high, old_high))
+        return union
+
+
+class _Groups:
+    """Union-find over tensor names; a group is named after its most upstream member (as onnxruntime does)."""
+
+    def __init__(self, position: dict[str, int], bounds: dict[str, tuple[float, float]]) -> None:
+        self.parent: dict[str, str] = {}
+        self.position = position
+        self.bounds = dict(bounds)  # group -> the Relu/Clip bounds its Q node must keep (folded activations)
+
+    def __contains__(self, tensor: str) -> bool:
+        return tensor in self.parent
+
+    def add(self, tensor: str) -> None:
+        self.parent.setdefault(tensor, tensor)
+
+    def find(self, tensor: str) -> str:
+        while self.parent[tensor] != tensor:
+            self.parent[tensor] = self.parent[self.parent[tensor]]
+            tensor = self.parent[tensor]
+        return tensor
+
+    def bound(self, tensor: str) -> tuple[float, float] | None:
+        return self.bounds.get(self.find(tensor))
+
+    def join(self, a: str, b: str) -> None:
+        first, second = sorted((self.find(a), self.find(b)), key=lambda t: self.position.get(t, -1))
+        if first != second:
+            self.bounds[first] = self.bounds.get(first) or self.bounds.get(second)
+            self.parent[second] = first
 
 
 class _Graph:
@@ -97,55 +141,91 @@ def plan_qdq(model: onnx.ModelProto, layers: list[Layer], act_layers: Collection
     acts = [graph.by_name[layer.name] for layer in layers
             if layer.name in act_layers and graph.is_activation(layer.activation)]
     folds = _foldable(graph, {n.name for n in acts} | {n.name for n in graph.nodes if n.op_type in QLINEAR_OPS})
-    output_of = {n.name: folds[n.name].output[0] if n.name in folds else n.output[0] for n in graph.nodes}
-    plan = QdqPlan()
-    tentative = set()
+    output_of = {n.name: folds[n.name][0].output[0] if n.name in folds else n.output[0] for n in graph.nodes}
+    position = {t: index for index, node in enumerate(graph.nodes) for t in node.output}
+    bounds = {output_of[name]: fold_bounds for name, (_, fold_bounds) in folds.items()}
+    groups, plan, tentative = _Groups(position, bounds), QdqPlan(), set()
     for node in acts:
-        plan.source[node.input[0]] = node.input[0]
-        plan.source[output_of[node.name]] = output_of[node.name]
+        for tensor in (node.input[0], output_of[node.name]):
+            groups.add(tensor)
+            plan.ranged.add(tensor)
         if node.op_type != "Conv":
             tentative.add(output_of[node.name])
-    _propagate(graph, plan, output_of)
+    _propagate(graph, groups, plan.ranged, output_of)
+    plan.source = {tensor: groups.find(tensor) for tensor in groups.parent}
     _drop_unneeded(graph, plan, tentative, {n.name for n in acts}, output_of)
-    plan.folded = {folds[name].name: name for name in folds if output_of[name] in plan.source}
-    plan.exact = {plan.source[t] for t in plan.source if _reaches_output(graph, t, plan)}
+    plan.folded = {folds[name][0].name: name for name in folds if output_of[name] in plan.source}
+    at_output = _groups_reaching_outputs(graph, plan, output_of)
+    plan.exact = {t for t in plan.ranged if plan.source[t] in at_output}
     return plan
 
 
-def _foldable(graph: _Graph, producers: set[str]) -> dict[str, onnx.NodeProto]:
-    """Producer node -> the Relu/Clip that alone consumes its output and that a uint8 Q can replace."""
+def _groups_reaching_outputs(graph: _Graph, plan: QdqPlan, output_of: dict[str, str]) -> set[str]:
+    """Groups whose values reach a graph output unchanged or only averaged (the logits and their evidence)."""
+    reach = {plan.source[t] for t in plan.source if t in graph.outputs}
+    pools = [n for n in graph.nodes if n.op_type in POOLING_OPS and n.input[0] in plan.source
+             and output_of[n.name] in plan.source]
+    grown = True
+    while grown:
+        before = len(reach)
+        reach |= {plan.source[n.input[0]] for n in pools if plan.source[output_of[n.name]] in reach}
+        grown = len(reach) > before
+    return reach
+
+
+def _foldable(graph: _Graph, producers: set[str]) -> dict[str, tuple[onnx.NodeProto, tuple[float, float]]]:
+    """Producer node -> the Relu/Clip that alone consumes its output and that a uint8 Q can replace, with its
+    bounds (the Q node's range must stay inside them, which the calibrated range of its output does)."""
     folds = {}
     for name in producers:
         out = graph.by_name[name].output[0]
         users = graph.consumers.get(out, [])
         if out in graph.outputs or len(users) != 1 or users[0].op_type not in FOLDABLE_OPS:
             continue
-        if users[0].op_type == "Relu" or _clip_contains_zero(graph, users[0]):
-            folds[name] = users[0]
+        bounds = _activation_bounds(graph, users[0])
+        if bounds is not None and bounds[0] <= 0 <= bounds[1]:
+            folds[name] = (users[0], bounds)
     return folds
 
 
-def _clip_contains_zero(graph: _Graph, node: onnx.NodeProto) -> bool:
-    """A Clip folds into Q when its bounds are constants around 0: the calibrated range then lies inside them."""
+def _activation_bounds(graph: _Graph, node: onnx.NodeProto) -> tuple[float, float] | None:
+    """A Relu's or Clip's output bounds, or None when a Clip bound is not a known constant."""
+    if node.op_type == "Relu":
+        return (0.0, np.inf)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    bounds = [attrs.get("min", -np.inf), attrs.get("max", np.inf)]
+    bounds = [float(attrs.get("min", -np.inf)), float(attrs.get("max", np.inf))]
     for index, tensor in enumerate(node.input[1:3]):
         if tensor:
             if tensor not in graph.values:
-                return False
+                return None
             bounds[index] = float(graph.values[tensor])
-    return bounds[0] <= 0 <= bounds[1]
+    return bounds[0], bounds[1]
 
 
-def _propagate(graph: _Graph, plan: QdqPlan, output_of: dict[str, str]) -> None:
-    """Extend quantization through pass-through ops (shared scale) and ops with integer versions (own range)."""
+def _propagate(graph: _Graph, groups: _Groups, ranged: set[str], output_of: dict[str, str]) -> None:
+    """Extend quantization through pass-through ops and Concat (one shared scale: onnxruntime then copies
+    bytes) and through ops with integer versions (their own range)."""
     for node in graph.nodes:
-        if node.op_type in SAME_SCALE_OPS and node.input[0] in plan.source:
-            plan.source[node.output[0]] = plan.source[node.input[0]]
-        elif node.op_type in QLINEAR_OPS:
-            inputs = [t for t in node.input if t]
-            if inputs and all(graph.is_activation(t) and t in plan.source for t in inputs):
-                plan.source[output_of[node.name]] = output_of[node.name]
+        if node.op_type in SAME_SCALE_OPS and node.input[0] in groups:
+            _join_all(groups, ranged, [node.input[0]], node.output[0])
+            continue
+        inputs = [t for t in node.input if t]
+        if node.op_type not in QLINEAR_OPS or not inputs or not all(
+                graph.is_activation(t) and t in groups for t in inputs):
+            continue
+        if node.op_type == "Concat" and len({groups.bound(t) for t in inputs}) == 1:
+            _join_all(groups, ranged, inputs, output_of[node.name])  # equal bounds: every folded Relu/Clip holds
+        else:
+            groups.add(output_of[node.name])
+            ranged.add(output_of[node.name])
+
+
+def _join_all(groups: _Groups, ranged: set[str], inputs: list[str], output: str) -> None:
+    """Put ``output`` in one group with ``inputs``; its range is then theirs (values pass through unchanged)."""
+    groups.add(output)
+    ranged.discard(output)
+    for tensor in inputs:
+        groups.join(tensor, output)
 
 
 def _drop_unneeded(graph: _Graph, plan: QdqPlan, tentative: set[str], acts: set[str],
@@ -154,22 +234,17 @@ def _drop_unneeded(graph: _Graph, plan: QdqPlan, tentative: set[str], acts: set[
     needed: set[str] = set()
     for node in reversed(graph.nodes):
         for tensor in node.input:
-            if tensor not in plan.source:
-                continue
-            if ((node.name in acts and tensor == node.input[0])
+            if tensor in plan.source and (
+                    (node.name in acts and tensor == node.input[0])
                     or (node.op_type in QLINEAR_OPS and output_of[node.name] in plan.source)
                     or (node.op_type in SAME_SCALE_OPS and node.output[0] in needed)):
                 needed.add(tensor)
     for tensor in tentative - needed:
-        for other in [t for t, s in plan.source.items() if s == tensor]:
-            del plan.source[other]
-
-
-def _reaches_output(graph: _Graph, tensor: str, plan: QdqPlan) -> bool:
-    """True when the tensor, or a tensor sharing its scale downstream, is a graph output."""
-    return tensor in graph.outputs or any(
-        n.op_type in SAME_SCALE_OPS and n.output[0] in plan.source and _reaches_output(graph, n.output[0], plan)
-        for n in graph.consumers.get(tensor, []))
+        group = [t for t, owner in plan.source.items() if owner == plan.source[tensor]]
+        if not needed.intersection(group) and plan.ranged.intersection(group) <= tentative:
+            for member in group:
+                del plan.source[member]
+                plan.ranged.discard(member)
 
 
 def quant_params(low: float, high: float) -> tuple[np.float32, np.uint8]:
@@ -191,7 +266,7 @@ def insert_activation_qdq(qmodel: onnx.ModelProto, layers: list[Layer], ranges: 
     out = onnx.ModelProto()
     out.CopyFrom(qmodel)
     _fold_activations(out, plan)
-    params = {t: quant_params(*ranges[t]) for t in plan.calibrated}
+    params = {owner: quant_params(*bounds) for owner, bounds in plan.group_ranges(ranges).items()}
     out.graph.initializer.extend(_param_initializers(params))
     bias_nodes = _quantize_biases(out, layers, act_layers, plan, params)
     _insert_pairs(out, plan, bias_nodes)

@@ -30,14 +30,15 @@ LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
-def optimized_graph(path: str | Path, level: str = "extended") -> onnx.ModelProto:
+def optimized_graph(model: str | Path | onnx.ModelProto, level: str = "extended") -> onnx.ModelProto:
     """The graph onnxruntime actually runs on CPU after its optimisations at ``level``."""
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     with tempfile.TemporaryDirectory(prefix="onnxq-") as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = LEVELS[level]
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         options.log_severity_level = 3
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         return onnx.load(options.optimized_model_filepath)
 
 

@@ -13,7 +13,7 @@ from onnxq.act_qdq import default_act_layers, plan_qdq, quant_params, quantize_a
 from onnxq.activations import RunningHistogram, activation_ranges, choose_range, mse_range, range_mse
 from onnxq.errors import OnnxqError
 from onnxq.export import build_quantized_model
-from onnxq.kernels import kernel_report, kernel_summary, latency
+from onnxq.kernels import kernel_report, kernel_summary, latency, optimized_graph
 from onnxq.layers import find_layers
 from onnxq.passes import Grid, rtn
 from onnxq.prepare import prepare
@@ -118,8 +118,8 @@ def test_activation_ranges_through_a_model():
 # --- W8A8 models --------------------------------------------------------------------------------------------
 
 
-def branchy_model(seed: int = 0) -> onnx.ModelProto:
-    """Conv->Relu->MaxPool->two Conv branches (Relu, Clip 0..6)->Concat->Conv->Add(skip)->Relu->GAP->Flatten->Gemm."""
+def branchy_model(seed: int = 0, branch_b: str = "Clip") -> onnx.ModelProto:
+    """Conv-Relu-MaxPool, Conv branches (Relu; Clip 0..6 or Relu), Concat, Conv, Add(skip), Relu, GAP, Flatten, Gemm."""
     rng = np.random.default_rng(seed)
 
     def init(name, *shape, scale=0.3):
@@ -137,7 +137,8 @@ def branchy_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Conv", ["p1", "wa", "ba"], ["ca"], name="conv_a"),
         helper.make_node("Relu", ["ca"], ["ra"], name="relu_a"),
         helper.make_node("Conv", ["p1", "wb", "bb"], ["cb"], name="conv_b", pads=[1, 1, 1, 1]),
-        helper.make_node("Clip", ["cb", "lo", "hi"], ["rb"], name="relu6_b"),
+        helper.make_node("Clip", ["cb", "lo", "hi"], ["rb"], name="relu6_b") if branch_b == "Clip"
+        else helper.make_node(branch_b, ["cb"], ["rb"], name="act_b"),  # Relu, or Identity (negative values)
         helper.make_node("Concat", ["ra", "rb"], ["cat"], name="concat", axis=1),
         helper.make_node("Conv", ["cat", "w3", "b3"], ["c3"], name="conv3"),
         helper.make_node("Add", ["c3", "p1"], ["sum"], name="add"),
@@ -195,7 +196,9 @@ def run(model: onnx.ModelProto | str, feed: dict) -> np.ndarray:
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feed)[0]
 
 
-CASES = [(branchy_model, (8, 3, 16, 16)), (tiny.cnn_model, (8, 3, 16, 16)), (tiny.mlp_model, (16, 12)),
+CASES = [(branchy_model, (8, 3, 16, 16)), (lambda: branchy_model(branch_b="Relu"), (8, 3, 16, 16)),
+         (lambda: branchy_model(branch_b="Identity"), (8, 3, 16, 16)), (tiny.cnn_model, (8, 3, 16, 16)),
+         (tiny.mlp_model, (16, 12)),
          (squeezenet_head, (4, 4, 6, 6)), (tiny.two_input_model, (16, 6))]
 
 
@@ -223,9 +226,16 @@ def test_placement_follows_onnxruntime_conventions():
         assert dq.output[0] == f"{tensor}_DequantizeLinear_Output"
     assert nodes["p1_QuantizeLinear"].input[1] == "r1_scale"  # MaxPool keeps its input's scale
     assert nodes["flat_QuantizeLinear"].input[1] == "gap_scale"
+    # Concat of a Relu and a Clip(0, 6) branch: one shared range could exceed 6 and undo the folded Clip
+    assert [nodes[f"{t}_QuantizeLinear"].input[1] for t in ("ra", "rb", "cat")] == ["ra_scale", "rb_scale", "cat_scale"]
+    _, _, relus = w8a8(branchy_model(branch_b="Relu"), (8, 3, 16, 16))
+    nodes = {n.name: n for n in relus.graph.node}
+    assert {nodes[f"{t}_QuantizeLinear"].input[1] for t in ("ra", "rb", "cat")} == {"ra_scale"}  # one scale: a copy
     assert "logits_QuantizeLinear" not in nodes  # QGemm returns float logits
+    fused = [n.op_type for n in optimized_graph(quantized).graph.node]
+    assert {"QLinearConcat", "QLinearAdd", "QLinearGlobalAveragePool"} <= set(fused) and "Concat" not in fused
     inits = {t.name: t for t in quantized.graph.initializer}
-    assert {inits[f"{t}_zero_point"].data_type for t in ("x", "r1", "cat")} == {TensorProto.UINT8}
+    assert {inits[f"{t}_zero_point"].data_type for t in ("x", "r1", "ra")} == {TensorProto.UINT8}
     assert numpy_helper.to_array(inits["r1_zero_point"]) == 0  # a ReLU range starts at 0
     assert "lo" not in inits and "hi" not in inits
 
@@ -259,9 +269,15 @@ def test_plan_calibrates_logits_by_minmax_and_default_layers_are_int8():
     layers, _ = find_layers(model)
     plan = plan_qdq(model, layers, [layer.name for layer in layers])
     assert set(plan.folded) == {"relu1", "relu_a", "relu6_b", "relu_sum"} and not plan.exact
+    assert plan.source["cat"] == "cat" and "cat" in plan.ranged  # Relu and Clip branches: no shared scale
+    relus = prepare(branchy_model(branch_b="Relu"))
+    plan = plan_qdq(relus, find_layers(relus)[0], [layer.name for layer in layers])
+    assert plan.source["cat"] == plan.source["rb"] == "ra" and "cat" not in plan.ranged  # Concat shares a scale
+    assert plan.group_ranges({t: (-1.0, i + 1.0) for i, t in enumerate(plan.calibrated)})["ra"] == (
+        -1.0, 1.0 + max(plan.calibrated.index("ra"), plan.calibrated.index("rb")))
     head = prepare(squeezenet_head())
     head_plan = plan_qdq(head, find_layers(head)[0], ["conv"])
-    assert head_plan.exact == {"gap"} and head_plan.source["logits"] == "gap"  # logits: min/max, never clipped
+    assert head_plan.exact == {"gap", "r"} and head_plan.source["logits"] == "gap"  # logits and their evidence
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     results = {layer.name: rtn.quantize(layer.matrix(inits[layer.weight]), None, Grid(8 if i else 4, True))
                for i, layer in enumerate(layers)}
@@ -320,3 +336,14 @@ def test_block_wise_weights_keep_a_float_bias_and_are_not_default_act_layers():
     assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
     feed = random_feed(model, (16, 12), seed=7)
     assert cosine(run(model, feed), run(quantized, feed)) > 0.99
+
+
+def test_concat_never_widens_a_folded_relu_range():
+    """Sharing one scale with a signed branch would give the ReLU branch a zero point > 0: no more clamp at 0."""
+    model, layers, quantized = w8a8(branchy_model(branch_b="Identity"), (8, 3, 16, 16))
+    plan = plan_qdq(model, layers, [layer.name for layer in layers])
+    assert plan.source["cat"] == "cat" and plan.source["ra"] == "ra" and "relu_a" in plan.folded
+    zero_points = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer if "zero_point" in t.name}
+    assert zero_points["ra_zero_point"] == 0 and zero_points["cb_zero_point"] > 0  # Identity removed: cb feeds Concat
+    feed = random_feed(model, (8, 3, 16, 16), seed=11)
+    assert cosine(run(model, feed), run(quantized, feed)) > 0.999
