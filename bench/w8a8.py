@@ -113,6 +113,7 @@ def ort_models(name: str, folder: Path, feeds: list[dict]) -> dict[str, tuple[Pa
     """onnxruntime quantize_static after quant_pre_process: uint8 activations, then its int8 defaults."""
     pre = folder / "ort_pre.onnx"
     cache = folder / "ort_calibration.json"
+    cache.unlink(missing_ok=True)  # calibrate once per run (a kept folder may hold the last run's ranges)
     out = {}
     for label, act_type in (("ORT quantize_static u8s8", QuantType.QUInt8), ("ORT quantize_static s8s8 (defaults)",
                                                                            QuantType.QInt8)):
