@@ -44,11 +44,12 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 def gram_matrices(stats: Path) -> dict[str, np.ndarray]:
-    """Each layer's normalised Gram matrix from a --stats file, for the Gram-weighted error column."""
+    """Each layer's centred Gram matrix from a --stats file, for the Gram-weighted error column (every SqueezeNet
+    layer has a bias, so the run rounds against the centred matrix and corrects the bias)."""
     model = prepare(load_model(MODEL))
     layers, _ = find_layers(model)
     loaded = load_stats(stats, weights_fingerprint(model, [layer.weight for layer in layers])) or {}
-    return {name: s.normalised_gram for name, s in loaded.items()}
+    return {name: s.centred_gram for name, s in loaded.items()}
 
 
 def scorer(shared: bool) -> Callable[[Path], dict]:

@@ -30,17 +30,24 @@ UNFOLD_CHUNK_ELEMENTS = 1 << 23  # unfolded values processed at once: bounds the
 # Each block's X^T X is a float32 GEMM (2.5x faster than float64 here) over at most this many rows, so its
 # rounding error stays near 1e-6 relative; the blocks are summed into H in float64.
 GRAM_BLOCK_ROWS = 8192
+STATS_FORMAT = 2  # 2: row sums stored next to the Gram matrices (older files are recalibrated)
 
 
 @dataclass
 class LayerStats:
-    """What a rounding pass needs from calibration: the Gram matrix (G x d x d) and input ranges."""
+    """What a rounding pass needs from calibration: the Gram matrix (G x d x d), the row sums (G x d) and
+    input ranges. The row sums give the mean input, for bias correction and the centred Gram matrix."""
 
     gram: np.ndarray
     rows: int
     act_min: float
     act_max: float
     samples: int = 0
+    row_sum: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.row_sum is None:
+            self.row_sum = np.zeros(self.gram.shape[:2])
 
     def merge(self, x: np.ndarray, layer: Layer, mask: np.ndarray | None = None) -> None:
         """Add one batch of the layer's raw input (only its real tokens, given the batch's attention mask)."""
@@ -58,6 +65,7 @@ class LayerStats:
             for start in range(0, rows.shape[1], GRAM_BLOCK_ROWS):
                 block = rows[:, start:start + GRAM_BLOCK_ROWS]
                 self.gram += np.matmul(block.transpose(0, 2, 1), block)
+                self.row_sum += block.sum(axis=1, dtype=np.float64)
             self.rows += rows.shape[1]
 
     def _merge_pointwise(self, x: np.ndarray) -> None:
@@ -67,12 +75,24 @@ class LayerStats:
             for start in range(0, sample.shape[1], GRAM_BLOCK_ROWS):
                 block = sample[:, start:start + GRAM_BLOCK_ROWS]
                 self.gram[0] += block @ block.T
+                self.row_sum[0] += block.sum(axis=1, dtype=np.float64)
         self.rows += pixels.shape[0] * pixels.shape[2]
 
     @property
     def normalised_gram(self) -> np.ndarray:
         """``H / rows``: the same minimiser, with magnitudes independent of the calibration size."""
         return self.gram / max(self.rows, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """The mean input row (G x d): what a constant bias shift sees."""
+        return self.row_sum / max(self.rows, 1)
+
+    @property
+    def centred_gram(self) -> np.ndarray:
+        """``E[x x^T] - mean mean^T``: the error left once the bias absorbs the error's mean (bias correction)."""
+        mean = self.mean
+        return self.normalised_gram - mean[:, :, None] * mean[:, None, :]
 
 
 def is_pointwise(layer: Layer) -> bool:
@@ -147,9 +167,10 @@ def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Fee
 def save_stats(path: Path, stats: dict[str, LayerStats], fingerprint: str) -> None:
     """Write statistics atomically (temporary file, then rename) so an interrupted run leaves nothing."""
     arrays = {"header": np.frombuffer(json.dumps(
-        {"fingerprint": fingerprint, "layers": list(stats)}).encode(), dtype=np.uint8)}
+        {"fingerprint": fingerprint, "format": STATS_FORMAT, "layers": list(stats)}).encode(), dtype=np.uint8)}
     for index, item in enumerate(stats.values()):
         arrays[f"gram_{index}"] = item.gram
+        arrays[f"rowsum_{index}"] = item.row_sum
         arrays[f"info_{index}"] = np.array([item.rows, item.act_min, item.act_max, item.samples])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -167,12 +188,13 @@ def load_stats(path: Path, fingerprint: str) -> dict[str, LayerStats] | None:
     try:
         with np.load(path) as data:
             header = json.loads(data["header"].tobytes().decode())
-            if header.get("fingerprint") != fingerprint:
+            if header.get("fingerprint") != fingerprint or header.get("format", 1) < STATS_FORMAT:
                 return None
             stats = {}
             for index, name in enumerate(header["layers"]):
                 rows, lo, hi, samples = data[f"info_{index}"]
-                stats[name] = LayerStats(data[f"gram_{index}"], int(rows), float(lo), float(hi), int(samples))
+                stats[name] = LayerStats(data[f"gram_{index}"], int(rows), float(lo), float(hi), int(samples),
+                                         data[f"rowsum_{index}"])
             return stats
     except (OSError, ValueError, KeyError) as err:
         raise OnnxqError(f"cannot read statistics file {path} ({err}); delete it to recalibrate") from err

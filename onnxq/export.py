@@ -23,10 +23,11 @@ import onnx
 from onnx import TensorProto, numpy_helper, version_converter
 
 from . import __version__
+from .bias import apply_bias_shifts
 from .errors import OnnxqError
 from .layers import Layer
 from .nbits import ensure_domain, nbits_node, supports_nbits
-from .passes import QuantWeight
+from .passes import Grid, QuantWeight
 
 CONTAINERS = {2: (ml_dtypes.int2, TensorProto.INT2, 25), 4: (ml_dtypes.int4, TensorProto.INT4, 21),
               8: (np.int8, TensorProto.INT8, 13)}
@@ -35,10 +36,20 @@ BLOCKED_OPSET = 21  # DequantizeLinear's block_size attribute
 PROTOBUF_LIMIT = 2**31 - 2**26
 
 
-def required_opset(results: dict[str, QuantWeight]) -> int:
+def container_bits(layer: Layer, bits: int) -> int:
+    """Bits per code in the file: the grid's container, except 2-bit [in, out] weights whose output count is
+    not a multiple of 4, which go in INT4. onnxruntime 1.32 fuses DequantizeLinear(INT2) + MatMul into a
+    2-bit MatMulNBits and computes those shapes wrongly (its per-column INT2 zero points are not whole bytes)."""
+    stored = Grid(bits).storage_bits
+    if stored == 2 and layer.transposed and layer.out_channels % 4:
+        return 4
+    return stored
+
+
+def required_opset(layers: list[Layer], results: dict[str, QuantWeight]) -> int:
     """The lowest default-domain opset whose DequantizeLinear accepts every container (and blocking) used."""
-    return max([13] + [max(CONTAINERS[q.grid.storage_bits][2], BLOCKED_OPSET if q.grid.block_size else 0)
-                       for q in results.values()])
+    return max([13] + [max(CONTAINERS[container_bits(layer, q.grid.bits)][2], BLOCKED_OPSET if q.grid.block_size
+                           else 0) for layer in layers if (q := results.get(layer.name)) is not None])
 
 
 def raise_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -65,7 +76,8 @@ def build_quantized_model(model: onnx.ModelProto, layers: list[Layer], results: 
     """A copy of ``model`` with every quantized layer's weight replaced by integer codes and a DQ node
     (or, with ``matmul_nbits``, 4-bit MatMul layers replaced by MatMulNBits nodes)."""
     nbits = nbits_layers(layers, results, matmul_nbits)
-    out = raise_opset(_copy(model), required_opset({k: v for k, v in results.items() if k not in nbits}))
+    out = raise_opset(_copy(model), required_opset([layer for layer in layers if layer.name not in nbits], results))
+    apply_bias_shifts(out, layers, results)
     inits = {t.name: t for t in out.graph.initializer}
     dq_nodes = []
     for layer in layers:
@@ -82,7 +94,7 @@ def build_quantized_model(model: onnx.ModelProto, layers: list[Layer], results: 
 
 def _quantize_weight(model: onnx.ModelProto, layer: Layer, qw: QuantWeight, inits: dict) -> onnx.NodeProto:
     """Swap one float initializer for codes, scale and zero point; return its DequantizeLinear node."""
-    numpy_type, _, _ = CONTAINERS[qw.grid.storage_bits]
+    numpy_type, _, _ = CONTAINERS[container_bits(layer, qw.grid.bits)]
     name = layer.weight
     codes = layer.tensor(qw.codes).astype(numpy_type)
     _remove_float_weight(model, name, inits)
@@ -145,7 +157,7 @@ def layer_metadata(layers: list[Layer], results: dict[str, QuantWeight]) -> str:
 
 def _layer_entry(layer: Layer, qw: QuantWeight) -> dict:
     """One layer's metadata: weight name, widths, symmetry and (blocked grids only) the block size."""
-    entry = {"weight": layer.weight, "bits": qw.grid.bits, "stored_bits": qw.grid.storage_bits,
+    entry = {"weight": layer.weight, "bits": qw.grid.bits, "stored_bits": container_bits(layer, qw.grid.bits),
              "symmetric": qw.grid.symmetric}
     return entry | ({"block_size": qw.grid.block_size} if qw.grid.block_size else {})
 

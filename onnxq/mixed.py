@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OnnxqError
+from .export import container_bits
 from .layers import Layer
 from .oracle import LossOracle
-from .passes import Grid, QuantWeight, clado
+from .passes import QuantWeight, clado
 from .progress import NoProgress
 
 log = logging.getLogger("onnxq")
@@ -59,7 +60,7 @@ class MixedPlan:
 
 def candidates_for(layers: list[Layer], choices: list[tuple[int, ...]]) -> clado.Candidates:
     """Per layer, its candidate widths and what their codes cost in stored bits (whole bytes, as packed)."""
-    costs = tuple(tuple(float(-(-layer.params * Grid(bits).storage_bits // 8) * 8) for bits in widths)
+    costs = tuple(tuple(float(-(-layer.params * container_bits(layer, bits) // 8) * 8) for bits in widths)
                   for layer, widths in zip(layers, choices, strict=True))
     return clado.Candidates(tuple(choices), costs)
 
@@ -121,20 +122,18 @@ def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidat
     pairs = plan.pairs if estimator == "exact" else []
     total = len(plan.singles) + len(pairs)
     log.warning("measuring sensitivities: %d forward passes of %d samples", total + 1, len(oracle.reference))
-    tensors = {(i, b): layers[i].tensor(candidates[(layers[i].name, b)].dequantize())
-               for i, b in plan.singles}
-    weight = {i: layer.weight for i, layer in enumerate(layers)}
+    tensors = {(i, b): oracle.replacement(layers[i], candidates[(layers[i].name, b)]) for i, b in plan.singles}
     single, deltas, pair = {}, {}, {}
     reference_loss = oracle.loss_of_outputs(oracle.reference)
     with (progress(total, "sensitivity") if progress else NoProgress()) as bar:
         for key in plan.singles:
-            outputs = oracle.outputs({weight[key[0]]: tensors[key]})
+            outputs = oracle.outputs(tensors[key])
             single[key] = oracle.loss_of_outputs(outputs)
             if estimator == "fast" and oracle.classifier:
                 deltas[key] = (outputs - oracle.reference).astype(np.float32)
             bar.update(1)
         for a, b in pairs:
-            pair[(a, b)] = oracle.loss({weight[a[0]]: tensors[a], weight[b[0]]: tensors[b]})
+            pair[(a, b)] = oracle.loss({**tensors[a], **tensors[b]})
             bar.update(1)
     omega = clado.sensitivity_matrix(cands, reference_loss, single, pair)
     if estimator == "fast" and deltas:

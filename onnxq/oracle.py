@@ -12,8 +12,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .bias import BiasSlot, corrected_bias
 from .calibrate import make_session
 from .layers import Layer
+from .passes import QuantWeight
 from .sources import Feed
 
 
@@ -42,9 +44,11 @@ class LossOracle:
     """``loss({weight_name: array})``: the model's loss with those weights replaced, on fixed samples."""
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], feeds: list[Feed],
-                 labels: np.ndarray | None = None) -> None:
+                 labels: np.ndarray | None = None, slots: dict[str, BiasSlot] | None = None) -> None:
         inits = {t.name: t for t in model.graph.initializer}
-        self.float_weights = {layer.weight: numpy_helper.to_array(inits[layer.weight]) for layer in layers}
+        self.slots = slots or {}
+        names = [layer.weight for layer in layers] + [slot.tensor for slot in self.slots.values()]
+        self.float_weights = {name: numpy_helper.to_array(inits[name]) for name in names}
         self.session = make_session(weights_as_inputs(model, list(self.float_weights)))
         self.output = self.session.get_outputs()[0].name
         self.feeds = feeds
@@ -58,6 +62,14 @@ class LossOracle:
     def probabilities(self) -> np.ndarray:
         """The float model's softmax output per sample (for the Fisher-based cross-term estimator)."""
         return np.exp(self.reference_log_p)
+
+    def replacement(self, layer: Layer, qw: QuantWeight) -> dict[str, np.ndarray]:
+        """The tensors that put one quantized layer into the model: its weight, and its corrected bias."""
+        tensors = {layer.weight: layer.tensor(qw.dequantize())}
+        slot = self.slots.get(layer.name)
+        if slot is not None and qw.bias_shift is not None:
+            tensors[slot.tensor] = corrected_bias(self.float_weights[slot.tensor], qw, slot)
+        return tensors
 
     def outputs(self, replaced: dict[str, np.ndarray]) -> np.ndarray:
         """The first model output over all samples, with some weights replaced."""

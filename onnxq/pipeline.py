@@ -13,9 +13,10 @@ import numpy as np
 import onnx
 
 from .act_qdq import quantize_activations
+from .bias import BiasSlot, add_missing_biases, bias_slots, output_shift
 from .calibrate import LayerStats, calibrate, load_stats, make_session, save_stats
 from .errors import OnnxqError
-from .export import build_quantized_model, layer_metadata, save_atomic
+from .export import build_quantized_model, container_bits, layer_metadata, save_atomic
 from .images import ImagePreprocessing
 from .layers import QUANTIZABLE_OPS, Layer, find_layers
 from .loading import load_model, weights_fingerprint
@@ -85,6 +86,7 @@ class Options:
     method: str = DEFAULT_METHOD
     symmetric: bool = False
     clip: bool = True
+    bias_correction: bool = True  # round against the centred Gram matrix and fold the error mean into the bias
     block_size: int | None = None  # one scale per block of this many inputs (MatMul/Gemm); None: per channel
     matmul_nbits: bool = False  # write 4-bit MatMul layers as com.microsoft.MatMulNBits
     act_bits: int | None = None  # 8: uint8 activation Q/DQ so onnxruntime runs integer kernels (W8A8)
@@ -201,28 +203,45 @@ def layer_block_size(layer: Layer, options: Options) -> int | None:
     return options.block_size if options.block_size and len(layer.shape) == 2 else None
 
 
+def corrected_layers(model: onnx.ModelProto, layers: list[Layer], options: Options) -> dict[str, BiasSlot]:
+    """With bias correction on, give bias-less Conv/Gemm layers a zero bias (in place) and return the layers
+    whose bias can absorb the error mean."""
+    if not options.bias_correction:
+        return {}
+    add_missing_biases(model, layers)
+    return bias_slots(model, layers)
+
+
 def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[str, LayerStats],
-                     widths: dict[str, tuple[int, ...]], options: Options, progress: Callable | None
-                     ) -> dict[tuple[str, int], tuple[QuantWeight, float]]:
-    """Round every layer at each of its widths; returns ``(layer, bits) -> (codes, relative error)``."""
+                     widths: dict[str, tuple[int, ...]], options: Options, progress: Callable | None,
+                     slots: dict[str, BiasSlot] | None = None) -> dict[tuple[str, int], tuple[QuantWeight, float]]:
+    """Round every layer at each of its widths; returns ``(layer, bits) -> (codes, relative error)``.
+
+    Layers in ``slots`` are rounded against their centred Gram matrix and get the bias shift that completes it.
+    """
     if options.method not in ROUNDING_PASSES:
         raise OnnxqError(f"unknown method {options.method!r}; choose one of {', '.join(ROUNDING_PASSES)}")
+    slots = slots or {}
     inits = {t.name: t for t in model.graph.initializer}
-    tasks = []
+    tasks, matrices = [], {}
     for layer in layers:
-        W = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
-        H = stats[layer.name].normalised_gram
+        W = matrices[layer.name] = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
+        H = stats[layer.name].centred_gram if layer.name in slots else stats[layer.name].normalised_gram
         block = layer_block_size(layer, options)
         tasks += [RoundingTask((layer.name, b), W, H, Grid(b, weight_symmetric(b, options), block),
                                {"clip": options.clip}) for b in widths[layer.name]]
     with (progress(len(tasks), f"{options.method} rounding") if progress else NoProgress()) as bar:
-        return round_all(tasks, options.method, options.jobs, on_done=lambda: bar.update(1))
+        rounded = round_all(tasks, options.method, options.jobs, on_done=lambda: bar.update(1))
+    for (name, _), (qw, _) in rounded.items():
+        if name in slots:
+            qw.bias_shift = output_shift(matrices[name], qw.dequantize(), stats[name].mean)
+    return rounded
 
 
 def layer_reports(layers: list[Layer], chosen: dict[str, tuple[QuantWeight, float]]) -> list[LayerReport]:
     """The per-layer table rows for the chosen quantized weights."""
     return [LayerReport(layer.name, layer.op_type, layer.shape, chosen[layer.name][0].grid.bits,
-                        chosen[layer.name][0].grid.storage_bits, chosen[layer.name][1], layer.params)
+                        container_bits(layer, chosen[layer.name][0].grid.bits), chosen[layer.name][1], layer.params)
             for layer in layers]
 
 
@@ -264,11 +283,13 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     bits = layer_bits(layers, options)
     inputs = model_inputs(model)
     stats, first_feed = collect_stats(model, layers, calib, inputs, options, progress) if layers else ({}, None)
+    slots = corrected_layers(model, layers, options)
     plan = None
     if mixed:
-        plan, chosen = mixed_precision(model, model_path, layers, stats, calib, inputs, options, progress)
+        plan, chosen = mixed_precision(model, model_path, layers, stats, calib, inputs, options, progress, slots)
     else:
-        rounded = round_candidates(model, layers, stats, {n: (b,) for n, b in bits.items()}, options, progress)
+        rounded = round_candidates(model, layers, stats, {n: (b,) for n, b in bits.items()}, options, progress,
+                                   slots)
         chosen = {name: rounded[(name, b)] for name, b in bits.items()}
     results = {name: qw for name, (qw, _) in chosen.items()}
     metadata = {"onnxq.method": options.method, "onnxq.layers": layer_metadata(layers, results)}
@@ -296,30 +317,31 @@ def unquantized_bytes(model: onnx.ModelProto, layers: list[Layer], results: dict
     Measured by exporting one assignment and subtracting its codes, so a size budget is what the file holds.
     """
     exported = build_quantized_model(model, layers, results, {"onnxq.layers": layer_metadata(layers, results)})
-    codes = sum(-(-layer.params * results[layer.name].grid.storage_bits // 8) for layer in layers)
+    codes = sum(-(-layer.params * container_bits(layer, results[layer.name].grid.bits) // 8) for layer in layers)
     return exported.ByteSize() - codes + METADATA_SLACK_BYTES
 
 
 def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer], stats: dict[str, LayerStats],
-                    calib: object, inputs: list[InputSpec], options: Options, progress: Callable | None
-                    ) -> tuple[MixedPlan, dict[str, tuple[QuantWeight, float]]]:
+                    calib: object, inputs: list[InputSpec], options: Options, progress: Callable | None,
+                    slots: dict[str, BiasSlot] | None = None) -> tuple[MixedPlan, dict[str, tuple[QuantWeight, float]]]:
     """CLADO: round every candidate width, measure sensitivities, allocate under the budget."""
     choices = tuple(sorted(set(options.bit_choices)))
     fixed = {layers[0].name, layers[-1].name} if options.first_last_bits else set()
     widths = {layer.name: (options.first_last_bits,) if layer.name in fixed else choices for layer in layers}
     widths.update({name: (b,) for name, b in options.bits_per_layer.items()})
-    candidates = round_candidates(model, layers, stats, widths, options, progress)
+    candidates = round_candidates(model, layers, stats, widths, options, progress, slots)
 
     def oracle() -> LossOracle:
         raw, _ = feeds_from(calib, inputs, default_preprocessing(inputs, options.preprocessing))
         feeds = list(batches(raw, inputs, options.batch_size, options.clado_samples))
-        return LossOracle(model, layers, feeds)
+        return LossOracle(model, layers, feeds, slots=slots)
 
     float_bytes = _file_size(model_path)
     fixed_bytes = unquantized_bytes(model, layers, {name: candidates[(name, w[0])][0] for name, w in widths.items()})
     fingerprint = weights_fingerprint(model, [layer.weight for layer in layers])
     per_layer = [widths[layer.name] for layer in layers]
-    key = cache_key(fingerprint, per_layer, options.method, options.sensitivity, options.clado_samples)
+    method = options.method + ("+bias_correction" if slots else "")
+    key = cache_key(fingerprint, per_layer, method, options.sensitivity, options.clado_samples)
     plan = sensitivity_and_allocation(oracle, layers, {k: qw for k, (qw, _) in candidates.items()}, per_layer,
                                       options.budget, options.sensitivity, fixed_bytes, float_bytes,
                                       options.sensitivity_cache, key, options.clado_time_limit, progress)

@@ -56,6 +56,7 @@ class QuantWeight:
     scale: np.ndarray  # float32, (out,) or, blocked, (out, n_blocks)
     zero_point: np.ndarray  # int8, shaped as scale, in [grid.qmin, grid.qmax]
     grid: Grid
+    bias_shift: np.ndarray | None = None  # (out,) output error mean (W - Q) mu, added to the bias on export
 
     def dequantize(self) -> np.ndarray:
         """The float weight matrix the exported model computes with (float32, as onnxruntime does)."""

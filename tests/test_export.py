@@ -9,7 +9,7 @@ import pytest
 import tiny
 from onnx import TensorProto, numpy_helper
 
-from onnxq.export import build_quantized_model, save_atomic
+from onnxq.export import build_quantized_model, container_bits, save_atomic
 from onnxq.layers import find_layers
 from onnxq.passes import Grid, rtn
 from onnxq.prepare import prepare
@@ -50,7 +50,7 @@ def test_exported_weights_equal_codes_times_scales(tmp_path, bits, builder):
     for layer in layers:
         qw = results[layer.name]
         stored = inits[f"{layer.weight}_quantized"]
-        assert stored.data_type == CONTAINER[bits]
+        assert stored.data_type == CONTAINER[container_bits(layer, bits)]
         codes = numpy_helper.to_array(stored).astype(np.int64)
         np.testing.assert_array_equal(layer.matrix(codes), qw.codes)
         assert codes.min() >= Grid(bits).qmin and codes.max() <= Grid(bits).qmax
@@ -65,6 +65,31 @@ def test_exported_weights_equal_codes_times_scales(tmp_path, bits, builder):
                                                   .shape.dim][1:]]).astype(np.float32)
     y = session.run(None, {model.graph.input[0].name: x})[0]
     assert np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("outputs", [6, 8])
+def test_two_bit_matmul_runs_the_file_math_in_a_default_session(tmp_path, outputs):
+    """onnxruntime 1.32 fuses INT2 DQ + MatMul into MatMulNBits, wrongly when the output count is not a multiple
+    of 4: such weights are stored in INT4, so a default session computes what the file says."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(16, outputs)).astype(np.float32), "w")
+    node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")
+    model = tiny._model([node], [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", outputs])], [weight])
+    layers, results = quantize_all(model, 2)
+    path = tmp_path / "q.onnx"
+    save_atomic(build_quantized_model(model, layers, results, {}), path)
+    stored = {t.name: t.data_type for t in onnx.load(str(path)).graph.initializer}["w_quantized"]
+    assert stored == (TensorProto.INT2 if outputs % 4 == 0 else TensorProto.INT4)
+    x = {"x": rng.normal(size=(4, 16)).astype(np.float32)}
+    default = ort.SessionOptions()
+    default.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    fused, unfused = (ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"]).run(None, x)[0]
+                      for o in (default, plain))
+    np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(unfused, x["x"] @ layers[0].tensor(results["matmul"].dequantize()), rtol=1e-5, atol=1e-5)
 
 
 def test_model_output_matches_fake_quantized_float_model(tmp_path):

@@ -1,0 +1,109 @@
+"""Bias correction: fold the mean of each layer's quantization error into its bias.
+
+With the weight error ``E = W - Q`` and the mean input row ``mu``, a layer's output error has the constant
+part ``E mu`` per output channel. Subtracting it in the bias leaves ``e^T (H - mu mu^T) e``: so the rounding
+passes minimise the centred Gram matrix, and the bias absorbs the rest (the joint optimum over codes and a
+bias shift). Conv and Gemm layers without a bias get a zero one first; MatMul layers use the constant
+vector of the Add that follows them. A layer with nowhere to put a shift keeps the plain objective.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .layers import Layer
+from .passes import QuantWeight
+from .passes.grid import group_of_rows
+
+
+@dataclass(frozen=True)
+class BiasSlot:
+    """The float initializer a layer's output shift is added to, and the factor that maps a shift onto it."""
+
+    tensor: str
+    factor: float = 1.0
+
+
+def add_missing_biases(model: onnx.ModelProto, layers: list[Layer]) -> None:
+    """Give Conv and Gemm layers without a bias a zero one (in place), so their error mean can be corrected."""
+    nodes = {n.name: n for n in model.graph.node}
+    for layer in layers:
+        node = nodes[layer.name]
+        if layer.op_type not in ("Conv", "Gemm") or (len(node.input) > 2 and node.input[2]):
+            continue
+        name = f"{layer.weight}_bias"
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(layer.out_channels, np.float32), name))
+        inputs = list(node.input)[:2] + [name]
+        del node.input[:]
+        node.input.extend(inputs)
+
+
+def bias_slots(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, BiasSlot]:
+    """The layers whose output can be shifted per channel through a float initializer used by them alone."""
+    inits = {t.name: t for t in model.graph.initializer}
+    uses = Counter(name for n in model.graph.node for name in n.input)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    nodes = {n.name: n for n in model.graph.node}
+    slots = {}
+    for layer in layers:
+        slot = _slot(nodes[layer.name], layer, consumers)
+        if slot and slot.tensor in inits and uses[slot.tensor] == 1 and _is_channel_vector(inits[slot.tensor], layer):
+            slots[layer.name] = slot
+    return slots
+
+
+def _slot(node: onnx.NodeProto, layer: Layer, consumers: dict[str, list[onnx.NodeProto]]) -> BiasSlot | None:
+    """Where the layer's bias lives: Conv/Gemm's third input, or the constant of the Add after a MatMul."""
+    if layer.op_type == "Conv":
+        return BiasSlot(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if layer.op_type == "Gemm":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        beta = float(attrs.get("beta", 1.0))
+        if len(node.input) < 3 or not node.input[2] or beta == 0:
+            return None
+        return BiasSlot(node.input[2], float(attrs.get("alpha", 1.0)) / beta)
+    after = consumers.get(node.output[0], [])
+    if len(after) != 1 or after[0].op_type != "Add":
+        return None
+    others = [name for name in after[0].input if name != node.output[0]]
+    return BiasSlot(others[0]) if len(others) == 1 else None
+
+
+def _is_channel_vector(tensor: onnx.TensorProto, layer: Layer) -> bool:
+    """A float bias with one value per output channel ((out,) or (1, out))."""
+    dims = [int(d) for d in tensor.dims]
+    return (tensor.data_type == onnx.TensorProto.FLOAT and bool(dims) and dims[-1] == layer.out_channels
+            and int(np.prod(dims)) == layer.out_channels)
+
+
+def output_shift(W: np.ndarray, Q: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``(W - Q) mu`` per output channel, each row against the mean input of its group (mean: G x d)."""
+    groups = group_of_rows(W.shape[0], mean.shape[0])
+    return np.einsum("od,od->o", W.astype(np.float64) - Q.astype(np.float64), mean[groups])
+
+
+def corrected_bias(model_bias: np.ndarray, qw: QuantWeight, slot: BiasSlot) -> np.ndarray:
+    """The bias initializer with the layer's error mean added back (float32, its original shape)."""
+    shift = qw.bias_shift.reshape(model_bias.shape) * slot.factor
+    return (model_bias.astype(np.float64) + shift).astype(np.float32)
+
+
+def apply_bias_shifts(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight]) -> None:
+    """Rewrite (in place) the bias of every layer whose quantized weight carries a shift."""
+    slots = bias_slots(model, layers)
+    inits = {t.name: t for t in model.graph.initializer}
+    for layer in layers:
+        qw = results.get(layer.name)
+        if qw is None or qw.bias_shift is None or layer.name not in slots:
+            continue
+        slot = slots[layer.name]
+        tensor = inits[slot.tensor]
+        tensor.CopyFrom(numpy_helper.from_array(corrected_bias(numpy_helper.to_array(tensor), qw, slot), slot.tensor))
