@@ -39,6 +39,21 @@ def test_quantize_end_to_end(tmp_path, cnn_path, cnn_calib):
     assert types["c2_w_quantized"] == onnx.TensorProto.INT4 and types["fc_w_quantized"] == onnx.TensorProto.INT8
 
 
+def test_bias_correction_flag(tmp_path, cnn_path, cnn_calib):
+    """Default: biases shift by the error mean; --no-bias-correction leaves every bias as in the float model."""
+    biases = {}
+    for flag in ("--bias-correction", "--no-bias-correction"):
+        out = tmp_path / f"{flag}.onnx"
+        result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--bits", "2", "--method", "rtn", flag)
+        assert result.returncode == 0, result.stderr
+        biases[flag] = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
+                        if t.name in ("c2_b", "dw_b", "fc_b")}
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in tiny.cnn_model().graph.initializer}
+    for name in ("c2_b", "dw_b", "fc_b"):
+        np.testing.assert_array_equal(biases["--no-bias-correction"][name], original[name])
+        assert not np.allclose(biases["--bias-correction"][name], original[name])
+
+
 def test_exclude_and_op_types(tmp_path, cnn_path, cnn_calib):
     out = tmp_path / "q.onnx"
     result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--method", "rtn", "--nodes_to_exclude", "conv[13].*",
