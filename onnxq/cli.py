@@ -192,6 +192,10 @@ def cli() -> None:
 @click.option("--act-bits", type=click.Choice(["8"]), default=None,
               help="Also quantize activations to uint8 (opt-in). 8-bit layers become W8A8 with symmetric weights and "
                    "run as QLinearConv/QGemm integer kernels; lower-bit layers become WnA8 (small, not faster).")
+@click.option("--prefer", type=click.Choice(["size", "speed"]), default="size", show_default=True,
+              help="speed: 8-bit layers become W8A8 (integer kernels) and the others stay weight-only in float; with "
+                   "a budget, CLADO also favours 8 bits for the layers doing most of the multiply-adds. Implies "
+                   "--act-bits 8. size: every layer's activations follow --act-bits, CLADO minimises the loss only.")
 @click.option("--calibration_method", "--act-method", "act_method", type=click.Choice(["mse", "percentile", "minmax"]),
               default="mse", show_default=True, help="How activation ranges are chosen (with --act-bits).")
 @click.option("--kernel-report", is_flag=True,
@@ -206,8 +210,8 @@ def cli() -> None:
 def quantize_command(model, calib, output, bits, method, symmetric, clip, bias_correction, block_size, matmul_nbits,
                      first_last_bits, nodes_to_exclude,
                      op_types_to_quantize, calib_size, batch_size, stats, bit_choices, avg_bits, size_mb, size_ratio,
-                     sensitivity, clado_samples, clado_time_limit, sensitivity_cache, bits_json, act_bits, act_method,
-                     kernel_report, image_size, resize,
+                     sensitivity, clado_samples, clado_time_limit, sensitivity_cache, bits_json, act_bits, prefer,
+                     act_method, kernel_report, image_size, resize,
                      mean, std, scale, channel_order, external_data, allow_empty, quiet, debug) -> None:
     """Quantize MODEL's Conv/Gemm/MatMul weights to 2, 3, 4 or 8 bits and write a QDQ ONNX model."""
     options = Options(
@@ -222,7 +226,7 @@ def quantize_command(model, calib, output, bits, method, symmetric, clip, bias_c
         budget=budget_from_flags(avg_bits, size_mb, size_ratio), bit_choices=parse_bit_choices(bit_choices),
         sensitivity=sensitivity, clado_samples=clado_samples, clado_time_limit=clado_time_limit,
         sensitivity_cache=sensitivity_cache, bits_json=bits_json,
-        act_bits=int(act_bits) if act_bits else None, act_method=act_method)
+        act_bits=int(act_bits) if act_bits else None, act_method=act_method, prefer=prefer)
     result = quantize_model(model, calib, output, options,
                             progress=progress_factory(not quiet))
     if not quiet:

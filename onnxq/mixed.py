@@ -56,6 +56,8 @@ class MixedPlan:
     seconds: dict[str, float] = field(default_factory=dict)
     omega: np.ndarray | None = None
     keys: list[tuple[str, int]] = field(default_factory=list)
+    prefer: str = "size"
+    integer_mac_share: float | None = None  # with prefer="speed": the share of MACs at 8 bits (W8A8 kernels)
 
 
 def candidates_for(layers: list[Layer], choices: list[tuple[int, ...]]) -> clado.Candidates:
@@ -141,27 +143,54 @@ def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidat
     return omega
 
 
+def float_mac_share(layers: list[Layer], choices: list[tuple[int, ...]], macs: dict[str, float]) -> np.ndarray:
+    """Per candidate, the share of the model's multiply-adds it leaves to float kernels: every width but 8
+    (8-bit layers run as W8A8 in integer kernels; 2-4-bit weights are dequantized to float)."""
+    total = sum(macs.values()) or 1.0
+    return np.array([0.0 if b == 8 else macs[layer.name] / total
+                     for layer, widths in zip(layers, choices, strict=True) for b in widths])
+
+
 def allocate_bits(layers: list[Layer], choices: list[tuple[int, ...]], budget: Budget, omega: np.ndarray,
-                  fixed_bytes: int, float_bytes: int, estimator: str, time_limit: float) -> MixedPlan:
-    """Solve the allocation under the budget: exactly (MILP) with cross terms, or the diagonal baseline."""
+                  fixed_bytes: int, float_bytes: int, estimator: str, time_limit: float,
+                  macs: dict[str, float] | None = None) -> MixedPlan:
+    """Solve the allocation under the budget: exactly (MILP) with cross terms, or the diagonal baseline.
+
+    With ``macs`` (``--prefer speed``) a second solve adds a linear speed term to Omega's diagonal: leaving
+    every multiply-add to float kernels costs as much as the first (loss-only) solution's predicted loss, so
+    8-bit (W8A8) layers win wherever they cost little accuracy for the same size.
+    """
     limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
     cands = candidates_for(layers, choices)
     check_budget(cands, limit, layers, is_size, fixed_bytes)
-    if estimator == "diagonal":
-        result = clado.allocate_diagonal(omega, cands, limit, time_limit=time_limit)
-    else:
-        result = clado.allocate(omega, cands, limit, time_limit=time_limit)
+    loss_matrix = np.diag(np.diag(omega)) if estimator == "diagonal" else omega
+
+    def solve(matrix: np.ndarray) -> clado.Allocation:
+        if estimator == "diagonal":
+            return clado.allocate_diagonal(matrix, cands, limit, time_limit=time_limit)
+        return clado.allocate(matrix, cands, limit, time_limit=time_limit)
+
+    result = solve(omega)
+    seconds = result.seconds
+    share = None
+    if macs is not None:
+        penalty = float_mac_share(layers, choices, macs)
+        weight = max(result.objective, 1e-12)
+        result = solve(omega + np.diag(weight * penalty))
+        seconds += result.seconds
+        share = 1.0 - float(penalty[cands.offsets[:-1] + result.choice].sum())
     bits = {layer.name: int(b) for layer, b in zip(layers, result.bits, strict=True)}
     keys = [(layer.name, b) for layer, widths in zip(layers, choices, strict=True) for b in widths]
-    return MixedPlan(bits, estimator, float(result.objective), float(result.gap), result.status, limit,
-                     float(result.cost), 0, {"solve": result.seconds}, omega, keys)
+    loss = clado.quadratic_value(loss_matrix, cands, result.choice)
+    return MixedPlan(bits, estimator, loss, float(result.gap), result.status, limit, float(result.cost), 0,
+                     {"solve": seconds}, omega, keys, "speed" if macs is not None else "size", share)
 
 
 def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers: list[Layer],
                                candidates: dict[tuple[str, int], QuantWeight], choices: list[tuple[int, ...]],
                                budget: Budget, estimator: str, fixed_bytes: int, float_bytes: int,
                                cache: Path | None, key: str, time_limit: float,
-                               progress: Callable | None) -> MixedPlan:
+                               progress: Callable | None, macs: dict[str, float] | None = None) -> MixedPlan:
     """Measure (or reload) Omega, then allocate widths under the budget."""
     if estimator not in ESTIMATORS:
         raise OnnxqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
@@ -178,7 +207,7 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
         evaluations = oracle.evaluations
         save_omega(cache, key, omega)
     measured = time.perf_counter() - start
-    plan = allocate_bits(layers, choices, budget, omega, fixed_bytes, float_bytes, estimator, time_limit)
+    plan = allocate_bits(layers, choices, budget, omega, fixed_bytes, float_bytes, estimator, time_limit, macs)
     plan.evaluations = evaluations
     plan.seconds["sensitivity"] = measured
     return plan

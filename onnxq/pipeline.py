@@ -36,6 +36,7 @@ from .rounding import RoundingTask, round_all
 from .sources import Feed, InputSpec, batches, default_preprocessing, feeds_from, model_inputs
 
 log = logging.getLogger("onnxq")
+PREFERENCES = ("size", "speed")
 METADATA_SLACK_BYTES = 512  # the mixed-precision summary written into the metadata
 
 
@@ -91,6 +92,7 @@ class Options:
     matmul_nbits: bool = False  # write 4-bit MatMul layers as com.microsoft.MatMulNBits
     act_bits: int | None = None  # 8: uint8 activation Q/DQ so onnxruntime runs integer kernels (W8A8)
     act_method: str = "mse"  # activation range calibration: mse, percentile or minmax
+    prefer: str = "size"  # "speed": only 8-bit layers get activation Q/DQ (W8A8), and CLADO favours them
     nodes_to_exclude: tuple[str, ...] = ()
     op_types_to_quantize: tuple[str, ...] = QUANTIZABLE_OPS
     first_last_bits: int | None = None
@@ -115,6 +117,10 @@ class Options:
         for name in ("stats", "sensitivity_cache", "bits_json"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
+        if self.prefer not in PREFERENCES:
+            raise OnnxqError(f"--prefer must be one of {', '.join(PREFERENCES)}, not {self.prefer!r}")
+        if self.prefer == "speed" and self.act_bits is None:
+            self.act_bits = 8  # speed comes from onnxruntime's integer kernels, which need 8-bit activations
 
 
 def check_output_path(model_path: Path, output: Path) -> None:
@@ -185,15 +191,25 @@ def weight_symmetric(bits: int, options: Options) -> bool:
     return options.symmetric or (options.act_bits is not None and bits == 8)
 
 
+def activation_layers(layers: list[Layer], results: dict[str, QuantWeight], options: Options) -> list[str]:
+    """The layers whose inputs get uint8 Q/DQ: all of them, or with ``prefer="speed"`` the 8-bit ones only
+    (W8A8 runs in integer kernels; a 2-4-bit weight has no integer kernel and stays weight-only in float)."""
+    if options.prefer == "speed":
+        return [layer.name for layer in layers if results[layer.name].grid.bits == 8]
+    return [layer.name for layer in layers]
+
+
 def with_activations(model: onnx.ModelProto, quantized: onnx.ModelProto, layers: list[Layer], calib: object,
-                     inputs: list[InputSpec], options: Options) -> onnx.ModelProto:
-    """Add uint8 activation Q/DQ around every quantized layer, ranges calibrated on the float model."""
+                     inputs: list[InputSpec], options: Options, act_layers: list[str]) -> onnx.ModelProto:
+    """Add uint8 activation Q/DQ around the given quantized layers, ranges calibrated on the float model."""
     if options.act_bits != 8:
         raise OnnxqError(f"--act-bits {options.act_bits} is not supported; use --act-bits 8")
+    if not act_layers:
+        log.warning("no layer is at 8 bits, so none runs in integer kernels; the model stays weight-only")
+        return quantized
     raw, _ = feeds_from(calib, inputs, default_preprocessing(inputs, options.preprocessing))
     stream = batches(raw, inputs, options.batch_size, options.calib_size or None)
-    return quantize_activations(model, quantized, layers, stream, options.act_method,
-                                [layer.name for layer in layers])
+    return quantize_activations(model, quantized, layers, stream, options.act_method, act_layers)
 
 
 def layer_block_size(layer: Layer, options: Options) -> int | None:
@@ -294,11 +310,13 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     results = {name: qw for name, (qw, _) in chosen.items()}
     metadata = {"onnxq.method": options.method, "onnxq.layers": layer_metadata(layers, results)}
     if plan is not None:
-        metadata["onnxq.mixed_precision"] = json.dumps({"estimator": plan.estimator, "status": plan.status,
-                                                        "gap": plan.gap, "predicted_loss": plan.predicted_loss})
+        metadata["onnxq.mixed_precision"] = json.dumps({
+            "estimator": plan.estimator, "status": plan.status, "gap": plan.gap,
+            "predicted_loss": plan.predicted_loss, "prefer": plan.prefer, "integer_mac_share": plan.integer_mac_share})
     quantized = build_quantized_model(model, layers, results, metadata, options.matmul_nbits)
     if options.act_bits is not None and layers:
-        quantized = with_activations(model, quantized, layers, calib, inputs, options)
+        quantized = with_activations(model, quantized, layers, calib, inputs, options,
+                                     activation_layers(layers, results, options))
     save_atomic(quantized, output, options.external_data)
     try:
         sqnr, agreement = verify(output, model, first_feed or first_batch(calib, inputs, options))
@@ -342,12 +360,19 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     per_layer = [widths[layer.name] for layer in layers]
     method = options.method + ("+bias_correction" if slots else "")
     key = cache_key(fingerprint, per_layer, method, options.sensitivity, options.clado_samples)
+    macs = layer_macs(layers, stats) if options.prefer == "speed" else None
     plan = sensitivity_and_allocation(oracle, layers, {k: qw for k, (qw, _) in candidates.items()}, per_layer,
                                       options.budget, options.sensitivity, fixed_bytes, float_bytes,
-                                      options.sensitivity_cache, key, options.clado_time_limit, progress)
+                                      options.sensitivity_cache, key, options.clado_time_limit, progress, macs)
     if options.bits_json:
         write_bits_json(options.bits_json, layers, plan.bits)
     return plan, {name: candidates[(name, b)] for name, b in plan.bits.items()}
+
+
+def layer_macs(layers: list[Layer], stats: dict[str, LayerStats]) -> dict[str, float]:
+    """Multiply-adds per sample of each layer: its weights times the rows (output positions) each sample gives."""
+    return {layer.name: layer.params * stats[layer.name].rows / max(stats[layer.name].samples, 1)
+            for layer in layers}
 
 
 def _file_size(path: Path) -> int:
