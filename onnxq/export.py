@@ -72,7 +72,8 @@ def nbits_layers(layers: list[Layer], results: dict[str, QuantWeight], matmul_nb
 
 
 def build_quantized_model(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight],
-                          metadata: dict[str, str], matmul_nbits: bool = False) -> onnx.ModelProto:
+                          metadata: dict[str, str], matmul_nbits: bool = False,
+                          nbits_accuracy_level: int = 0) -> onnx.ModelProto:
     """A copy of ``model`` with every quantized layer's weight replaced by integer codes and a DQ node
     (or, with ``matmul_nbits``, 4-bit MatMul layers replaced by MatMulNBits nodes)."""
     nbits = nbits_layers(layers, results, matmul_nbits)
@@ -82,7 +83,7 @@ def build_quantized_model(model: onnx.ModelProto, layers: list[Layer], results: 
     dq_nodes = []
     for layer in layers:
         if layer.name in nbits:
-            _replace_with_nbits(out, layer, results[layer.name], inits)
+            _replace_with_nbits(out, layer, results[layer.name], inits, nbits_accuracy_level)
         elif layer.name in results:
             dq_nodes.append(_quantize_weight(out, layer, results[layer.name], inits))
     nodes = dq_nodes + list(out.graph.node)
@@ -125,10 +126,11 @@ def _remove_float_weight(model: onnx.ModelProto, name: str, inits: dict) -> None
         model.graph.input.remove(value)
 
 
-def _replace_with_nbits(model: onnx.ModelProto, layer: Layer, qw: QuantWeight, inits: dict) -> None:
+def _replace_with_nbits(model: onnx.ModelProto, layer: Layer, qw: QuantWeight, inits: dict,
+                        accuracy_level: int = 0) -> None:
     """Swap a MatMul and its float weight for a MatMulNBits node (same place in the graph) and packed blocks."""
     index, node = next((i, n) for i, n in enumerate(model.graph.node) if n.name == layer.name)
-    new, tensors = nbits_node(node, layer, qw)
+    new, tensors = nbits_node(node, layer, qw, accuracy_level)
     _remove_float_weight(model, layer.weight, inits)
     model.graph.initializer.extend(tensors)
     model.graph.node[index].CopyFrom(new)

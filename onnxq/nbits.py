@@ -75,8 +75,12 @@ def dequantize_nbits(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
     return (codes - zp[:, index].astype(np.float32)) * scales[:, index]
 
 
-def nbits_node(node: onnx.NodeProto, layer: Layer, qw: QuantWeight) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
-    """The MatMulNBits node replacing a MatMul, and its initializers (named as onnxruntime names them)."""
+def nbits_node(node: onnx.NodeProto, layer: Layer, qw: QuantWeight, accuracy_level: int = 0
+               ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """The MatMulNBits node replacing a MatMul, and its initializers (named as onnxruntime names them).
+
+    ``accuracy_level`` is the node's attribute: 0 computes in float as the file says, 4 lets onnxruntime
+    quantize the activations to int8 (faster, slightly less exact)."""
     block = nbits_block_size(qw)
     B, scales, zero_points = packed_tensors(qw, block)
     name = layer.weight
@@ -85,7 +89,8 @@ def nbits_node(node: onnx.NodeProto, layer: Layer, qw: QuantWeight) -> tuple[onn
         inits.append(numpy_helper.from_array(zero_points, f"{name}_zero_points"))
     k, n = layer.shape
     new = helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in inits)], list(node.output),
-                           name=f"{node.name}_Q4", domain=DOMAIN, K=k, N=n, bits=4, block_size=block)
+                           name=f"{node.name}_Q4", domain=DOMAIN, K=k, N=n, bits=4, block_size=block,
+                           **({"accuracy_level": accuracy_level} if accuracy_level else {}))
     return new, inits
 
 

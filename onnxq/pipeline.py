@@ -90,6 +90,7 @@ class Options:
     bias_correction: bool = True  # round against the centred Gram matrix and fold the error mean into the bias
     block_size: int | None = None  # one scale per block of this many inputs (MatMul/Gemm); None: per channel
     matmul_nbits: bool = False  # write 4-bit MatMul layers as com.microsoft.MatMulNBits
+    accuracy_level: int = 0  # MatMulNBits' accuracy_level: 0 float activations, 4 int8 activations (faster)
     act_bits: int | None = None  # 8: uint8 activation Q/DQ so onnxruntime runs integer kernels (W8A8)
     act_method: str = "mse"  # activation range calibration: mse, percentile or minmax
     prefer: str = "size"  # "speed": only 8-bit layers get activation Q/DQ (W8A8), and CLADO favours them
@@ -313,7 +314,7 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
         metadata["onnxq.mixed_precision"] = json.dumps({
             "estimator": plan.estimator, "status": plan.status, "gap": plan.gap,
             "predicted_loss": plan.predicted_loss, "prefer": plan.prefer, "integer_mac_share": plan.integer_mac_share})
-    quantized = build_quantized_model(model, layers, results, metadata, options.matmul_nbits)
+    quantized = build_quantized_model(model, layers, results, metadata, options.matmul_nbits, options.accuracy_level)
     if options.act_bits is not None and layers:
         quantized = with_activations(model, quantized, layers, calib, inputs, options,
                                      activation_layers(layers, results, options))

@@ -247,6 +247,25 @@ def test_matmul_nbits_output_is_x_times_dequantized_weight(k: int, block: int | 
     np.testing.assert_allclose(run(out, {"x": x}), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_matmul_nbits_accuracy_level_is_written_and_stays_close() -> None:
+    """accuracy_level 4 (int8 activations) is an attribute of the node; the result stays near x @ W_dq."""
+    rng = np.random.default_rng(7)
+    W = rng.normal(size=(64, 32)).astype(np.float32)
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 32])],
+                              [numpy_helper.from_array(W, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    layers, _ = find_layers(model)
+    qw = rtn.quantize(layers[0].matrix(W), None, Grid(4, False, 32))
+    out = build_quantized_model(model, layers, {"mm": qw}, {}, matmul_nbits=True, nbits_accuracy_level=4)
+    assert {a.name: a.i for a in out.graph.node[0].attribute}["accuracy_level"] == 4
+    expected = x.astype(np.float64) @ qw.dequantize().T.astype(np.float64)
+    np.testing.assert_allclose(run(out, {"x": x}), expected, rtol=0.05, atol=0.05 * np.abs(expected).max())
+
+
 def test_uint4_packing_round_trips() -> None:
     values = np.random.default_rng(0).integers(0, 16, size=(3, 7))
     packed = pack_uint4(values)
@@ -265,8 +284,10 @@ def test_cli_block_size_and_matmul_nbits(tmp_path) -> None:
     write_npz(tmp_path / "calib", [sample(np.random.default_rng(i), 1, 6 + i % 3) for i in range(6)])
     out = tmp_path / "q.onnx"
     result = CliRunner().invoke(cli, [str(path), "--calib", str(tmp_path / "calib"), "-o", str(out), "--bits", "4",
-                                      "--block-size", "32", "--matmul-nbits", "--method", "comq", "-q"])
+                                      "--block-size", "32", "--matmul-nbits", "--accuracy-level", "4", "--method",
+                                      "comq", "-q"])
     assert result.exit_code == 0, result.output
     loaded = onnx.load(str(out))
     assert sum(n.op_type == "MatMulNBits" for n in loaded.graph.node) == len(WEIGHTS)
     assert all(a.i == 32 for n in loaded.graph.node for a in n.attribute if a.name == "block_size")
+    assert all(a.i == 4 for n in loaded.graph.node for a in n.attribute if a.name == "accuracy_level")
