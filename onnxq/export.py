@@ -76,6 +76,10 @@ def build_quantized_model(model: onnx.ModelProto, layers: list[Layer], results: 
                           nbits_accuracy_level: int = 0) -> onnx.ModelProto:
     """A copy of ``model`` with every quantized layer's weight replaced by integer codes and a DQ node
     (or, with ``matmul_nbits``, 4-bit MatMul layers replaced by MatMulNBits nodes)."""
+    for layer in layers:
+        if layer.name in results and results[layer.name].grid.block_size and len(layer.shape) != 2:
+            raise OnnxqError(f"{layer.name}: block-wise scales need a 2-D weight (MatMul/Gemm), not a "
+                             f"{len(layer.shape)}-D {layer.op_type} weight; quantize it per channel")
     nbits = nbits_layers(layers, results, matmul_nbits)
     out = raise_opset(_copy(model), required_opset([layer for layer in layers if layer.name not in nbits], results))
     apply_bias_shifts(out, layers, results)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 from test_passes import correlated_layer, gram, non_increasing, weights
 
+from onnxq.errors import OnnxqError
 from onnxq.export import build_quantized_model, save_atomic
 from onnxq.layers import find_layers
 from onnxq.passes import Grid, QuantWeight, comq, gptq, objective, rtn
@@ -179,3 +180,13 @@ def test_blocked_export_stores_codes_times_block_scales(tmp_path, builder, bits:
     x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     run = lambda m: ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
     np.testing.assert_allclose(run(str(path)), run(fake.SerializeToString()), rtol=1e-4, atol=1e-5)
+
+
+def test_block_wise_conv_weights_are_refused_before_writing():
+    """A blocked grid reaching a Conv would give a model onnxruntime refuses (the scale's rank must match)."""
+    model = tiny.conv_model()
+    layers, _ = find_layers(model)
+    W = layers[0].matrix(numpy_helper.to_array(model.graph.initializer[0]))
+    qw = rtn.quantize(W, None, Grid(4, False, 16))
+    with pytest.raises(OnnxqError, match="2-D weight"):
+        build_quantized_model(model, layers, {layers[0].name: qw}, {})
