@@ -46,6 +46,18 @@ def container_bits(layer: Layer, bits: int) -> int:
     return stored
 
 
+def stored_weight_bits(layer: Layer, bits: int, block_size: int | None = None, codes_only: bool = False) -> int:
+    """Bits the file spends on one quantized weight: its codes, plus (unless ``codes_only``) a float32 scale and
+    a zero point in the codes' container per output channel, or per block of inputs with ``block_size``; each
+    tensor in whole bytes."""
+    width = container_bits(layer, bits)
+    codes = 8 * -(-layer.params * width // 8)
+    if codes_only:
+        return codes
+    params = layer.out_channels * (1 if block_size is None else -(-layer.fan_in // block_size))
+    return codes + 8 * (4 * params + -(-params * width // 8))
+
+
 def required_opset(layers: list[Layer], results: dict[str, QuantWeight]) -> int:
     """The lowest default-domain opset whose DequantizeLinear accepts every container (and blocking) used."""
     return max([13] + [max(CONTAINERS[container_bits(layer, q.grid.bits)][2], BLOCKED_OPSET if q.grid.block_size

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OnnxqError
-from .export import container_bits
+from .export import stored_weight_bits
 from .layers import Layer
 from .oracle import LossOracle
 from .passes import QuantWeight, clado
@@ -60,10 +60,15 @@ class MixedPlan:
     integer_mac_share: float | None = None  # with prefer="speed": the share of MACs at 8 bits (W8A8 kernels)
 
 
-def candidates_for(layers: list[Layer], choices: list[tuple[int, ...]]) -> clado.Candidates:
-    """Per layer, its candidate widths and what their codes cost in stored bits (whole bytes, as packed)."""
-    costs = tuple(tuple(float(-(-layer.params * container_bits(layer, bits) // 8) * 8) for bits in widths)
-                  for layer, widths in zip(layers, choices, strict=True))
+def candidates_for(layers: list[Layer], choices: list[tuple[int, ...]],
+                   blocks: dict[str, int | None] | None = None) -> clado.Candidates:
+    """Per layer, its candidate widths and their cost in stored bits, each tensor in whole bytes as packed.
+
+    Without ``blocks`` the cost is the codes alone (what ``--avg-bits`` and the reports' "stored bits" count);
+    with it (size budgets) also the scales and zero points, per channel or per block for the layers it names.
+    """
+    costs = tuple(tuple(float(stored_weight_bits(layer, bits, (blocks or {}).get(layer.name), blocks is None))
+                        for bits in widths) for layer, widths in zip(layers, choices, strict=True))
     return clado.Candidates(tuple(choices), costs)
 
 
@@ -153,7 +158,7 @@ def float_mac_share(layers: list[Layer], choices: list[tuple[int, ...]], macs: d
 
 def allocate_bits(layers: list[Layer], choices: list[tuple[int, ...]], budget: Budget, omega: np.ndarray,
                   fixed_bytes: int, float_bytes: int, estimator: str, time_limit: float,
-                  macs: dict[str, float] | None = None) -> MixedPlan:
+                  macs: dict[str, float] | None = None, blocks: dict[str, int | None] | None = None) -> MixedPlan:
     """Solve the allocation under the budget: exactly (MILP) with cross terms, or the diagonal baseline.
 
     With ``macs`` (``--prefer speed``) a second solve adds a linear speed term to Omega's diagonal: leaving
@@ -161,7 +166,7 @@ def allocate_bits(layers: list[Layer], choices: list[tuple[int, ...]], budget: B
     8-bit (W8A8) layers win wherever they cost little accuracy for the same size.
     """
     limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
-    cands = candidates_for(layers, choices)
+    cands = candidates_for(layers, choices, (blocks or {}) if is_size else None)
     check_budget(cands, limit, layers, is_size, fixed_bytes)
     loss_matrix = np.diag(np.diag(omega)) if estimator == "diagonal" else omega
 
@@ -195,7 +200,8 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
     if estimator not in ESTIMATORS:
         raise OnnxqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
-    check_budget(candidates_for(layers, choices), limit, layers, is_size, fixed_bytes)  # before any measuring
+    blocks = {name: qw.grid.block_size for (name, _), qw in candidates.items()}
+    check_budget(candidates_for(layers, choices, blocks if is_size else None), limit, layers, is_size, fixed_bytes)
     start = time.perf_counter()
     omega = load_omega(cache, key)
     evaluations = 0
@@ -207,7 +213,8 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
         evaluations = oracle.evaluations
         save_omega(cache, key, omega)
     measured = time.perf_counter() - start
-    plan = allocate_bits(layers, choices, budget, omega, fixed_bytes, float_bytes, estimator, time_limit, macs)
+    plan = allocate_bits(layers, choices, budget, omega, fixed_bytes, float_bytes, estimator, time_limit, macs,
+                         blocks)
     plan.evaluations = evaluations
     plan.seconds["sensitivity"] = measured
     return plan

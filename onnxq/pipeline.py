@@ -16,7 +16,7 @@ from .act_qdq import quantize_activations
 from .bias import BiasSlot, add_missing_biases, bias_slots, output_shift
 from .calibrate import LayerStats, calibrate, load_stats, make_session, save_stats
 from .errors import OnnxqError
-from .export import build_quantized_model, container_bits, layer_metadata, save_atomic
+from .export import build_quantized_model, container_bits, layer_metadata, save_atomic, stored_weight_bits
 from .images import ImagePreprocessing
 from .layers import QUANTIZABLE_OPS, Layer, find_layers
 from .loading import load_model, weights_fingerprint
@@ -331,13 +331,14 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
 
 
 def unquantized_bytes(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight]) -> int:
-    """Bytes of an exported model other than its weight codes: graph, float tensors, scales, metadata.
-
-    Measured by exporting one assignment and subtracting its codes, so a size budget is what the file holds.
+    """Bytes of an exported model other than its quantized weights (codes, scales, zero points): graph, float
+    tensors, metadata. Measured by exporting one assignment and subtracting those, so that a size budget is what
+    the file holds.
     """
     exported = build_quantized_model(model, layers, results, {"onnxq.layers": layer_metadata(layers, results)})
-    codes = sum(-(-layer.params * container_bits(layer, results[layer.name].grid.bits) // 8) for layer in layers)
-    return exported.ByteSize() - codes + METADATA_SLACK_BYTES
+    weights = sum(stored_weight_bits(layer, results[layer.name].grid.bits, results[layer.name].grid.block_size)
+                  for layer in layers) // 8
+    return exported.ByteSize() - weights + METADATA_SLACK_BYTES
 
 
 def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer], stats: dict[str, LayerStats],

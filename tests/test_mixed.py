@@ -72,3 +72,26 @@ def test_cli_rejects_two_budgets(tmp_path, cnn_path, cnn_calib):
     run = subprocess.run([sys.executable, "-m", "onnxq", str(cnn_path), "--calib", str(cnn_calib), "-o", str(out),
                           "--avg-bits", "3", "--size-mb", "1"], capture_output=True, text=True)
     assert run.returncode != 0 and "one budget" in run.stderr and not out.exists()
+
+
+def test_size_budgets_hold_with_block_wise_scales(tmp_path):
+    """Scales and zero points (one per block of 16 inputs, zero points as wide as the codes) are part of what a
+    size budget pays for, so every budget between the smallest and the largest model holds on disk."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.normal(size=(64, 64)).astype(np.float32), f"w{i}") for i in range(3)]
+    nodes = [onnx.helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"h{i + 1}"], name=f"mm{i}") for i in range(3)]
+    model = tiny._model(nodes, [onnx.helper.make_tensor_value_info("h0", onnx.TensorProto.FLOAT, ["N", 64])],
+                        [onnx.helper.make_tensor_value_info("h3", onnx.TensorProto.FLOAT, ["N", 64])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    feeds = [{"h0": rng.normal(size=(16, 64)).astype(np.float32)}]
+    sizes = {}
+    for bits in (2, 8):
+        onnxq.quantize(path, feeds, tmp_path / f"w{bits}.onnx", bits=bits, method="rtn", block_size=16)
+        sizes[bits] = (tmp_path / f"w{bits}.onnx").stat().st_size
+    for fraction in np.linspace(0.15, 0.95, 7):  # the lowest: W2 plus room for the mixed-precision metadata
+        budget = (sizes[2] + fraction * (sizes[8] - sizes[2])) / 1e6
+        out = tmp_path / f"b{fraction:.2f}.onnx"
+        onnxq.quantize(path, feeds, out, method="rtn", block_size=16, budget=Budget(size_mb=budget),
+                       bit_choices=(2, 4, 8), sensitivity="diagonal", clado_samples=16)
+        assert out.stat().st_size <= budget * 1e6
