@@ -206,7 +206,8 @@ def cli() -> None:
                    "(median latency at batch 1 and 32).")
 @preprocessing_options
 @click.option("--external-data/--no-external-data", default=None,
-              help="Store weights in <output>.data (default: only when the model exceeds 2 GB).")
+              help="Store weights in <output>.data (default: when the input model keeps its weights in external "
+                   "data, or the output exceeds 2 GB).")
 @click.option("--allow-empty", is_flag=True, help="Write the model unchanged if it has nothing to quantize.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or tables, only errors.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")

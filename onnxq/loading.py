@@ -15,13 +15,21 @@ TWO_GB = 2**31
 
 def load_model(path: str | Path) -> onnx.ModelProto:
     """Read a model (external data included) and check it, or fail with a one-line explanation."""
+    return load_model_and_layout(path)[0]
+
+
+def load_model_and_layout(path: str | Path) -> tuple[onnx.ModelProto, bool]:
+    """:func:`load_model`, and whether the file kept its weights in external data (outputs follow that layout)."""
     path = Path(path)
     if not path.exists():
         raise OnnxqError(f"model file {path} does not exist; check the path")
     if path.is_dir():
         raise OnnxqError(f"{path} is a folder; pass the path of an .onnx file")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        if external:
+            onnx.load_external_data_for_model(model, str(path.parent))
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
         raise OnnxqError(f"{path} is not a readable ONNX model ({_first_line(err)}); "
                          "re-export it or check that the file is complete") from err
@@ -31,7 +39,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         onnx.checker.check_model(model if model.ByteSize() < TWO_GB else str(path))
     except (onnx.checker.ValidationError, ValueError) as err:
         raise OnnxqError(f"{path} fails the ONNX checker ({_first_line(err)}); fix or re-export the model") from err
-    return model
+    return model, external
 
 
 def weights_fingerprint(model: onnx.ModelProto, names: list[str]) -> str:

@@ -19,7 +19,7 @@ from .errors import OnnxqError
 from .export import build_quantized_model, container_bits, layer_metadata, save_atomic, stored_weight_bits
 from .images import ImagePreprocessing
 from .layers import QUANTIZABLE_OPS, Layer, find_layers
-from .loading import load_model, weights_fingerprint
+from .loading import load_model_and_layout, weights_fingerprint
 from .mixed import (
     Budget,
     MixedPlan,
@@ -288,7 +288,7 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     """Quantize ``model_path`` with calibration data ``calib`` and write ``output``; see the CLI for options."""
     model_path, output = Path(model_path), Path(output)
     check_output_path(model_path, output)
-    original = load_model(model_path)
+    original, external = load_model_and_layout(model_path)
     model = prepare(original)
     layers, skipped = find_layers(model, tuple(options.op_types_to_quantize), tuple(options.nodes_to_exclude))
     if not layers and not options.allow_empty:
@@ -318,7 +318,7 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     if options.act_bits is not None and layers:
         quantized = with_activations(model, quantized, layers, calib, inputs, options,
                                      activation_layers(layers, results, options))
-    save_atomic(quantized, output, options.external_data)
+    save_atomic(quantized, output, external if options.external_data is None and external else options.external_data)
     try:
         sqnr, agreement = verify(output, model, first_feed or first_batch(calib, inputs, options))
     except BaseException:

@@ -100,11 +100,18 @@ def test_external_data_in_and_out(tmp_path, cnn_calib):
     path = tmp_path / "ext.onnx"
     onnx.save(model, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
     out = tmp_path / "q.onnx"
-    onnxq.quantize(path, cnn_calib, out, method="rtn", external_data=True)
+    onnxq.quantize(path, cnn_calib, out, method="rtn")  # the output follows the input's layout by default
     assert (tmp_path / "q.onnx.data").exists()
     x = np.ones((1, 3, 16, 16), np.float32)
     float_out = run_model(path, {"x": x})
     np.testing.assert_allclose(run_model(out, {"x": x}), float_out, rtol=0.5, atol=0.5)
+    inline = tmp_path / "inline.onnx"
+    onnxq.quantize(path, cnn_calib, inline, method="rtn", external_data=False)
+    assert not (tmp_path / "inline.onnx.data").exists()
+    np.testing.assert_array_equal(run_model(inline, {"x": x}), run_model(out, {"x": x}))
+    embedded = save(tiny.cnn_model(), tmp_path / "embedded.onnx")
+    onnxq.quantize(embedded, cnn_calib, tmp_path / "q2.onnx", method="rtn")
+    assert not (tmp_path / "q2.onnx.data").exists()
 
 
 def test_dynamic_spatial_dims_and_two_inputs(tmp_path):
