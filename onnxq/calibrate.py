@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from .errors import OnnxqError
 from .layers import Layer
+from .loading import proto_size
 from .masking import attention_mask_name, batch_mask, token_rows
 from .sources import Feed, feed_samples, model_inputs
 from .unfold import unfold
@@ -137,7 +138,7 @@ def make_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSessi
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
-    if model.ByteSize() < 2**31 - 2**26:
+    if proto_size(model) < 2**31 - 2**26:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="onnxq-") as tmp:
         path = Path(tmp) / "model.onnx"

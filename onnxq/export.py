@@ -26,6 +26,7 @@ from . import __version__
 from .bias import apply_bias_shifts
 from .errors import OnnxqError
 from .layers import Layer
+from .loading import proto_size
 from .nbits import ensure_domain, nbits_node, supports_nbits
 from .passes import Grid, QuantWeight
 
@@ -69,12 +70,32 @@ def raise_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     if current < opset:
         try:
-            model = version_converter.convert_version(model, opset)
+            model = _convert_without_weights(model, opset)
         except Exception as err:  # noqa: BLE001 - the converter raises bare RuntimeErrors
             raise OnnxqError(f"cannot convert the model from opset {current} to {opset} for low-bit weights "
                              f"({str(err).splitlines()[0][:160]}); use --bits 8 or convert the model first") from err
     model.ir_version = max(model.ir_version, IR_FOR_OPSET[max(k for k in IR_FOR_OPSET if k <= opset)])
     return model
+
+
+def _convert_without_weights(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The version converter on the graph alone: large initializers leave the message while it runs (it
+    serializes the model, which protobuf refuses over 2 GB) and come back by name afterwards."""
+    held = {}
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > 1024:
+            held[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+    try:
+        converted = version_converter.convert_version(model, opset)
+    finally:
+        for tensor in model.graph.initializer:
+            if tensor.name in held:
+                tensor.raw_data = held[tensor.name]
+    for tensor in converted.graph.initializer:
+        if tensor.name in held and not tensor.raw_data:
+            tensor.raw_data = held[tensor.name]
+    return converted
 
 
 def nbits_layers(layers: list[Layer], results: dict[str, QuantWeight], matmul_nbits: bool) -> set[str]:
@@ -182,7 +203,7 @@ def _layer_entry(layer: Layer, qw: QuantWeight) -> dict:
 
 def save_atomic(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:
     """Write the model (and its external data) to a temporary name, then rename: no partial file, ever."""
-    external = model.ByteSize() > PROTOBUF_LIMIT if external_data is None else external_data
+    external = proto_size(model) > PROTOBUF_LIMIT if external_data is None else external_data
     path = Path(path)
     try:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))

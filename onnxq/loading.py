@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import OnnxqError
 
@@ -36,10 +36,19 @@ def load_model_and_layout(path: str | Path) -> tuple[onnx.ModelProto, bool]:
     if not model.graph.node:
         raise OnnxqError(f"{path} is not a valid ONNX model (its graph has no nodes); re-export it")
     try:
-        onnx.checker.check_model(model if model.ByteSize() < TWO_GB else str(path))
+        onnx.checker.check_model(model if proto_size(model) < TWO_GB else str(path))
     except (onnx.checker.ValidationError, ValueError) as err:
         raise OnnxqError(f"{path} fails the ONNX checker ({_first_line(err)}); fix or re-export the model") from err
     return model, external
+
+
+def proto_size(model: onnx.ModelProto) -> int:
+    """The model's serialized size in bytes. protobuf cannot even measure a message over 2 GB; then the weights'
+    bytes are returned, which is what decides every "too big for one protobuf" choice anyway."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return TWO_GB + sum(len(t.raw_data) for t in model.graph.initializer)
 
 
 def weights_fingerprint(model: onnx.ModelProto, names: list[str]) -> str:

@@ -19,7 +19,7 @@ from .errors import OnnxqError
 from .export import build_quantized_model, container_bits, layer_metadata, save_atomic, stored_weight_bits
 from .images import ImagePreprocessing
 from .layers import QUANTIZABLE_OPS, Layer, find_layers
-from .loading import load_model_and_layout, weights_fingerprint
+from .loading import load_model_and_layout, proto_size, weights_fingerprint
 from .mixed import (
     Budget,
     MixedPlan,
@@ -290,6 +290,7 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     check_output_path(model_path, output)
     original, external = load_model_and_layout(model_path)
     model = prepare(original)
+    del original  # a >2 GB model is held in memory several times over; drop the copies as soon as they are done
     layers, skipped = find_layers(model, tuple(options.op_types_to_quantize), tuple(options.nodes_to_exclude))
     if not layers and not options.allow_empty:
         raise OnnxqError("the model has no Conv, Gemm or MatMul with a constant float weight to quantize; "
@@ -338,7 +339,7 @@ def unquantized_bytes(model: onnx.ModelProto, layers: list[Layer], results: dict
     exported = build_quantized_model(model, layers, results, {"onnxq.layers": layer_metadata(layers, results)})
     weights = sum(stored_weight_bits(layer, results[layer.name].grid.bits, results[layer.name].grid.block_size)
                   for layer in layers) // 8
-    return exported.ByteSize() - weights + METADATA_SLACK_BYTES
+    return proto_size(exported) - weights + METADATA_SLACK_BYTES
 
 
 def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer], stats: dict[str, LayerStats],

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxqError
+from .loading import proto_size
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulNBits",
                  "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
@@ -32,7 +33,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     refuse_quantized(model)
     with tempfile.TemporaryDirectory(prefix="onnxq-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "prepared.onnx"
-        large = model.ByteSize() > 2**31 - 2**26
+        large = proto_size(model) > 2**31 - 2**26
         onnx.save(model, str(src), save_as_external_data=large, location="in.data")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -64,7 +65,7 @@ def _keep_metadata(prepared: onnx.ModelProto, original: onnx.ModelProto) -> onnx
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Best-effort shape inference; models with custom ops keep whatever shapes are known."""
     try:
-        if model.ByteSize() < 2**31:
+        if proto_size(model) < 2**31:
             return onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - inference is an optimisation; unknown shapes are handled later
         pass
