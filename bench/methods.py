@@ -5,6 +5,7 @@ Each width is run with every layer at that width ("all") and with the first and 
 ("fl8"). Writes bench/results/methods.json and bench/results/methods.md.
 
     python bench/methods.py [--models squeezenet1.1,...] [--bits 8,4,3,2] [--methods rtn,gptq,comq]
+    python bench/methods.py --bits 4,3 --methods gptq,comq --no-bias-correction --tag methods_no_bias_correction
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ def calibration_stats(name: str, calib_size: int) -> tuple[Path, float]:
     return stats, time.perf_counter() - start
 
 
-def run_one(name: str, method: str, bits: int, fl8: bool, stats: Path, x, y) -> dict:
+def run_one(name: str, method: str, bits: int, fl8: bool, stats: Path, x, y, bias_correction: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
         start = time.perf_counter()
         result = onnxq.quantize(model_path(name), CALIB, out, bits=bits, method=method, stats=stats,
-                                first_last_bits=8 if fl8 else None, preprocessing=MODELS[name])
+                                first_last_bits=8 if fl8 else None, preprocessing=MODELS[name],
+                                bias_correction=bias_correction)
         seconds = time.perf_counter() - start
         return {"model": name, "method": method, "bits": bits, "first_last_8": fl8, "top1": top1(out, x, y),
                 "seconds": round(seconds, 1), "size_ratio": round(result.size_ratio, 4),
@@ -69,7 +71,8 @@ def markdown(rows: list[dict], fp32: dict[str, float]) -> str:
 @click.option("--methods", default="rtn,gptq,comq")
 @click.option("--calib-size", default=256)
 @click.option("--tag", default="methods", help="Name of the result files.")
-def main(models: str, bits: str, methods: str, calib_size: int, tag: str) -> None:
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True)
+def main(models: str, bits: str, methods: str, calib_size: int, tag: str, bias_correction: bool) -> None:
     require_shared()
     rows, fp32 = [], {}
     for name in models.split(","):
@@ -80,7 +83,7 @@ def main(models: str, bits: str, methods: str, calib_size: int, tag: str) -> Non
         for b in map(int, bits.split(",")):
             for fl8 in ([False] if b == 8 else [False, True]):
                 for method in methods.split(","):
-                    row = run_one(name, method, b, fl8, stats, x, y)
+                    row = run_one(name, method, b, fl8, stats, x, y, bias_correction)
                     rows.append(row)
                     click.echo(json.dumps(row), err=True)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,12 @@ cd "$(dirname "$0")/.."
 mkdir -p bench/results
 python bench/pass_speed.py --bits 4 --repeat 3 --quality | tee bench/results/pass_speed.txt
 python bench/methods.py
+python bench/methods.py --bits 4,3 --methods gptq,comq --no-bias-correction --tag methods_no_bias_correction
 python bench/mixed_precision.py --models squeezenet1.1 --tag mixed_squeezenet
 python bench/mixed_precision.py --models mobilenet_v1_0.75_224 --tag mixed_mobilenet
 python bench/calib_memory.py
 python bench/w8a8.py
+python bench/prefer.py
+python bench/big_model.py  # writes a 2.4 GB model to a temporary folder; ~15 GB peak memory
 python bench/minilm.py  # needs: pip install -e '.[bench]'
 python bench/report_demo.py
