@@ -34,8 +34,8 @@ def markdown(rows: list[dict], fp32: dict[str, float]) -> str:
     out = []
     for name in fp32:
         out.append(f"\n**{name}** (FP32 top-1 {fp32[name]:.2f} %)\n")
-        out.append("| model | top-1 % | size MB | avg stored bits | integer layers | MACs in integer kernels "
-                   "| batch 1 ms | batch 32 ms |")
+        out.append("| model | top-1 % | size MB | avg stored bits | layers in integer kernels "
+                   "| MACs in 8-bit layers (plan) | batch 1 ms | batch 32 ms |")
         out.append("|---|---|---|---|---|---|---|---|")
         for r in (r for r in rows if r["model"] == name):
             share = "" if r.get("integer_mac_share") is None else f"{100 * r['integer_mac_share']:.1f} %"
