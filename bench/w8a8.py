@@ -38,8 +38,8 @@ from onnxq.kernels import compare_latency, kernel_report, kernel_summary
 from onnxq.layers import Layer, find_layers
 from onnxq.loading import load_model, weights_fingerprint
 from onnxq.passes import Grid, QuantWeight
+from onnxq.pipeline import Options, corrected_layers, round_candidates
 from onnxq.prepare import prepare
-from onnxq.rounding import RoundingTask, round_all
 
 CALIB_SIZE, CALIB_BATCH = 256, 32
 DEFAULT_METHOD = "mse"
@@ -65,13 +65,14 @@ def calib_feeds(name: str, input_name: str) -> list[dict]:
     return [{input_name: x[i:i + CALIB_BATCH]} for i in range(0, len(x), CALIB_BATCH)]
 
 
-def round_weights(model: onnx.ModelProto, layers: list[Layer], stats: dict, method: str, grid: Grid
-                  ) -> dict[str, QuantWeight]:
-    """Every layer's weight rounded on ``grid`` by ``method`` with the cached Gram matrices."""
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    tasks = [RoundingTask(layer.name, layer.matrix(inits[layer.weight]).astype(np.float64),
-                          stats[layer.name].normalised_gram, grid, {"clip": True}) for layer in layers]
-    return {name: qw for name, (qw, _) in round_all(tasks, method).items()}
+def round_weights(model: onnx.ModelProto, layers: list[Layer], stats: dict, method: str, grid: Grid,
+                  slots: dict) -> dict[str, QuantWeight]:
+    """Every layer's weight rounded on ``grid`` by ``method`` with the cached statistics, bias-corrected as the
+    pipeline does by default (the layers in ``slots``)."""
+    options = Options(bits=grid.bits, method=method, symmetric=grid.symmetric)
+    rounded = round_candidates(model, layers, stats, {layer.name: (grid.bits,) for layer in layers}, options, None,
+                               slots)
+    return {name: qw for (name, _), (qw, _) in rounded.items()}
 
 
 def onnxq_models(name: str, folder: Path, feeds: list[dict]) -> dict[str, tuple[Path, float]]:
@@ -82,6 +83,7 @@ def onnxq_models(name: str, folder: Path, feeds: list[dict]) -> dict[str, tuple[
                        weights_fingerprint(model, [layer.weight for layer in layers]))
     if stats is None:
         raise SystemExit(f"no cached statistics for {name}; run bench/methods.py first")
+    slots = corrected_layers(model, layers, Options())
     out = {}
     start = time.perf_counter()
     plan = plan_qdq(model, layers, [layer.name for layer in layers])
@@ -90,7 +92,8 @@ def onnxq_models(name: str, folder: Path, feeds: list[dict]) -> dict[str, tuple[
     exact = {t: "minmax" for t in plan.exact}
     for method in ("rtn", "comq"):
         start = time.perf_counter()
-        qmodel = build_quantized_model(model, layers, round_weights(model, layers, stats, method, Grid(8, True)), {})
+        weights = round_weights(model, layers, stats, method, Grid(8, True), slots)
+        qmodel = build_quantized_model(model, layers, weights, {})
         acts = default_act_layers(qmodel, layers)
         seconds = time.perf_counter() - start + calib_seconds
         for act_method in (METHODS if method == "comq" else (DEFAULT_METHOD,)):
@@ -99,7 +102,7 @@ def onnxq_models(name: str, folder: Path, feeds: list[dict]) -> dict[str, tuple[
                         path)
             out[f"onnxq W8A8 {method.upper()} act={act_method}"] = (path, seconds)
     start = time.perf_counter()
-    w4 = build_quantized_model(model, layers, round_weights(model, layers, stats, "comq", Grid(4)), {})
+    w4 = build_quantized_model(model, layers, round_weights(model, layers, stats, "comq", Grid(4), slots), {})
     save_atomic(w4, folder / "w4.onnx")
     out["onnxq W4 COMQ weight-only"] = (folder / "w4.onnx", time.perf_counter() - start)
     names = [layer.name for layer in layers]
