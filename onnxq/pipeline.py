@@ -33,7 +33,8 @@ from .passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight
 from .prepare import prepare
 from .progress import NoProgress
 from .rounding import RoundingTask, round_all
-from .sources import Feed, InputSpec, batches, default_preprocessing, feeds_from, model_inputs
+from .shrinkage import shrink_gram
+from .sources import Feed, InputSpec, batches, default_preprocessing, feeds_from, held_out_batches, model_inputs
 
 log = logging.getLogger("onnxq")
 PREFERENCES = ("size", "speed")
@@ -88,6 +89,7 @@ class Options:
     symmetric: bool = False
     clip: bool = True
     bias_correction: bool = True  # round against the centred Gram matrix and fold the error mean into the bias
+    shrinkage: bool = True  # shrink Gram matrices estimated from few rows (classifiers after pooling) to their diagonal
     block_size: int | None = None  # one scale per block of this many inputs (MatMul/Gemm); None: per channel
     matmul_nbits: bool = False  # write 4-bit MatMul layers as com.microsoft.MatMulNBits
     accuracy_level: int = 0  # MatMulNBits' accuracy_level: 0 float activations, 4 int8 activations (faster)
@@ -229,6 +231,18 @@ def corrected_layers(model: onnx.ModelProto, layers: list[Layer], options: Optio
     return bias_slots(model, layers)
 
 
+def layer_gram(layer: Layer, stats: LayerStats, centred: bool, options: Options) -> tuple[np.ndarray, np.ndarray]:
+    """The Gram matrix a pass rounds against (centred with bias correction, shrunk when its rows are few) and
+    the calibration Gram its error is reported on."""
+    measured = stats.centred_gram if centred else stats.normalised_gram
+    if not options.shrinkage:
+        return measured, measured
+    H, rho = shrink_gram(measured, stats.rows)
+    if rho:
+        log.info("%s: Gram matrix from %d rows shrunk towards its diagonal (rho %.3f)", layer.name, stats.rows, rho)
+    return H, measured
+
+
 def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[str, LayerStats],
                      widths: dict[str, tuple[int, ...]], options: Options, progress: Callable | None,
                      slots: dict[str, BiasSlot] | None = None) -> dict[tuple[str, int], tuple[QuantWeight, float]]:
@@ -243,10 +257,11 @@ def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[st
     tasks, matrices = [], {}
     for layer in layers:
         W = matrices[layer.name] = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
-        H = stats[layer.name].centred_gram if layer.name in slots else stats[layer.name].normalised_gram
+        H, measured = layer_gram(layer, stats[layer.name], layer.name in slots, options)
         block = layer_block_size(layer, options)
         tasks += [RoundingTask((layer.name, b), W, H, Grid(b, weight_symmetric(b, options), block),
-                               {"clip": options.clip}) for b in widths[layer.name]]
+                               {"clip": options.clip}, None if H is measured else measured)
+                  for b in widths[layer.name]]
     with (progress(len(tasks), f"{options.method} rounding") if progress else NoProgress()) as bar:
         rounded = round_all(tasks, options.method, options.jobs, on_done=lambda: bar.update(1))
     for (name, _), (qw, _) in rounded.items():
@@ -353,15 +368,15 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     candidates = round_candidates(model, layers, stats, widths, options, progress, slots)
 
     def oracle() -> LossOracle:
-        raw, _ = feeds_from(calib, inputs, default_preprocessing(inputs, options.preprocessing))
-        feeds = list(batches(raw, inputs, options.batch_size, options.clado_samples))
-        return LossOracle(model, layers, feeds, slots=slots)
+        seen = next(iter(stats.values())).samples
+        return LossOracle(model, layers, oracle_feeds(calib, inputs, options, seen), slots=slots)
 
     float_bytes = _file_size(model_path)
     fixed_bytes = unquantized_bytes(model, layers, {name: candidates[(name, w[0])][0] for name, w in widths.items()})
     fingerprint = weights_fingerprint(model, [layer.weight for layer in layers])
     per_layer = [widths[layer.name] for layer in layers]
-    method = options.method + ("+bias_correction" if slots else "")
+    method = options.method + ("+bias_correction" if slots else "") + ("+shrinkage" if options.shrinkage else "")
+    method += "+held_out"  # sensitivities on samples the statistics did not use
     key = cache_key(fingerprint, per_layer, method, options.sensitivity, options.clado_samples)
     macs = layer_macs(layers, stats) if options.prefer == "speed" else None
     plan = sensitivity_and_allocation(oracle, layers, {k: qw for k, (qw, _) in candidates.items()}, per_layer,
@@ -370,6 +385,21 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     if options.bits_json:
         write_bits_json(options.bits_json, layers, plan.bits)
     return plan, {name: candidates[(name, b)] for name, b in plan.bits.items()}
+
+
+def oracle_feeds(calib: object, inputs: list[InputSpec], options: Options, seen: int) -> list[Feed]:
+    """The samples sensitivities are measured on: held out from the ``seen`` that the statistics came from, so
+    the oracle does not reward rounding that fits those samples only; the first ones when the data has no more."""
+    preprocessing = default_preprocessing(inputs, options.preprocessing)
+    raw, _ = feeds_from(calib, inputs, preprocessing)
+    feeds, count = held_out_batches(raw, inputs, options.batch_size, seen, options.clado_samples)
+    if count >= min(options.clado_samples, 16):
+        return feeds
+    log.warning("sensitivities measured on calibration samples the statistics also used (the data has %d beyond "
+                "the %d calibrated on); give more than --calib-size + --clado-samples for a held-out estimate",
+                count, seen)
+    raw, _ = feeds_from(calib, inputs, preprocessing)
+    return list(batches(raw, inputs, options.batch_size, options.clado_samples))
 
 
 def layer_macs(layers: list[Layer], stats: dict[str, LayerStats]) -> dict[str, float]:

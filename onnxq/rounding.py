@@ -28,6 +28,7 @@ class RoundingTask:
     H: np.ndarray
     grid: Grid
     options: dict = field(default_factory=dict)
+    measured_on: np.ndarray | None = None  # the Gram the reported error uses when H is a regularised one
 
     @property
     def cost(self) -> float:
@@ -37,7 +38,8 @@ class RoundingTask:
 def run_task(method: str, task: RoundingTask) -> tuple[QuantWeight, float]:
     """Round one matrix and measure its relative reconstruction error."""
     qw = ROUNDING_PASSES[method](task.W, task.H, task.grid, **task.options)
-    return qw, relative_error(task.W, qw.dequantize(), task.H)
+    H = task.H if task.measured_on is None else task.measured_on
+    return qw, relative_error(task.W, qw.dequantize(), H)
 
 
 def default_jobs() -> int:
