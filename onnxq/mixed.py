@@ -58,6 +58,8 @@ class MixedPlan:
     keys: list[tuple[str, int]] = field(default_factory=list)
     prefer: str = "size"
     integer_mac_share: float | None = None  # with prefer="speed": the share of MACs at 8 bits (W8A8 kernels)
+    verified: dict[str, float] = field(default_factory=dict)  # measured loss of each allocation checked
+    picked: str = "solver"  # which of them was kept: "solver", "diagonal" or "uniform <bits>"
 
 
 def candidates_for(layers: list[Layer], choices: list[tuple[int, ...]],
@@ -156,9 +158,40 @@ def float_mac_share(layers: list[Layer], choices: list[tuple[int, ...]], macs: d
                      for layer, widths in zip(layers, choices, strict=True) for b in widths])
 
 
+def uniform_choices(cands: clado.Candidates, limit: float) -> dict[str, np.ndarray]:
+    """Every uniform width that fits the budget (layers with a single width keep it), by label."""
+    out = {}
+    for b in sorted({b for widths in cands.bits for b in widths}, reverse=True):
+        if all(b in widths or len(widths) == 1 for widths in cands.bits):
+            choice = np.array([widths.index(b) if b in widths else 0 for widths in cands.bits])
+            if cands.total_cost(choice) <= limit:
+                out[f"uniform {b}"] = choice
+    return out
+
+
+def verify(result: clado.Allocation, cands: clado.Candidates, limit: float, omega: np.ndarray,
+           measure: Callable[[tuple[int, ...]], float]) -> tuple[np.ndarray, str, dict[str, float]]:
+    """Measure the solver's allocation, the diagonal-only one and the uniform ones that fit, and keep the best.
+
+    The quadratic model is a second-order expansion at the float model; at 2-3 bits the loss of many perturbed
+    layers together departs from it, and one forward pass per alternative settles which is really better.
+    """
+    options = {"solver": result.choice, "diagonal": clado.allocate_diagonal(omega, cands, limit).choice,
+               **uniform_choices(cands, limit)}
+    losses, seen = {}, {}
+    for label, choice in options.items():
+        key = tuple(int(c) for c in choice)
+        if key not in seen:
+            seen[key] = measure(tuple(int(b) for b in cands.bits_of(choice)))
+        losses[label] = seen[key]
+    picked = min(losses, key=lambda label: (losses[label], label != "solver"))
+    return options[picked], picked, losses
+
+
 def allocate_bits(layers: list[Layer], choices: list[tuple[int, ...]], budget: Budget, omega: np.ndarray,
                   fixed_bytes: int, float_bytes: int, estimator: str, time_limit: float,
-                  macs: dict[str, float] | None = None, blocks: dict[str, int | None] | None = None) -> MixedPlan:
+                  macs: dict[str, float] | None = None, blocks: dict[str, int | None] | None = None,
+                  measure: Callable[[tuple[int, ...]], float] | None = None) -> MixedPlan:
     """Solve the allocation under the budget: exactly (MILP) with cross terms, or the diagonal baseline.
 
     With ``macs`` (``--prefer speed``) a second solve adds a linear speed term to Omega's diagonal: leaving
@@ -184,19 +217,26 @@ def allocate_bits(layers: list[Layer], choices: list[tuple[int, ...]], budget: B
         result = solve(omega + np.diag(weight * penalty))
         seconds += result.seconds
         share = 1.0 - float(penalty[cands.offsets[:-1] + result.choice].sum())
-    bits = {layer.name: int(b) for layer, b in zip(layers, result.bits, strict=True)}
+    choice, picked, verified = result.choice, "solver", {}
+    if measure is not None and macs is None:
+        start = time.perf_counter()
+        choice, picked, verified = verify(result, cands, limit, omega, measure)
+        seconds += time.perf_counter() - start
+    bits = {layer.name: int(b) for layer, b in zip(layers, cands.bits_of(choice), strict=True)}
     keys = [(layer.name, b) for layer, widths in zip(layers, choices, strict=True) for b in widths]
-    loss = clado.quadratic_value(loss_matrix, cands, result.choice)
-    return MixedPlan(bits, estimator, loss, float(result.gap), result.status, limit, float(result.cost), 0,
-                     {"solve": seconds}, omega, keys, "speed" if macs is not None else "size", share)
+    loss = clado.quadratic_value(loss_matrix, cands, choice)
+    return MixedPlan(bits, estimator, loss, float(result.gap), result.status, limit, cands.total_cost(choice), 0,
+                     {"solve": seconds}, omega, keys, "speed" if macs is not None else "size", share, verified,
+                     picked)
 
 
 def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers: list[Layer],
                                candidates: dict[tuple[str, int], QuantWeight], choices: list[tuple[int, ...]],
                                budget: Budget, estimator: str, fixed_bytes: int, float_bytes: int,
                                cache: Path | None, key: str, time_limit: float,
-                               progress: Callable | None, macs: dict[str, float] | None = None) -> MixedPlan:
-    """Measure (or reload) Omega, then allocate widths under the budget."""
+                               progress: Callable | None, macs: dict[str, float] | None = None,
+                               verify_allocation: bool = True) -> MixedPlan:
+    """Measure (or reload) Omega, then allocate widths under the budget (and check the result by measurement)."""
     if estimator not in ESTIMATORS:
         raise OnnxqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
@@ -204,7 +244,7 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
     check_budget(candidates_for(layers, choices, blocks if is_size else None), limit, layers, is_size, fixed_bytes)
     start = time.perf_counter()
     omega = load_omega(cache, key)
-    evaluations = 0
+    evaluations, oracle = 0, None
     if omega is None:
         oracle = oracle_factory()
         cands = candidates_for(layers, choices)
@@ -213,9 +253,20 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
         evaluations = oracle.evaluations
         save_omega(cache, key, omega)
     measured = time.perf_counter() - start
+
+    def measure(bits: tuple[int, ...]) -> float:
+        """The oracle's loss of one whole allocation (one forward pass)."""
+        replaced = {}
+        for layer, b in zip(layers, bits, strict=True):
+            replaced.update(oracle.replacement(layer, candidates[(layer.name, b)]))
+        return oracle.loss(replaced)
+
+    verifying = verify_allocation and estimator != "diagonal" and macs is None
+    if verifying and oracle is None:
+        oracle = oracle_factory()
     plan = allocate_bits(layers, choices, budget, omega, fixed_bytes, float_bytes, estimator, time_limit, macs,
-                         blocks)
-    plan.evaluations = evaluations
+                         blocks, measure if verifying else None)
+    plan.evaluations = oracle.evaluations if oracle is not None else evaluations
     plan.seconds["sensitivity"] = measured
     return plan
 

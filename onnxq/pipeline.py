@@ -113,6 +113,7 @@ class Options:
     sensitivity: str = "fast"
     clado_samples: int = 128
     clado_time_limit: float = 60.0
+    verify_allocation: bool = True  # measure the solver's allocation against diagonal-only and uniform ones
     sensitivity_cache: Path | None = None
     bits_json: Path | None = None
 
@@ -329,7 +330,8 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     if plan is not None:
         metadata["onnxq.mixed_precision"] = json.dumps({
             "estimator": plan.estimator, "status": plan.status, "gap": plan.gap,
-            "predicted_loss": plan.predicted_loss, "prefer": plan.prefer, "integer_mac_share": plan.integer_mac_share})
+            "predicted_loss": plan.predicted_loss, "prefer": plan.prefer,
+            "verified": plan.verified, "picked": plan.picked, "integer_mac_share": plan.integer_mac_share})
     quantized = build_quantized_model(model, layers, results, metadata, options.matmul_nbits, options.accuracy_level)
     if options.act_bits is not None and layers:
         quantized = with_activations(model, quantized, layers, calib, inputs, options,
@@ -381,7 +383,8 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     macs = layer_macs(layers, stats) if options.prefer == "speed" else None
     plan = sensitivity_and_allocation(oracle, layers, {k: qw for k, (qw, _) in candidates.items()}, per_layer,
                                       options.budget, options.sensitivity, fixed_bytes, float_bytes,
-                                      options.sensitivity_cache, key, options.clado_time_limit, progress, macs)
+                                      options.sensitivity_cache, key, options.clado_time_limit, progress, macs,
+                                      options.verify_allocation)
     if options.bits_json:
         write_bits_json(options.bits_json, layers, plan.bits)
     return plan, {name: candidates[(name, b)] for name, b in plan.bits.items()}

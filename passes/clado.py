@@ -120,6 +120,10 @@ class Candidates:
         """Cost of the dearest assignment: budgets above it do not bind."""
         return self.total_cost(np.array([int(np.argmax(c)) for c in self.costs]))
 
+    def bits_of(self, choice: np.ndarray) -> tuple[int, ...]:
+        """The width of each layer under a per-layer choice (candidate index within each layer)."""
+        return tuple(widths[int(c)] for widths, c in zip(self.bits, choice, strict=True))
+
     def total_cost(self, choice: np.ndarray) -> float:
         """Cost of a per-layer choice (candidate index within each layer)."""
         return float(self.cost[self.offsets[:-1] + np.asarray(choice)].sum())

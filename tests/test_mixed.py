@@ -95,3 +95,37 @@ def test_size_budgets_hold_with_block_wise_scales(tmp_path):
         onnxq.quantize(path, feeds, out, method="rtn", block_size=16, budget=Budget(size_mb=budget),
                        bit_choices=(2, 4, 8), sensitivity="diagonal", clado_samples=16)
         assert out.stat().st_size <= budget * 1e6
+
+
+def test_verification_keeps_the_allocation_that_measures_best():
+    """The quadratic model prefers mixing 2 and 8 bits; if uniform 4 measures better, uniform 4 is kept."""
+    from onnxq.mixed import uniform_choices, verify
+    from onnxq.passes import clado
+
+    cands = clado.Candidates.uniform([2, 4, 8], np.array([[2.0, 4.0, 8.0]] * 3))
+    omega = np.diag([0.1, 0.5, 0.0] * 3)  # 4 bits predicted as bad as it can be: the solver mixes 2 and 8
+    solved = clado.allocate(omega, cands, 12.0)
+    assert sorted(solved.bits) != [4, 4, 4]
+    assert set(uniform_choices(cands, 12.0)) == {"uniform 4", "uniform 2"}
+    measured = []
+
+    def measure(bits):
+        measured.append(bits)
+        return 1.0 if bits == (4, 4, 4) else 2.0 + sum(b == 2 for b in bits)
+
+    choice, picked, losses = verify(solved, cands, 12.0, omega, measure)
+    assert picked == "uniform 4" and cands.bits_of(choice) == (4, 4, 4)
+    assert losses["uniform 4"] == 1.0 and len(measured) == len(set(measured))  # each allocation measured once
+    tie = verify(solved, cands, 12.0, omega, lambda bits: 1.0)
+    assert tie[1] == "solver"
+
+
+def test_verified_plan_is_reported_and_fits(tmp_path, cnn_path, cnn_calib):
+    out = tmp_path / "mixed.onnx"
+    result = onnxq.quantize(cnn_path, cnn_calib, out, method="rtn", budget=Budget(avg_bits=4.0),
+                            bit_choices=(2, 4, 8), clado_samples=8)
+    plan = result.extra["mixed"]
+    assert plan.picked in plan.verified and plan.verified[plan.picked] == min(plan.verified.values())
+    assert "uniform 4" in plan.verified and result.average_bits(stored=True) <= 4.0 + 1e-9
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["onnxq.mixed_precision"])["picked"] == plan.picked
