@@ -36,7 +36,8 @@ def run(name: str, stats: Path, x, y, **options) -> dict:
                 "bits": [r.bits for r in result.layers],
                 **({"solver": plan.status, "gap": plan.gap, "evaluations": plan.evaluations,
                     "sensitivity_seconds": round(plan.seconds.get("sensitivity", 0), 1),
-                    "solve_seconds": round(plan.seconds.get("solve", 0), 2)} if plan else {})}
+                    "solve_seconds": round(plan.seconds.get("solve", 0), 2), "picked": plan.picked,
+                    "verified": plan.verified} if plan else {})}
 
 
 def plot(rows: list[dict], fp32: dict[str, float], path: Path) -> None:
@@ -71,7 +72,9 @@ def markdown(rows: list[dict], fp32: dict[str, float]) -> str:
             cells = []
             for strategy in ("uniform", "diagonal", "clado-fast", "clado-exact"):
                 hit = [r for r in rows if r["model"] == name and r["budget"] == budget and r["strategy"] == strategy]
-                cells.append(f"{hit[0]['top1']:.2f} ({hit[0]['size_mb']:.2f} MB)" if hit else "")
+                picked = hit[0].get("picked", "solver") if hit else "solver"
+                note = "" if picked == "solver" else f" [{picked}]"
+                cells.append(f"{hit[0]['top1']:.2f} ({hit[0]['size_mb']:.2f} MB){note}" if hit else "")
             out.append(f"| {budget} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
