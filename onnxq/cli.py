@@ -189,9 +189,9 @@ def cli() -> None:
 @click.option("--clado-samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="Samples the sensitivity losses are measured on: those after the --calib-size "
                    "calibrated on when the data has them (held out), else the first ones.")
-@click.option("--verify-allocation/--no-verify-allocation", default=True, show_default=True,
-              help="Measure the solver's allocation, the diagonal-only one and each uniform width that fits on the "
-                   "held-out samples (one forward pass each) and keep the one with the lowest loss.")
+@click.option("--verify-samples", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Held-out samples on which the solver's allocation, the diagonal-only one and each uniform width "
+                   "that fits are measured (one forward pass each); the lowest loss is kept. 0: no check.")
 @click.option("--clado-time-limit", type=float, default=60.0, show_default=True,
               help="Seconds for the exact integer program; the optimality gap is reported if it stops early.")
 @click.option("--sensitivity-cache", type=click.Path(path_type=Path), default=None,
@@ -222,7 +222,7 @@ def quantize_command(model, calib, output, bits, method, symmetric, clip, bias_c
                      matmul_nbits, accuracy_level,
                      first_last_bits, nodes_to_exclude,
                      op_types_to_quantize, calib_size, batch_size, stats, bit_choices, avg_bits, size_mb, size_ratio,
-                     sensitivity, clado_samples, verify_allocation, clado_time_limit, sensitivity_cache, bits_json,
+                     sensitivity, clado_samples, verify_samples, clado_time_limit, sensitivity_cache, bits_json,
                      act_bits, prefer, act_method, kernel_report, image_size, resize,
                      mean, std, scale, channel_order, external_data, allow_empty, quiet, debug) -> None:
     """Quantize MODEL's Conv/Gemm/MatMul weights to 2, 3, 4 or 8 bits and write a QDQ ONNX model."""
@@ -239,7 +239,7 @@ def quantize_command(model, calib, output, bits, method, symmetric, clip, bias_c
         allow_empty=allow_empty, external_data=external_data,
         budget=budget_from_flags(avg_bits, size_mb, size_ratio), bit_choices=parse_bit_choices(bit_choices),
         sensitivity=sensitivity, clado_samples=clado_samples, clado_time_limit=clado_time_limit,
-        verify_allocation=verify_allocation,
+        verify_samples=verify_samples,
         sensitivity_cache=sensitivity_cache, bits_json=bits_json,
         act_bits=int(act_bits) if act_bits else None, act_method=act_method, prefer=prefer)
     result = quantize_model(model, calib, output, options,

@@ -235,8 +235,9 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
                                budget: Budget, estimator: str, fixed_bytes: int, float_bytes: int,
                                cache: Path | None, key: str, time_limit: float,
                                progress: Callable | None, macs: dict[str, float] | None = None,
-                               verify_allocation: bool = True) -> MixedPlan:
-    """Measure (or reload) Omega, then allocate widths under the budget (and check the result by measurement)."""
+                               verifier_factory: Callable[[], LossOracle] | None = None) -> MixedPlan:
+    """Measure (or reload) Omega, then allocate widths under the budget; with ``verifier_factory``, check the
+    result against the diagonal-only and uniform allocations by measuring each on that oracle's samples."""
     if estimator not in ESTIMATORS:
         raise OnnxqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
@@ -244,7 +245,7 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
     check_budget(candidates_for(layers, choices, blocks if is_size else None), limit, layers, is_size, fixed_bytes)
     start = time.perf_counter()
     omega = load_omega(cache, key)
-    evaluations, oracle = 0, None
+    evaluations = 0
     if omega is None:
         oracle = oracle_factory()
         cands = candidates_for(layers, choices)
@@ -254,19 +255,18 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
         save_omega(cache, key, omega)
     measured = time.perf_counter() - start
 
+    verifier = verifier_factory() if verifier_factory and estimator != "diagonal" and macs is None else None
+
     def measure(bits: tuple[int, ...]) -> float:
-        """The oracle's loss of one whole allocation (one forward pass)."""
+        """The verifier's loss of one whole allocation (one forward pass)."""
         replaced = {}
         for layer, b in zip(layers, bits, strict=True):
-            replaced.update(oracle.replacement(layer, candidates[(layer.name, b)]))
-        return oracle.loss(replaced)
+            replaced.update(verifier.replacement(layer, candidates[(layer.name, b)]))
+        return verifier.loss(replaced)
 
-    verifying = verify_allocation and estimator != "diagonal" and macs is None
-    if verifying and oracle is None:
-        oracle = oracle_factory()
     plan = allocate_bits(layers, choices, budget, omega, fixed_bytes, float_bytes, estimator, time_limit, macs,
-                         blocks, measure if verifying else None)
-    plan.evaluations = oracle.evaluations if oracle is not None else evaluations
+                         blocks, measure if verifier is not None else None)
+    plan.evaluations = evaluations + (verifier.evaluations if verifier is not None else 0)
     plan.seconds["sensitivity"] = measured
     return plan
 

@@ -113,7 +113,7 @@ class Options:
     sensitivity: str = "fast"
     clado_samples: int = 128
     clado_time_limit: float = 60.0
-    verify_allocation: bool = True  # measure the solver's allocation against diagonal-only and uniform ones
+    verify_samples: int = 512  # held-out samples to check the allocation on vs diagonal-only and uniform (0: off)
     sensitivity_cache: Path | None = None
     bits_json: Path | None = None
 
@@ -369,9 +369,10 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     widths.update({name: (b,) for name, b in options.bits_per_layer.items()})
     candidates = round_candidates(model, layers, stats, widths, options, progress, slots)
 
-    def oracle() -> LossOracle:
-        seen = next(iter(stats.values())).samples
-        return LossOracle(model, layers, oracle_feeds(calib, inputs, options, seen), slots=slots)
+    seen = next(iter(stats.values())).samples
+
+    def oracle(samples: int = options.clado_samples) -> LossOracle:
+        return LossOracle(model, layers, oracle_feeds(calib, inputs, options, seen, samples), slots=slots)
 
     float_bytes = _file_size(model_path)
     fixed_bytes = unquantized_bytes(model, layers, {name: candidates[(name, w[0])][0] for name, w in widths.items()})
@@ -384,25 +385,28 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     plan = sensitivity_and_allocation(oracle, layers, {k: qw for k, (qw, _) in candidates.items()}, per_layer,
                                       options.budget, options.sensitivity, fixed_bytes, float_bytes,
                                       options.sensitivity_cache, key, options.clado_time_limit, progress, macs,
-                                      options.verify_allocation)
+                                      (lambda: oracle(options.verify_samples)) if options.verify_samples else None)
     if options.bits_json:
         write_bits_json(options.bits_json, layers, plan.bits)
     return plan, {name: candidates[(name, b)] for name, b in plan.bits.items()}
 
 
-def oracle_feeds(calib: object, inputs: list[InputSpec], options: Options, seen: int) -> list[Feed]:
-    """The samples sensitivities are measured on: held out from the ``seen`` that the statistics came from, so
-    the oracle does not reward rounding that fits those samples only; the first ones when the data has no more."""
+def oracle_feeds(calib: object, inputs: list[InputSpec], options: Options, seen: int,
+                 samples: int | None = None) -> list[Feed]:
+    """The ``samples`` (default ``clado_samples``) that losses are measured on: held out from the ``seen`` that
+    the statistics came from, so the oracle does not reward rounding that fits those samples only; the first
+    ones when the data has no more."""
+    samples = samples or options.clado_samples
     preprocessing = default_preprocessing(inputs, options.preprocessing)
     raw, _ = feeds_from(calib, inputs, preprocessing)
-    feeds, count = held_out_batches(raw, inputs, options.batch_size, seen, options.clado_samples)
-    if count >= min(options.clado_samples, 16):
+    feeds, count = held_out_batches(raw, inputs, options.batch_size, seen, samples)
+    if count >= min(samples, 16):
         return feeds
     log.warning("sensitivities measured on calibration samples the statistics also used (the data has %d beyond "
                 "the %d calibrated on); give more than --calib-size + --clado-samples for a held-out estimate",
                 count, seen)
     raw, _ = feeds_from(calib, inputs, preprocessing)
-    return list(batches(raw, inputs, options.batch_size, options.clado_samples))
+    return list(batches(raw, inputs, options.batch_size, samples))
 
 
 def layer_macs(layers: list[Layer], stats: dict[str, LayerStats]) -> dict[str, float]:
