@@ -8,6 +8,11 @@ python bench/methods.py
 python bench/methods.py --bits 4,3 --methods gptq,comq --no-bias-correction --tag methods_no_bias_correction
 python bench/mixed_precision.py --models squeezenet1.1 --tag mixed_squeezenet
 python bench/mixed_precision.py --models mobilenet_v1_0.75_224 --tag mixed_mobilenet
+python bench/mixed_precision.py --models efficientnet_lite0 --tag mixed_efficientnet
+python bench/clado_agreement.py --model squeezenet1.1 --pairs 300
+{ python bench/one_layer.py --model mobilenet_v1_0.75_224 --layer conv_preds --bits 2
+  python bench/one_layer.py --model mobilenet_v1_0.75_224 --layer conv_preds --bits 2 --no-shrinkage
+  python bench/one_layer.py --model squeezenet1.1 --layer conv10 --bits 2; } | tee bench/results/one_layer.txt
 python bench/calib_memory.py
 python bench/w8a8.py
 python bench/prefer.py
