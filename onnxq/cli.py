@@ -190,8 +190,8 @@ def cli() -> None:
               help="Samples the sensitivity losses are measured on: those after the --calib-size "
                    "calibrated on when the data has them (held out), else the first ones.")
 @click.option("--verify-samples", type=click.IntRange(min=0), default=512, show_default=True,
-              help="Held-out samples on which the solver's allocation, the diagonal-only one and each uniform width "
-                   "that fits are measured (one forward pass each); the lowest loss is kept. 0: no check.")
+              help="Held-out samples on which the solver's allocation, the diagonal-only one and the widest uniform "
+                   "width that fits are measured (one forward pass each); the lowest loss is kept. 0: no check.")
 @click.option("--clado-time-limit", type=float, default=60.0, show_default=True,
               help="Seconds for the exact integer program; the optimality gap is reported if it stops early.")
 @click.option("--sensitivity-cache", type=click.Path(path_type=Path), default=None,

@@ -159,14 +159,14 @@ def float_mac_share(layers: list[Layer], choices: list[tuple[int, ...]], macs: d
 
 
 def uniform_choices(cands: clado.Candidates, limit: float) -> dict[str, np.ndarray]:
-    """Every uniform width that fits the budget (layers with a single width keep it), by label."""
-    out = {}
+    """The widest uniform width that fits the budget (layers with a single width keep it), by label; narrower
+    uniform widths are never better, so they are not worth a forward pass."""
     for b in sorted({b for widths in cands.bits for b in widths}, reverse=True):
         if all(b in widths or len(widths) == 1 for widths in cands.bits):
             choice = np.array([widths.index(b) if b in widths else 0 for widths in cands.bits])
             if cands.total_cost(choice) <= limit:
-                out[f"uniform {b}"] = choice
-    return out
+                return {f"uniform {b}": choice}
+    return {}
 
 
 def verify(result: clado.Allocation, cands: clado.Candidates, limit: float, omega: np.ndarray,
