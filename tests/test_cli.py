@@ -54,6 +54,17 @@ def test_bias_correction_flag(tmp_path, cnn_path, cnn_calib):
         assert not np.allclose(biases["--bias-correction"][name], original[name])
 
 
+def test_shrinkage_flag_changes_the_layer_with_few_rows(tmp_path, cnn_path, cnn_calib):
+    """The classifier sees one row per sample (20 rows): shrinkage changes its codes; --no-shrinkage turns it off."""
+    codes = {}
+    for flag in ("--shrinkage", "--no-shrinkage"):
+        out = tmp_path / f"{flag}.onnx"
+        result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--bits", "2", "--method", "comq", flag)
+        assert result.returncode == 0, result.stderr
+        codes[flag] = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    assert not np.array_equal(codes["--shrinkage"]["fc_w_quantized"], codes["--no-shrinkage"]["fc_w_quantized"])
+
+
 def test_exclude_and_op_types(tmp_path, cnn_path, cnn_calib):
     out = tmp_path / "q.onnx"
     result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--method", "rtn", "--nodes_to_exclude", "conv[13].*",
