@@ -128,8 +128,8 @@ def main(budgets: list[float], uniform: list[int], samples: int) -> None:
 def describe(shared: bool, samples: int) -> str:
     """Where the figures come from, for the page."""
     if shared:
-        data = ("Calibration: first 256 images of imagenet-calib1000 (sensitivities on the first 128); accuracy: "
-                "all 1300 images of imagenet-val1300")
+        data = ("Calibration: first 256 images of imagenet-calib1000 (sensitivities on the next 128, verification "
+                "on the next 512); accuracy: all 1300 images of imagenet-val1300")
     else:
         data = "Calibration and accuracy: the ten demo images in models/demo_calib"
     return (f"Made by bench/report_demo.py: onnxq quantize models/squeezenet1.1.onnx --avg-bits 3 (COMQ rounding, "
