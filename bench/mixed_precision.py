@@ -86,9 +86,10 @@ def markdown(rows: list[dict], fp32: dict[str, float]) -> str:
 @click.option("--clado-samples", default=128)
 @click.option("--exact-models", default="", help="Models on which the exact (all pairs) estimator also runs.")
 @click.option("--exact-samples", default=32, help="Samples for the exact estimator (it needs every pair).")
+@click.option("--verify-samples", default=512, help="Held-out samples for verification (0: the solver's choice).")
 @click.option("--tag", default="mixed_precision", help="Name of the result files.")
 def main(models: str, budgets: str, method: str, clado_samples: int, exact_models: str, exact_samples: int,
-         tag: str) -> None:
+         verify_samples: int, tag: str) -> None:
     require_shared()
     rows, fp32 = [], {}
     cache = RESULTS / "cache"
@@ -108,7 +109,8 @@ def main(models: str, budgets: str, method: str, clado_samples: int, exact_model
                 shared = "fast" if estimator == "diagonal" else estimator  # the same measured matrix
                 sens_cache = cache / f"omega_{name}_{method}_{shared}_{samples}.npz"
                 row = run(name, stats, x, y, method=method, budget=Budget(avg_bits=budget), sensitivity=estimator,
-                          clado_samples=samples, sensitivity_cache=sens_cache, clado_time_limit=120)
+                          clado_samples=samples, sensitivity_cache=sens_cache, clado_time_limit=120,
+                          verify_samples=verify_samples)
                 rows.append({"model": name, "strategy": strategy, "budget": f"avg {budget:g}", **row})
                 click.echo(json.dumps(rows[-1]), err=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
