@@ -371,8 +371,12 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
 
     seen = next(iter(stats.values())).samples
 
+    warned: list[bool] = []  # the sensitivity and the verification oracle share one fallback warning
+
     def oracle(samples: int = options.clado_samples) -> LossOracle:
-        return LossOracle(model, layers, oracle_feeds(calib, inputs, options, seen, samples), slots=slots)
+        feeds = oracle_feeds(calib, inputs, options, seen, samples, warn=not warned)
+        warned.append(True)
+        return LossOracle(model, layers, feeds, slots=slots)
 
     float_bytes = _file_size(model_path)
     fixed_bytes = unquantized_bytes(model, layers, {name: candidates[(name, w[0])][0] for name, w in widths.items()})
@@ -392,7 +396,7 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
 
 
 def oracle_feeds(calib: object, inputs: list[InputSpec], options: Options, seen: int,
-                 samples: int | None = None) -> list[Feed]:
+                 samples: int | None = None, warn: bool = True) -> list[Feed]:
     """The ``samples`` (default ``clado_samples``) that losses are measured on: held out from the ``seen`` that
     the statistics came from, so the oracle does not reward rounding that fits those samples only; the first
     ones when the data has no more."""
@@ -402,9 +406,10 @@ def oracle_feeds(calib: object, inputs: list[InputSpec], options: Options, seen:
     feeds, count = held_out_batches(raw, inputs, options.batch_size, seen, samples)
     if count >= min(samples, 16):
         return feeds
-    log.warning("sensitivities measured on calibration samples the statistics also used (the data has %d beyond "
-                "the %d calibrated on); give more than --calib-size + --clado-samples for a held-out estimate",
-                count, seen)
+    if warn:
+        log.warning("sensitivities measured on calibration samples the statistics also used (the data has %d "
+                    "beyond the %d calibrated on); give more than --calib-size + --clado-samples for a held-out "
+                    "estimate", count, seen)
     raw, _ = feeds_from(calib, inputs, preprocessing)
     return list(batches(raw, inputs, options.batch_size, samples))
 

@@ -55,7 +55,7 @@ def summary(result: QuantizationResult) -> str:
                      f"{100 * plan.used_bits / plan.budget_bits:.1f} %")
         if plan.verified:
             measured = ", ".join(f"{label} {loss:.4g}" for label, loss in plan.verified.items())
-            lines.append(f"measured loss on held-out samples: {measured}; kept {plan.picked}")
+            lines.append(f"measured loss on the verification samples: {measured}; kept {plan.picked}")
         if plan.integer_mac_share is not None:
             lines.append(f"--prefer speed: {100 * plan.integer_mac_share:.1f} % of the multiply-adds are in 8-bit "
                          "layers (W8A8, integer kernels); the rest run weight-only in float")

@@ -121,10 +121,12 @@ def test_verification_keeps_the_allocation_that_measures_best():
     assert tie[1] == "solver"
 
 
-def test_verified_plan_is_reported_and_fits(tmp_path, cnn_path, cnn_calib):
+def test_verified_plan_is_reported_and_fits(tmp_path, cnn_path, cnn_calib, caplog):
     out = tmp_path / "mixed.onnx"
-    result = onnxq.quantize(cnn_path, cnn_calib, out, method="rtn", budget=Budget(avg_bits=4.0),
-                            bit_choices=(2, 4, 8), clado_samples=8)
+    with caplog.at_level("WARNING", logger="onnxq"):
+        result = onnxq.quantize(cnn_path, cnn_calib, out, method="rtn", budget=Budget(avg_bits=4.0),
+                                bit_choices=(2, 4, 8), clado_samples=8)
+    assert caplog.text.count("held-out estimate") == 1  # all 20 samples calibrated: one warning for both oracles
     plan = result.extra["mixed"]
     assert plan.picked in plan.verified and plan.verified[plan.picked] == min(plan.verified.values())
     assert "uniform 4" in plan.verified and result.average_bits(stored=True) <= 4.0 + 1e-9
