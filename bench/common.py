@@ -54,12 +54,16 @@ def val_set(name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray
     return x, y
 
 
-def top1(model: str | Path, x: np.ndarray, y: np.ndarray, batch: int = 50) -> float:
-    """Top-1 accuracy in percent of an ONNX model file on preprocessed images."""
+def logits(model: str | Path, x: np.ndarray, batch: int = 50) -> np.ndarray:
+    """The first output of an ONNX model file on preprocessed images, in batches."""
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    preds = np.concatenate([session.run(None, {name: x[i:i + batch]})[0].argmax(1) for i in range(0, len(x), batch)])
-    return float((preds == y).mean() * 100)
+    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def top1(model: str | Path, x: np.ndarray, y: np.ndarray, batch: int = 50) -> float:
+    """Top-1 accuracy in percent of an ONNX model file on preprocessed images."""
+    return float((logits(model, x, batch).argmax(1) == y).mean() * 100)
 
 
 def calib_files(count: int) -> list[Path]:

@@ -17,17 +17,10 @@ from pathlib import Path
 
 import click
 import numpy as np
-import onnxruntime as ort
-from common import CALIB, MODELS, model_path, require_shared, val_set
+from common import CALIB, MODELS, logits, model_path, require_shared, val_set
 
 import onnxq
 from onnxq.oracle import log_softmax
-
-
-def logits(path: Path, x: np.ndarray, batch: int = 50) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 @click.command()

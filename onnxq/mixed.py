@@ -171,7 +171,7 @@ def uniform_choices(cands: clado.Candidates, limit: float) -> dict[str, np.ndarr
 
 def verify(result: clado.Allocation, cands: clado.Candidates, limit: float, omega: np.ndarray,
            measure: Callable[[tuple[int, ...]], float]) -> tuple[np.ndarray, str, dict[str, float]]:
-    """Measure the solver's allocation, the diagonal-only one and the uniform ones that fit, and keep the best.
+    """Measure the solver's allocation, the diagonal-only one and the widest uniform one that fits; keep the best.
 
     The quadratic model is a second-order expansion at the float model; at 2-3 bits the loss of many perturbed
     layers together departs from it, and one forward pass per alternative settles which is really better.

@@ -19,12 +19,9 @@ MIN_INTENSITY = 1e-3  # below this, shrinking changes nothing worth a copy
 def oas_intensity(gram: np.ndarray, rows: int) -> float:
     """OAS shrinkage intensity rho in [0, 1] of one d x d Gram matrix estimated from ``rows`` rows,
     computed on its correlation matrix (target: the identity there, the diagonal here)."""
-    d = gram.shape[-1]
-    if d < 2 or rows < 1:
-        return 0.0
     diag = np.diagonal(gram)
     live = diag > 0  # dead inputs carry nothing to shrink
-    if live.sum() < 2:
+    if rows < 1 or live.sum() < 2:
         return 0.0
     inv = 1.0 / np.sqrt(diag[live])
     corr = gram[np.ix_(live, live)] * inv[:, None] * inv[None, :]

@@ -192,13 +192,18 @@ def _check_array(array: np.ndarray, spec: InputSpec) -> np.ndarray:
     return array
 
 
+def is_mergeable(inputs: list[InputSpec]) -> bool:
+    """Feeds can be merged and split along the leading axis when every input has a dynamic batch axis."""
+    return all(spec.shape and spec.shape[0] is None for spec in inputs)
+
+
 def batches(feeds: Iterable[Feed], inputs: list[InputSpec], batch_size: int, limit: int | None) -> Iterator[Feed]:
     """Validated feeds regrouped into batches of ``batch_size`` samples, at most ``limit`` samples in all.
 
     Feeds are only merged when every input has a dynamic leading (batch) axis; otherwise each feed is one
     sample and is passed through as it is.
     """
-    mergeable = all(spec.shape and spec.shape[0] is None for spec in inputs)
+    mergeable = is_mergeable(inputs)
     pending: list[Feed] = []
     taken = 0
     for raw in feeds:
@@ -229,7 +234,7 @@ def held_out_batches(feeds: Iterable[Feed], inputs: list[InputSpec], batch_size:
                      limit: int) -> tuple[list[Feed], int]:
     """Up to ``limit`` samples that come after the first ``skip`` (data the statistics did not see), in
     batches; returns them and their count (0 when the data ends within ``skip``)."""
-    mergeable = all(spec.shape and spec.shape[0] is None for spec in inputs)
+    mergeable = is_mergeable(inputs)
     kept: list[Feed] = []
     seen = count = 0
     for feed in batches(feeds, inputs, batch_size, skip + limit):

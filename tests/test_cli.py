@@ -39,15 +39,20 @@ def test_quantize_end_to_end(tmp_path, cnn_path, cnn_calib):
     assert types["c2_w_quantized"] == onnx.TensorProto.INT4 and types["fc_w_quantized"] == onnx.TensorProto.INT8
 
 
+def initializers_per_flag(tmp_path, cnn_path, cnn_calib, method: str, *flags: str) -> dict[str, dict]:
+    """Quantize the tiny CNN to 2 bits once per flag; each output's initializers by name."""
+    out_tensors = {}
+    for flag in flags:
+        out = tmp_path / f"{flag}.onnx"
+        result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--bits", "2", "--method", method, flag)
+        assert result.returncode == 0, result.stderr
+        out_tensors[flag] = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    return out_tensors
+
+
 def test_bias_correction_flag(tmp_path, cnn_path, cnn_calib):
     """Default: biases shift by the error mean; --no-bias-correction leaves every bias as in the float model."""
-    biases = {}
-    for flag in ("--bias-correction", "--no-bias-correction"):
-        out = tmp_path / f"{flag}.onnx"
-        result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--bits", "2", "--method", "rtn", flag)
-        assert result.returncode == 0, result.stderr
-        biases[flag] = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
-                        if t.name in ("c2_b", "dw_b", "fc_b")}
+    biases = initializers_per_flag(tmp_path, cnn_path, cnn_calib, "rtn", "--bias-correction", "--no-bias-correction")
     original = {t.name: onnx.numpy_helper.to_array(t) for t in tiny.cnn_model().graph.initializer}
     for name in ("c2_b", "dw_b", "fc_b"):
         np.testing.assert_array_equal(biases["--no-bias-correction"][name], original[name])
@@ -56,12 +61,7 @@ def test_bias_correction_flag(tmp_path, cnn_path, cnn_calib):
 
 def test_shrinkage_flag_changes_the_layer_with_few_rows(tmp_path, cnn_path, cnn_calib):
     """The classifier sees one row per sample (20 rows): shrinkage changes its codes; --no-shrinkage turns it off."""
-    codes = {}
-    for flag in ("--shrinkage", "--no-shrinkage"):
-        out = tmp_path / f"{flag}.onnx"
-        result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--bits", "2", "--method", "comq", flag)
-        assert result.returncode == 0, result.stderr
-        codes[flag] = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    codes = initializers_per_flag(tmp_path, cnn_path, cnn_calib, "comq", "--shrinkage", "--no-shrinkage")
     assert not np.array_equal(codes["--shrinkage"]["fc_w_quantized"], codes["--no-shrinkage"]["fc_w_quantized"])
 
 
