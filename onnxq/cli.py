@@ -149,6 +149,11 @@ def cli() -> None:
 @click.option("--shrinkage/--no-shrinkage", default=True, show_default=True,
               help="Shrink input statistics estimated from few rows (e.g. a classifier after global pooling: one "
                    "row per image) towards their diagonal (OAS), so rounding does not overfit the calibration set.")
+@click.option("--sequential/--no-sequential", default=False, show_default=True,
+              help="Round layer after layer on the inputs the already-quantized layers feed it, towards the float "
+                   "model's outputs, so each layer compensates the error before it (one capture pass per stage, "
+                   "slower; --stats is not used). With a budget, CLADO allocates first and the chosen widths are "
+                   "rounded sequentially.")
 @click.option("--block-size", "--block_size", type=click.Choice(["32", "64", "128"]), default=None,
               help="Block-wise scales: one scale and zero point per block of this many inputs of each MatMul/Gemm "
                    "weight (Conv layers stay per channel). More accurate at 3-4 bits, for about 1 extra bit per "
@@ -218,7 +223,8 @@ def cli() -> None:
 @click.option("--allow-empty", is_flag=True, help="Write the model unchanged if it has nothing to quantize.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or tables, only errors.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def quantize_command(model, calib, output, bits, method, symmetric, clip, bias_correction, shrinkage, block_size,
+def quantize_command(model, calib, output, bits, method, symmetric, clip, bias_correction, shrinkage, sequential,
+                     block_size,
                      matmul_nbits, accuracy_level,
                      first_last_bits, nodes_to_exclude,
                      op_types_to_quantize, calib_size, batch_size, stats, bit_choices, avg_bits, size_mb, size_ratio,
@@ -228,7 +234,7 @@ def quantize_command(model, calib, output, bits, method, symmetric, clip, bias_c
     """Quantize MODEL's Conv/Gemm/MatMul weights to 2, 3, 4 or 8 bits and write a QDQ ONNX model."""
     options = Options(
         bits=int(bits), method=method, symmetric=symmetric, clip=clip, bias_correction=bias_correction,
-        shrinkage=shrinkage,
+        shrinkage=shrinkage, sequential=sequential,
         block_size=int(block_size) if block_size else None, matmul_nbits=matmul_nbits,
         accuracy_level=accuracy_level,
         first_last_bits=int(first_last_bits) if first_last_bits else None,

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from .act_qdq import quantize_activations
-from .bias import BiasSlot, add_missing_biases, bias_slots, output_shift
+from .bias import BiasSlot, add_missing_biases, bias_slots, corrected_bias, output_shift
 from .calibrate import LayerStats, calibrate, load_stats, make_session, save_stats
 from .errors import OnnxqError
 from .export import build_quantized_model, container_bits, layer_metadata, save_atomic, stored_weight_bits
@@ -33,8 +33,18 @@ from .passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight
 from .prepare import prepare
 from .progress import NoProgress
 from .rounding import RoundingTask, round_all
+from .sequential import round_sequentially
 from .shrinkage import shrink_gram
-from .sources import Feed, InputSpec, batches, default_preprocessing, feeds_from, held_out_batches, model_inputs
+from .sources import (
+    Feed,
+    InputSpec,
+    batches,
+    default_preprocessing,
+    feed_samples,
+    feeds_from,
+    held_out_batches,
+    model_inputs,
+)
 
 log = logging.getLogger("onnxq")
 PREFERENCES = ("size", "speed")
@@ -90,6 +100,7 @@ class Options:
     clip: bool = True
     bias_correction: bool = True  # round against the centred Gram matrix and fold the error mean into the bias
     shrinkage: bool = True  # shrink Gram matrices estimated from few rows (classifiers after pooling) to their diagonal
+    sequential: bool = False  # round layer after layer on the quantized model's inputs, towards the float outputs
     block_size: int | None = None  # one scale per block of this many inputs (MatMul/Gemm); None: per channel
     matmul_nbits: bool = False  # write 4-bit MatMul layers as com.microsoft.MatMulNBits
     accuracy_level: int = 0  # MatMulNBits' accuracy_level: 0 float activations, 4 int8 activations (faster)
@@ -271,6 +282,44 @@ def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[st
     return rounded
 
 
+def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str, int], calib: object,
+                     inputs: list[InputSpec], options: Options, progress: Callable | None,
+                     slots: dict[str, BiasSlot]) -> tuple[dict[str, tuple[QuantWeight, float]], int]:
+    """Round the layers stage by stage on the inputs of the model quantized so far (``sequential.py``);
+    returns the quantized weights with their errors, and the number of calibration samples."""
+    if options.method not in ROUNDING_PASSES:
+        raise OnnxqError(f"unknown method {options.method!r}; choose one of {', '.join(ROUNDING_PASSES)}")
+    raw, _ = feeds_from(calib, inputs, default_preprocessing(inputs, options.preprocessing))
+    feeds = list(batches(raw, inputs, options.batch_size, options.calib_size or None))
+    if not feeds:
+        raise OnnxqError("the calibration data is empty; give at least one sample")
+    inits = {t.name: t for t in model.graph.initializer}
+    float_biases = {slot.tensor: onnx.numpy_helper.to_array(inits[slot.tensor]) for slot in slots.values()}
+
+    def round_stage(work: list) -> dict[str, tuple[QuantWeight, float]]:
+        tasks = []
+        for layer, target, S, rows in work:
+            H, rho = shrink_gram(S, rows) if options.shrinkage else (S, 0.0)
+            b = bits[layer.name]
+            tasks.append(RoundingTask(layer.name, target, H, Grid(b, weight_symmetric(b, options),
+                                      layer_block_size(layer, options)), {"clip": options.clip},
+                                      S if rho else None))
+        return round_all(tasks, options.method, options.jobs)
+
+    def replacement(layer: Layer, qw: QuantWeight) -> dict[str, np.ndarray]:
+        tensors = {layer.weight: layer.tensor(qw.dequantize())}
+        slot = slots.get(layer.name)
+        if slot is not None and qw.bias_shift is not None:
+            tensors[slot.tensor] = corrected_bias(float_biases[slot.tensor], qw, slot)
+        return tensors
+
+    names = [layer.weight for layer in layers] + list(float_biases)
+    with (progress(len(layers), f"sequential {options.method} rounding") if progress else NoProgress()) as bar:
+        chosen = round_sequentially(model, layers, feeds, round_stage, replacement, names, set(slots),
+                                    on_stage=bar.update)
+    return chosen, sum(feed_samples(feed) for feed in feeds)
+
+
 def layer_reports(layers: list[Layer], chosen: dict[str, tuple[QuantWeight, float]]) -> list[LayerReport]:
     """The per-layer table rows for the chosen quantized weights."""
     return [LayerReport(layer.name, layer.op_type, layer.shape, chosen[layer.name][0].grid.bits,
@@ -316,12 +365,19 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
         options.bits_per_layer = {**read_bits_json(options.bits_json, layers), **options.bits_per_layer}
     bits = layer_bits(layers, options)
     inputs = model_inputs(model)
-    stats, first_feed = collect_stats(model, layers, calib, inputs, options, progress) if layers else ({}, None)
+    sequential = options.sequential and bool(layers)
+    if sequential and options.stats and not mixed:
+        log.info("sequential rounding captures its statistics stage by stage; %s is not used", options.stats)
+    stats, first_feed = ({}, None) if (sequential and not mixed) or not layers else collect_stats(
+        model, layers, calib, inputs, options, progress)
     slots = corrected_layers(model, layers, options)
     plan = None
     if mixed:
         plan, chosen = mixed_precision(model, model_path, layers, stats, calib, inputs, options, progress, slots)
-    else:
+    if sequential:
+        chosen, samples = round_sequential(model, layers, plan.bits if plan else bits, calib, inputs, options,
+                                           progress, slots)
+    elif not mixed:
         rounded = round_candidates(model, layers, stats, {n: (b,) for n, b in bits.items()}, options, progress,
                                    slots)
         chosen = {name: rounded[(name, b)] for name, b in bits.items()}
@@ -342,7 +398,8 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     except BaseException:
         output.unlink(missing_ok=True)
         raise
-    samples = next(iter(stats.values())).samples if stats else 0
+    if not sequential:
+        samples = next(iter(stats.values())).samples if stats else 0
     extra = {"mixed": plan} if plan is not None else {}
     return QuantizationResult(output, options.method, layer_reports(layers, chosen), skipped,
                               _file_size(model_path), _file_size(output), samples, sqnr, agreement, extra)

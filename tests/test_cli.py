@@ -65,6 +65,14 @@ def test_shrinkage_flag_changes_the_layer_with_few_rows(tmp_path, cnn_path, cnn_
     assert not np.array_equal(codes["--shrinkage"]["fc_w_quantized"], codes["--no-shrinkage"]["fc_w_quantized"])
 
 
+def test_sequential_flag_keeps_the_first_layer_and_changes_later_ones(tmp_path, cnn_path, cnn_calib):
+    """The first layer sees float inputs either way; later layers are rounded on the quantized model's inputs."""
+    codes = initializers_per_flag(tmp_path, cnn_path, cnn_calib, "comq", "--no-sequential", "--sequential")
+    plain, sequential = codes["--no-sequential"], codes["--sequential"]
+    np.testing.assert_array_equal(plain["ConvBnFusion_W_c1_w_quantized"], sequential["ConvBnFusion_W_c1_w_quantized"])
+    assert not np.array_equal(plain["c2_w_quantized"], sequential["c2_w_quantized"])
+
+
 def test_exclude_and_op_types(tmp_path, cnn_path, cnn_calib):
     out = tmp_path / "q.onnx"
     result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--method", "rtn", "--nodes_to_exclude", "conv[13].*",

@@ -1,0 +1,231 @@
+"""Sequential, error-compensating rounding: each layer is rounded against the inputs the quantized model
+really feeds it, towards the float model's output.
+
+COMQ's objective ``||X W - X Q||^2`` uses the float model's inputs X for every layer, so each layer ignores
+the error the layers before it already made. Here the layers are rounded stage by stage; a stage's inputs
+are captured twice on the same batches, from the float model (X) and from the model whose earlier stages
+are already quantized (X~), and the stage's layers minimise ``||X W - X~ Q - 1 b||^2`` (the asymmetric
+reconstruction of AdaRound/GPFQ). In Gram form that is ``(Q - W*) S (Q - W*)^T`` with the centred
+``S = cov(X~)`` and the compensated target ``W* = W cov(X, X~) S^-1``, so every rounding pass runs
+unchanged on ``(W*, S)``; the bias absorbs ``W mu - Q mu~``. When X~ = X, W* = W exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .calibrate import _chunks, capture_model, make_session
+from .layers import Layer
+from .masking import attention_mask_name, batch_mask, token_rows
+from .oracle import weights_as_inputs
+from .sources import Feed, model_inputs
+from .unfold import unfold
+
+TARGET_DAMP = 0.01  # ridge on S (fraction of its mean diagonal) when solving for W*: S is often rank-deficient
+
+
+@dataclass
+class PairedStats:
+    """Sums over one layer's input rows in the quantized-so-far model (x~) and the float model (x)."""
+
+    gram: np.ndarray  # (G, d, d) sum x~ x~^T
+    cross: np.ndarray  # (G, d, d) sum x~ x^T
+    sum_quantized: np.ndarray  # (G, d)
+    sum_float: np.ndarray  # (G, d)
+    rows: int = 0
+    samples: int = 0
+
+    @classmethod
+    def empty(cls, layer: Layer) -> PairedStats:
+        g, d = layer.groups, layer.fan_in
+        return cls(np.zeros((g, d, d)), np.zeros((g, d, d)), np.zeros((g, d)), np.zeros((g, d)))
+
+    def merge(self, x_quantized: np.ndarray, x_float: np.ndarray, layer: Layer, mask: np.ndarray | None) -> None:
+        """Add one batch of the layer's input from both models (same samples, same order)."""
+        self.samples += x_quantized.shape[0]
+        xq, xf = token_rows(x_quantized, layer, mask), token_rows(x_float, layer, mask)
+        for chunk_q, chunk_f in zip(_chunks(xq, layer), _chunks(xf, layer), strict=True):
+            rows_q, rows_f = unfold(layer, chunk_q), unfold(layer, chunk_f)
+            self.gram += np.matmul(rows_q.transpose(0, 2, 1), rows_q)
+            self.cross += np.matmul(rows_q.transpose(0, 2, 1), rows_f)
+            self.sum_quantized += rows_q.sum(axis=1, dtype=np.float64)
+            self.sum_float += rows_f.sum(axis=1, dtype=np.float64)
+            self.rows += rows_q.shape[1]
+
+    @property
+    def mean_quantized(self) -> np.ndarray:
+        return self.sum_quantized / max(self.rows, 1)
+
+    @property
+    def mean_float(self) -> np.ndarray:
+        return self.sum_float / max(self.rows, 1)
+
+    def covariances(self, centred: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(S, C)``: the second moments of x~ and of (x~, x) per row, centred when a bias takes the means."""
+        n = max(self.rows, 1)
+        S, C = self.gram / n, self.cross / n
+        if centred:
+            mq, mf = self.mean_quantized, self.mean_float
+            S = S - mq[:, :, None] * mq[:, None, :]
+            C = C - mq[:, :, None] * mf[:, None, :]
+        return S, C
+
+
+def compensated_target(W: np.ndarray, S: np.ndarray, C: np.ndarray, rows: int | None = None,
+                       damp: float = TARGET_DAMP) -> np.ndarray:
+    """``W* = W + W (C - S)^T (S + lambda I)^-1`` per Gram group: the weight that, fed the quantized model's
+    inputs, best reproduces the float output. The ridge only shrinks the correction, so X~ = X gives W.
+
+    The correction is a regression of the earlier layers' error on the d inputs, fitted on ``rows`` rows;
+    its noise grows as d / rows, so it is scaled by ``max(0, 1 - d / rows)``: a classifier after pooling
+    (one row per image, more inputs than images) keeps W instead of fitting the calibration images' noise."""
+    groups, d = S.shape[0], S.shape[-1]
+    weight = 1.0 if rows is None else max(0.0, 1.0 - d / max(rows, 1))
+    target = W.astype(np.float64).copy()
+    if weight == 0.0:
+        return target
+    grouped = target.reshape(groups, -1, d)  # rows of each Gram group
+    ridge = damp * np.maximum(np.diagonal(S, axis1=1, axis2=2).mean(axis=1), 1e-30)
+    rhs = np.matmul(C - S, grouped.transpose(0, 2, 1))
+    correction = np.linalg.solve(S + ridge[:, None, None] * np.eye(d), rhs).transpose(0, 2, 1)
+    return (grouped + weight * correction).reshape(W.shape)
+
+
+def compensated_bias_shift(W: np.ndarray, Q: np.ndarray, stats: PairedStats) -> np.ndarray:
+    """``W mu - Q mu~`` per output channel: the mean of the float output minus the quantized layer's."""
+    groups = stats.gram.shape[0]
+    index = np.repeat(np.arange(groups), W.shape[0] // groups)
+    mf, mq = stats.mean_float[index], stats.mean_quantized[index]
+    return np.einsum("od,od->o", W.astype(np.float64), mf) - np.einsum("od,od->o", Q.astype(np.float64), mq)
+
+
+def stages(model: onnx.ModelProto, layers: list[Layer]) -> list[list[Layer]]:
+    """Split the layers (in graph order) into stages whose inputs do not depend on a layer of the same stage,
+    so a stage's layers can be captured together once the earlier stages are quantized."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    weight_of = {layer.name: layer for layer in layers}
+    upstream: dict[str, set[str]] = {}
+
+    def layers_above(tensor: str) -> set[str]:
+        if tensor in upstream:
+            return upstream[tensor]
+        found: set[str] = set()
+        stack, seen = [tensor], set()
+        while stack:
+            name = stack.pop()
+            node = producers.get(name)
+            if node is None or name in seen:
+                continue
+            seen.add(name)
+            if node.name in weight_of:
+                found.add(node.name)
+            stack.extend(node.input)
+        upstream[tensor] = found
+        return found
+
+    result: list[list[Layer]] = []
+    for layer in layers:
+        if result and not (layers_above(layer.activation) & {item.name for item in result[-1]}):
+            result[-1].append(layer)
+        else:
+            result.append([layer])
+    return result
+
+
+def pruned(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy whose outputs are ``outputs`` and whose nodes are only those they depend on (onnxruntime runs
+    every node of a session whatever is fetched, so an early stage would otherwise pay for the whole model).
+    Graph inputs are kept, so the same feeds work; a model with subgraphs is left whole."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
+           for a in n.attribute):
+        return capture_model(model, outputs)
+    producers = {out: index for index, node in enumerate(model.graph.node) for out in node.output}
+    needed, stack = set(), list(outputs)
+    while stack:
+        index = producers.get(stack.pop())
+        if index is not None and index not in needed:
+            needed.add(index)
+            stack.extend(model.graph.node[index].input)
+    used = {name for i in needed for name in model.graph.node[i].input}
+    result = capture_model(model, outputs)
+    kept = [node for i, node in enumerate(result.graph.node) if i in needed]
+    del result.graph.node[:]
+    result.graph.node.extend(kept)
+    initializers = [t for t in result.graph.initializer if t.name in used]
+    del result.graph.initializer[:]
+    result.graph.initializer.extend(initializers)
+    return result
+
+
+@dataclass
+class StageCapture:
+    """Captures any layer inputs of the model with its weights and biases fed as inputs (float or quantized)."""
+
+    model: onnx.ModelProto
+    replaced_names: list[str]
+    float_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        inits = {t.name: t for t in self.model.graph.initializer}
+        self.float_tensors = {name: onnx.numpy_helper.to_array(inits[name]) for name in self.replaced_names}
+        self.fed_model = weights_as_inputs(self.model, self.replaced_names)
+        self.mask_name = attention_mask_name(model_inputs(self.model))
+
+    def paired_stats(self, stage: list[Layer], feeds: list[Feed],
+                     replaced: dict[str, np.ndarray]) -> dict[str, PairedStats]:
+        """Statistics of the stage's inputs, float model against the model with ``replaced`` tensors."""
+        stats = {layer.name: PairedStats.empty(layer) for layer in stage}
+        names = [layer.activation for layer in stage]
+        fetch = [n for n in dict.fromkeys(names) if n not in {v.name for v in self.fed_model.graph.input}]
+        session = make_session(pruned(self.fed_model, fetch)) if fetch else None
+        wanted = {v.name for v in session.get_inputs()} if session else set()
+
+        def inputs_of(feed: Feed, tensors: dict[str, np.ndarray]) -> list[np.ndarray]:
+            values = dict(feed)
+            if session is not None:
+                given = {k: v for k, v in {**feed, **self.float_tensors, **tensors}.items() if k in wanted}
+                values.update(zip(fetch, session.run(fetch, given), strict=True))
+            return [np.asarray(values[n], dtype=np.float32) for n in names]
+
+        for feed in feeds:
+            floats = inputs_of(feed, {})
+            quantized = inputs_of(feed, replaced) if replaced else floats
+            mask = batch_mask(feed, self.mask_name)
+            for layer, xq, xf in zip(stage, quantized, floats, strict=True):
+                stats[layer.name].merge(xq, xf, layer, mask)
+        return stats
+
+
+def round_sequentially(model: onnx.ModelProto, layers: list[Layer], feeds: list[Feed],
+                       round_stage: Callable[[list[tuple[Layer, np.ndarray, np.ndarray, np.ndarray]]], dict],
+                       replacement: Callable[[Layer, object], dict[str, np.ndarray]], replaced_names: list[str],
+                       centred: set[str], on_stage: Callable[[int], None] | None = None) -> dict:
+    """Round stage after stage: capture the stage's inputs (float and quantized-so-far), compute each layer's
+    compensated target, round them with ``round_stage([(layer, W*, S, S_measured)])`` -> {name: (qw, error)},
+    set their bias shifts and feed their quantized tensors to the next stages."""
+    capture = StageCapture(model, replaced_names)
+    inits = {t.name: t for t in model.graph.initializer}
+    replaced: dict[str, np.ndarray] = {}
+    results: dict = {}
+    for stage in stages(model, layers):
+        paired = capture.paired_stats(stage, feeds, replaced)
+        work, weights = [], {}
+        for layer in stage:
+            W = weights[layer.name] = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
+            S, C = paired[layer.name].covariances(layer.name in centred)
+            rows = paired[layer.name].rows
+            work.append((layer, compensated_target(W, S, C, rows), S, rows))
+        rounded = round_stage(work)
+        for layer in stage:
+            qw, error = rounded[layer.name]
+            if layer.name in centred:
+                qw.bias_shift = compensated_bias_shift(weights[layer.name], qw.dequantize(), paired[layer.name])
+            results[layer.name] = (qw, error)
+            replaced.update(replacement(layer, qw))
+        if on_stage:
+            on_stage(len(stage))
+    return results

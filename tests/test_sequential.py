@@ -1,0 +1,122 @@
+"""Sequential, error-compensating rounding: the compensated target against least squares, the paired
+statistics against the unfolded inputs, the stage split, and the exported model's output error."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import tiny
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+import onnxq
+from onnxq.layers import find_layers
+from onnxq.mixed import Budget
+from onnxq.sequential import PairedStats, compensated_bias_shift, compensated_target, stages
+from onnxq.unfold import unfold
+
+
+def centred_moments(Xq: np.ndarray, Xf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(cov(X~), cov(X~, X))`` computed directly from rows."""
+    cq, cf = Xq - Xq.mean(axis=0), Xf - Xf.mean(axis=0)
+    return (cq.T @ cq / len(Xq))[None], (cq.T @ cf / len(Xq))[None]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), noise=st.floats(0.01, 1.0))
+def test_target_is_the_least_squares_weight_on_quantized_inputs(seed, noise):
+    """Without ridge, W* solves min_Q ||X W^T - X~ Q^T - b||^2 (lstsq on centred rows, an independent path)."""
+    rng = np.random.default_rng(seed)
+    Xf = rng.normal(size=(300, 6)) + rng.normal(size=6)
+    Xq = Xf + noise * rng.normal(size=Xf.shape)
+    W = rng.normal(size=(4, 6))
+    S, C = centred_moments(Xq, Xf)
+    target = compensated_target(W, S, C, damp=0.0)
+    cq, cf = Xq - Xq.mean(axis=0), Xf - Xf.mean(axis=0)
+    expected = np.linalg.lstsq(cq, cf @ W.T, rcond=None)[0].T
+    assert np.allclose(target, expected, atol=1e-8 * max(1.0, np.abs(expected).max()))
+
+
+def test_target_is_the_weight_when_the_inputs_are_the_float_ones():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(10, 8))  # fewer rows than inputs: S is singular, the ridge must not move W
+    S, C = centred_moments(X, X)
+    W = rng.normal(size=(3, 8))
+    assert np.array_equal(compensated_target(W, S, C), W)
+
+
+def test_paired_stats_match_the_unfolded_inputs():
+    model = tiny.conv_model(cin=4, cout=6, group=2)
+    layer = find_layers(model)[0][0]
+    rng = np.random.default_rng(1)
+    xf = rng.normal(size=(3, 4, 7, 7)).astype(np.float32)
+    xq = (xf + 0.1 * rng.normal(size=xf.shape)).astype(np.float32)
+    stats = PairedStats.empty(layer)
+    stats.merge(xq, xf, layer, None)
+    rq, rf = unfold(layer, xq).astype(np.float64), unfold(layer, xf).astype(np.float64)
+    gram, cross = np.matmul(rq.transpose(0, 2, 1), rq), np.matmul(rq.transpose(0, 2, 1), rf)
+    assert np.allclose(stats.gram, gram, atol=1e-5 * np.abs(gram).max())  # float32 products, float64 sums
+    assert np.allclose(stats.cross, cross, atol=1e-5 * np.abs(cross).max())
+    assert np.allclose(stats.mean_quantized, rq.mean(axis=1), atol=1e-6)
+    assert stats.rows == rq.shape[1]
+    W = rng.normal(size=(6, layer.fan_in))
+    Q = W + 0.1
+    # the bias shift is the mean of the float output minus the quantized layer's, per channel
+    groups = np.repeat([0, 1], 3)
+    expected = [(rf[g] @ W[o]).mean() - (rq[g] @ Q[o]).mean() for o, g in enumerate(groups)]
+    assert np.allclose(compensated_bias_shift(W, Q, stats), expected, atol=1e-5)
+
+
+def branching_model() -> onnx.ModelProto:
+    """x feeds two MatMuls (one stage), whose sum feeds a third (the next stage)."""
+    rng = np.random.default_rng(0)
+    inits = [tiny._init(n, rng.normal(size=(6, 6))) for n in ("wa", "wb", "wc")]
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"], name="a"),
+             helper.make_node("MatMul", ["x", "wb"], ["b"], name="b"),
+             helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+             helper.make_node("MatMul", ["s", "wc"], ["y"], name="c")]
+    return tiny._model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], inits)
+
+
+def test_stages_group_layers_that_do_not_feed_each_other():
+    model = branching_model()
+    assert [[layer.name for layer in stage] for stage in stages(model, find_layers(model)[0])] == [["a", "b"], ["c"]]
+    cnn = tiny.cnn_model()
+    assert [len(stage) for stage in stages(cnn, find_layers(cnn)[0])] == [1, 1, 1, 1]
+
+
+def output_error_energy(path, model: onnx.ModelProto, x: np.ndarray) -> float:
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    quantized = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return float(((quantized.run(None, {"x": x})[0] - reference.run(None, {"x": x})[0]) ** 2).sum())
+
+
+def test_sequential_rounding_compensates_the_earlier_layers(tmp_path):
+    """The first layer sees float inputs either way (same codes); the last one, rounded on the quantized
+    model's inputs towards the float outputs, leaves a smaller output error on the calibration data."""
+    model = tiny.mlp_model(features=16, hidden=32, classes=8)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(2).normal(size=(256, 16)).astype(np.float32)
+    energy, codes = {}, {}
+    for sequential in (False, True):
+        out = tmp_path / f"q{int(sequential)}.onnx"
+        onnxq.quantize(tmp_path / "m.onnx", [{"x": x}], out, bits=2, sequential=sequential)
+        energy[sequential] = output_error_energy(out, model, x)
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+        codes[sequential] = inits["mm_w_quantized"]
+    assert np.array_equal(codes[False], codes[True])
+    assert energy[True] < 0.9 * energy[False]
+
+
+def test_a_budget_allocates_then_rounds_the_chosen_widths_sequentially(tmp_path):
+    model = tiny.mlp_model(features=16, hidden=32, classes=8)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(2).normal(size=(64, 16)).astype(np.float32)
+    result = onnxq.quantize(tmp_path / "m.onnx", [{"x": x}], tmp_path / "q.onnx", budget=Budget(avg_bits=3.0),
+                            bit_choices=(2, 4), sequential=True, verify_samples=0, clado_samples=32)
+    plan = result.extra["mixed"]
+    assert {r.name: r.bits for r in result.layers} == plan.bits
+    assert result.average_bits(stored=True) <= 3.0
