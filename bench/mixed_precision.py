@@ -1,10 +1,12 @@
 """Issue 4 benchmark: top-1 against size for uniform widths, diagonal-only allocation, CLADO (fast) and
 CLADO (exact) at average stored widths 2.5, 3, 3.5 and 4, on the ../shared models.
 
-Calibration: first 256 images of imagenet-calib1000 (cached statistics); sensitivities on its first 128
-(--clado-samples); evaluation: all of imagenet-val1300. Writes bench/results/mixed_precision.{json,md,png}.
+Calibration: first 256 images of imagenet-calib1000 (cached statistics); sensitivities on the next 128
+(--clado-samples, held out), verification on the next 512; evaluation: all of imagenet-val1300.
+Writes bench/results/<tag>.{json,md,png}.
 
     python bench/mixed_precision.py [--models ...] [--budgets 2.5,3,3.5,4] [--exact-models squeezenet1.1]
+    python bench/mixed_precision.py --models squeezenet1.1 --sequential --tag mixed_squeezenet_sequential
 """
 
 from __future__ import annotations
@@ -87,9 +89,10 @@ def markdown(rows: list[dict], fp32: dict[str, float]) -> str:
 @click.option("--exact-models", default="", help="Models on which the exact (all pairs) estimator also runs.")
 @click.option("--exact-samples", default=32, help="Samples for the exact estimator (it needs every pair).")
 @click.option("--verify-samples", default=512, help="Held-out samples for verification (0: the solver's choice).")
+@click.option("--sequential", is_flag=True, help="Round every run's chosen widths sequentially (--sequential).")
 @click.option("--tag", default="mixed_precision", help="Name of the result files.")
 def main(models: str, budgets: str, method: str, clado_samples: int, exact_models: str, exact_samples: int,
-         verify_samples: int, tag: str) -> None:
+         verify_samples: int, sequential: bool, tag: str) -> None:
     require_shared()
     rows, fp32 = [], {}
     cache = RESULTS / "cache"
@@ -98,7 +101,7 @@ def main(models: str, budgets: str, method: str, clado_samples: int, exact_model
         fp32[name] = top1(model_path(name), x, y)
         stats, _ = calibration_stats(name, 256)
         for bits in (2, 3, 4):
-            row = run(name, stats, x, y, bits=bits, method=method)
+            row = run(name, stats, x, y, bits=bits, method=method, sequential=sequential)
             rows.append({"model": name, "strategy": "uniform", "budget": f"W{bits}", **row})
             click.echo(json.dumps(rows[-1]), err=True)
         strategies = [("diagonal", "diagonal", clado_samples), ("clado-fast", "fast", clado_samples)]
@@ -110,7 +113,7 @@ def main(models: str, budgets: str, method: str, clado_samples: int, exact_model
                 sens_cache = cache / f"omega_{name}_{method}_{shared}_{samples}.npz"
                 row = run(name, stats, x, y, method=method, budget=Budget(avg_bits=budget), sensitivity=estimator,
                           clado_samples=samples, sensitivity_cache=sens_cache, clado_time_limit=120,
-                          verify_samples=verify_samples)
+                          verify_samples=verify_samples, sequential=sequential)
                 rows.append({"model": name, "strategy": strategy, "budget": f"avg {budget:g}", **row})
                 click.echo(json.dumps(rows[-1]), err=True)
     RESULTS.mkdir(parents=True, exist_ok=True)

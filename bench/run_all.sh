@@ -6,10 +6,12 @@ mkdir -p bench/results
 python bench/pass_speed.py --bits 4 --repeat 3 --quality | tee bench/results/pass_speed.txt
 python bench/methods.py
 python bench/methods.py --bits 4,3 --methods gptq,comq --no-bias-correction --tag methods_no_bias_correction
+python bench/sequential.py
 python bench/mixed_precision.py --models squeezenet1.1 --tag mixed_squeezenet
 python bench/mixed_precision.py --models mobilenet_v1_0.75_224 --tag mixed_mobilenet
 python bench/mixed_precision.py --models efficientnet_lite0 --tag mixed_efficientnet
 python bench/mixed_precision.py --models squeezenet1.1 --verify-samples 0 --tag mixed_squeezenet_no_verification
+python bench/mixed_precision.py --models squeezenet1.1 --sequential --tag mixed_squeezenet_sequential
 python bench/clado_agreement.py --model squeezenet1.1 --pairs 300
 { python bench/one_layer.py --model mobilenet_v1_0.75_224 --layer conv_preds --bits 2
   python bench/one_layer.py --model mobilenet_v1_0.75_224 --layer conv_preds --bits 2 --no-shrinkage
