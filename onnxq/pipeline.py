@@ -383,6 +383,8 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
         chosen = {name: rounded[(name, b)] for name, b in bits.items()}
     results = {name: qw for name, (qw, _) in chosen.items()}
     metadata = {"onnxq.method": options.method, "onnxq.layers": layer_metadata(layers, results)}
+    if sequential:
+        metadata["onnxq.sequential"] = "1"  # rounded on the quantized model's inputs (see sequential.py)
     if plan is not None:
         metadata["onnxq.mixed_precision"] = json.dumps({
             "estimator": plan.estimator, "status": plan.status, "gap": plan.gap,
@@ -401,7 +403,8 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     if not sequential:
         samples = next(iter(stats.values())).samples if stats else 0
     extra = {"mixed": plan} if plan is not None else {}
-    return QuantizationResult(output, options.method, layer_reports(layers, chosen), skipped,
+    method = f"{options.method}, sequential" if sequential else options.method
+    return QuantizationResult(output, method, layer_reports(layers, chosen), skipped,
                               _file_size(model_path), _file_size(output), samples, sqnr, agreement, extra)
 
 

@@ -105,8 +105,10 @@ def test_sequential_rounding_compensates_the_earlier_layers(tmp_path):
         out = tmp_path / f"q{int(sequential)}.onnx"
         onnxq.quantize(tmp_path / "m.onnx", [{"x": x}], out, bits=2, sequential=sequential)
         energy[sequential] = output_error_energy(out, model, x)
-        inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+        written = onnx.load(out)
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in written.graph.initializer}
         codes[sequential] = inits["mm_w_quantized"]
+        assert ("onnxq.sequential" in {p.key for p in written.metadata_props}) == sequential
     assert np.array_equal(codes[False], codes[True])
     assert energy[True] < 0.9 * energy[False]
 
