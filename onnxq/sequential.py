@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .calibrate import _chunks, capture_model, make_session
+from .calibrate import GRAM_BLOCK_ROWS, _chunks, capture_model, is_pointwise, make_session
 from .layers import Layer
 from .masking import attention_mask_name, batch_mask, token_rows
 from .oracle import weights_as_inputs
@@ -48,13 +48,26 @@ class PairedStats:
         """Add one batch of the layer's input from both models (same samples, same order)."""
         self.samples += x_quantized.shape[0]
         xq, xf = token_rows(x_quantized, layer, mask), token_rows(x_float, layer, mask)
+        if is_pointwise(layer):  # a 1x1 Conv's rows are its pixels: no im2col copy
+            for sample_q, sample_f in zip(xq, xf, strict=True):
+                channels = sample_q.shape[0]
+                self._add_columns(sample_q.reshape(1, channels, -1), sample_f.reshape(1, channels, -1))
+            return
         for chunk_q, chunk_f in zip(_chunks(xq, layer), _chunks(xf, layer), strict=True):
-            rows_q, rows_f = unfold(layer, chunk_q), unfold(layer, chunk_f)
-            self.gram += np.matmul(rows_q.transpose(0, 2, 1), rows_q)
-            self.cross += np.matmul(rows_q.transpose(0, 2, 1), rows_f)
-            self.sum_quantized += rows_q.sum(axis=1, dtype=np.float64)
-            self.sum_float += rows_f.sum(axis=1, dtype=np.float64)
-            self.rows += rows_q.shape[1]
+            self._add_columns(unfold(layer, chunk_q).transpose(0, 2, 1), unfold(layer, chunk_f).transpose(0, 2, 1))
+
+    def _add_columns(self, columns_q: np.ndarray, columns_f: np.ndarray) -> None:
+        """Add rows given as columns (G, d, rows): one float32 GEMM per block gives both x~ x~^T and x~ x^T."""
+        d = columns_q.shape[1]
+        for start in range(0, columns_q.shape[2], GRAM_BLOCK_ROWS):
+            block_q = columns_q[:, :, start:start + GRAM_BLOCK_ROWS]
+            block_f = columns_f[:, :, start:start + GRAM_BLOCK_ROWS]
+            both = np.matmul(block_q, np.concatenate([block_q, block_f], axis=1).transpose(0, 2, 1))
+            self.gram += both[:, :, :d]
+            self.cross += both[:, :, d:]
+            self.sum_quantized += block_q.sum(axis=2, dtype=np.float64)
+            self.sum_float += block_f.sum(axis=2, dtype=np.float64)
+        self.rows += columns_q.shape[2]
 
     @property
     def mean_quantized(self) -> np.ndarray:

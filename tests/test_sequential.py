@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import onnxq
+from onnxq.calibrate import is_pointwise
 from onnxq.layers import find_layers
 from onnxq.mixed import Budget
 from onnxq.sequential import PairedStats, compensated_bias_shift, compensated_target, stages
@@ -47,9 +49,11 @@ def test_target_is_the_weight_when_the_inputs_are_the_float_ones():
     assert np.array_equal(compensated_target(W, S, C), W)
 
 
-def test_paired_stats_match_the_unfolded_inputs():
-    model = tiny.conv_model(cin=4, cout=6, group=2)
+@pytest.mark.parametrize(("kernel", "group"), [(3, 2), (1, 1)])  # 1x1: the pointwise path, no im2col
+def test_paired_stats_match_the_unfolded_inputs(kernel, group):
+    model = tiny.conv_model(cin=4, cout=6, group=group, kernel=kernel, pad=kernel // 2)
     layer = find_layers(model)[0][0]
+    assert is_pointwise(layer) == (kernel == 1)
     rng = np.random.default_rng(1)
     xf = rng.normal(size=(3, 4, 7, 7)).astype(np.float32)
     xq = (xf + 0.1 * rng.normal(size=xf.shape)).astype(np.float32)
@@ -64,7 +68,7 @@ def test_paired_stats_match_the_unfolded_inputs():
     W = rng.normal(size=(6, layer.fan_in))
     Q = W + 0.1
     # the bias shift is the mean of the float output minus the quantized layer's, per channel
-    groups = np.repeat([0, 1], 3)
+    groups = np.repeat(np.arange(group), 6 // group)
     expected = [(rf[g] @ W[o]).mean() - (rq[g] @ Q[o]).mean() for o, g in enumerate(groups)]
     assert np.allclose(compensated_bias_shift(W, Q, stats), expected, atol=1e-5)
 
