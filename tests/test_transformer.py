@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import onnxq
 from onnxq.calibrate import calibrate, capture_model, make_session
 from onnxq.export import build_quantized_model, save_atomic
 from onnxq.layers import find_layers
@@ -291,3 +292,20 @@ def test_cli_block_size_and_matmul_nbits(tmp_path) -> None:
     assert sum(n.op_type == "MatMulNBits" for n in loaded.graph.node) == len(WEIGHTS)
     assert all(a.i == 32 for n in loaded.graph.node for a in n.attribute if a.name == "block_size")
     assert all(a.i == 4 for n in loaded.graph.node for a in n.attribute if a.name == "accuracy_level")
+
+
+def test_sequential_rounding_ignores_padding_tokens(tmp_path, model) -> None:
+    """Sequential rounding on a masked encoder (block-wise grid): padding ids change nothing it writes."""
+    feed = sample(np.random.default_rng(5), 8, 9)
+    other = {k: v.copy() for k, v in feed.items()}
+    padded = feed["attention_mask"] == 0
+    other["input_ids"][padded] = (other["input_ids"][padded] + 17) % VOCAB
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    written = []
+    for index, feeds in enumerate(([feed], [other])):
+        out = tmp_path / f"q{index}.onnx"
+        onnxq.quantize(tmp_path / "m.onnx", feeds, out, bits=4, block_size=32, sequential=True)
+        written.append({t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer})
+    assert written[0].keys() == written[1].keys()
+    for name, value in written[0].items():
+        np.testing.assert_allclose(value.astype(np.float64), written[1][name].astype(np.float64), atol=1e-5)
