@@ -235,9 +235,12 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
                                budget: Budget, estimator: str, fixed_bytes: int, float_bytes: int,
                                cache: Path | None, key: str, time_limit: float,
                                progress: Callable | None, macs: dict[str, float] | None = None,
-                               verifier_factory: Callable[[], LossOracle] | None = None) -> MixedPlan:
+                               verifier_factory: Callable[[], LossOracle] | None = None,
+                               weights_for: Callable[[dict[str, int]], dict[str, QuantWeight]] | None = None
+                               ) -> MixedPlan:
     """Measure (or reload) Omega, then allocate widths under the budget; with ``verifier_factory``, check the
-    result against the diagonal-only and uniform allocations by measuring each on that oracle's samples."""
+    result against the diagonal-only and uniform allocations by measuring each on that oracle's samples, with
+    the weights ``weights_for`` gives an allocation (default: the candidates; sequential rounding differs)."""
     if estimator not in ESTIMATORS:
         raise OnnxqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
@@ -259,9 +262,11 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
 
     def measure(bits: tuple[int, ...]) -> float:
         """The verifier's loss of one whole allocation (one forward pass)."""
+        widths = {layer.name: b for layer, b in zip(layers, bits, strict=True)}
+        weights = weights_for(widths) if weights_for else {name: candidates[(name, b)] for name, b in widths.items()}
         replaced = {}
-        for layer, b in zip(layers, bits, strict=True):
-            replaced.update(verifier.replacement(layer, candidates[(layer.name, b)]))
+        for layer in layers:
+            replaced.update(verifier.replacement(layer, weights[layer.name]))
         return verifier.loss(replaced)
 
     plan = allocate_bits(layers, choices, budget, omega, fixed_bytes, float_bytes, estimator, time_limit, macs,

@@ -372,12 +372,11 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
         model, layers, calib, inputs, options, progress)
     slots = corrected_layers(model, layers, options)
     plan = None
-    if mixed:
+    if mixed:  # with --sequential, the allocations it compares and the one it keeps are rounded sequentially
         plan, chosen = mixed_precision(model, model_path, layers, stats, calib, inputs, options, progress, slots)
-    if sequential:
-        chosen, samples = round_sequential(model, layers, plan.bits if plan else bits, calib, inputs, options,
-                                           progress, slots)
-    elif not mixed:
+    elif sequential:
+        chosen, samples = round_sequential(model, layers, bits, calib, inputs, options, progress, slots)
+    else:
         rounded = round_candidates(model, layers, stats, {n: (b,) for n, b in bits.items()}, options, progress,
                                    slots)
         chosen = {name: rounded[(name, b)] for name, b in bits.items()}
@@ -400,7 +399,7 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     except BaseException:
         output.unlink(missing_ok=True)
         raise
-    if not sequential:
+    if mixed or not sequential:
         samples = next(iter(stats.values())).samples if stats else 0
     extra = {"mixed": plan} if plan is not None else {}
     method = f"{options.method}, sequential" if sequential else options.method
@@ -446,12 +445,26 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     method += "+held_out"  # sensitivities on samples the statistics did not use
     key = cache_key(fingerprint, per_layer, method, options.sensitivity, options.clado_samples)
     macs = layer_macs(layers, stats) if options.prefer == "speed" else None
+    rounded_sequentially: dict[tuple, dict[str, tuple[QuantWeight, float]]] = {}
+
+    def sequential_weights(bits: dict[str, int]) -> dict[str, tuple[QuantWeight, float]]:
+        """One allocation rounded sequentially (what --sequential exports), remembered for the final choice."""
+        key = tuple(sorted(bits.items()))
+        if key not in rounded_sequentially:
+            rounded_sequentially[key] = round_sequential(model, layers, bits, calib, inputs, options, progress,
+                                                       slots)[0]
+        return rounded_sequentially[key]
+
     plan = sensitivity_and_allocation(oracle, layers, {k: qw for k, (qw, _) in candidates.items()}, per_layer,
                                       options.budget, options.sensitivity, fixed_bytes, float_bytes,
                                       options.sensitivity_cache, key, options.clado_time_limit, progress, macs,
-                                      (lambda: oracle(options.verify_samples)) if options.verify_samples else None)
+                                      (lambda: oracle(options.verify_samples)) if options.verify_samples else None,
+                                      (lambda bits: {n: qw for n, (qw, _) in sequential_weights(bits).items()})
+                                      if options.sequential else None)
     if options.bits_json:
         write_bits_json(options.bits_json, layers, plan.bits)
+    if options.sequential:
+        return plan, sequential_weights(plan.bits)
     return plan, {name: candidates[(name, b)] for name, b in plan.bits.items()}
 
 

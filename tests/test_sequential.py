@@ -117,12 +117,20 @@ def test_sequential_rounding_compensates_the_earlier_layers(tmp_path):
     assert energy[True] < 0.9 * energy[False]
 
 
-def test_a_budget_allocates_then_rounds_the_chosen_widths_sequentially(tmp_path):
+def test_a_budget_verifies_and_keeps_sequentially_rounded_allocations(tmp_path):
+    """With a budget, the allocations verification compares are rounded sequentially, the lowest measured loss
+    is kept, and the file holds exactly the sequential rounding of the kept widths."""
     model = tiny.mlp_model(features=16, hidden=32, classes=8)
     onnx.save(model, tmp_path / "m.onnx")
     x = np.random.default_rng(2).normal(size=(64, 16)).astype(np.float32)
     result = onnxq.quantize(tmp_path / "m.onnx", [{"x": x}], tmp_path / "q.onnx", budget=Budget(avg_bits=3.0),
-                            bit_choices=(2, 4), sequential=True, verify_samples=0, clado_samples=32)
+                            bit_choices=(2, 4), sequential=True, verify_samples=64, clado_samples=32)
     plan = result.extra["mixed"]
+    assert plan.verified and plan.verified[plan.picked] == min(plan.verified.values())
     assert {r.name: r.bits for r in result.layers} == plan.bits
     assert result.average_bits(stored=True) <= 3.0
+    onnxq.quantize(tmp_path / "m.onnx", [{"x": x}], tmp_path / "replay.onnx", bits_per_layer=plan.bits,
+                   sequential=True)
+    written, replayed = (onnx.load(tmp_path / name) for name in ("q.onnx", "replay.onnx"))
+    for a, b in zip(written.graph.initializer, replayed.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
