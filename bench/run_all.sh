@@ -13,6 +13,7 @@ python bench/mixed_precision.py --models efficientnet_lite0 --tag mixed_efficien
 python bench/mixed_precision.py --models squeezenet1.1 --verify-samples 0 --tag mixed_squeezenet_no_verification
 python bench/mixed_precision.py --models squeezenet1.1 --sequential --tag mixed_squeezenet_sequential
 python bench/mixed_precision.py --models mobilenet_v1_0.75_224 --sequential --tag mixed_mobilenet_sequential
+python bench/mixed_precision.py --models mobilenet_v1_0.75_224 --sequential --budgets 3,4 --tag mixed_mobilenet_sequential_verified
 python bench/clado_agreement.py --model squeezenet1.1 --pairs 300
 { python bench/one_layer.py --model mobilenet_v1_0.75_224 --layer conv_preds --bits 2
   python bench/one_layer.py --model mobilenet_v1_0.75_224 --layer conv_preds --bits 2 --no-shrinkage
