@@ -61,7 +61,7 @@ class LayerStats:
         if is_pointwise(layer):
             self._merge_pointwise(x)
             return
-        for chunk in _chunks(x, layer):
+        for chunk in batch_chunks(x, layer):
             rows = unfold(layer, chunk)
             for start in range(0, rows.shape[1], GRAM_BLOCK_ROWS):
                 block = rows[:, start:start + GRAM_BLOCK_ROWS]
@@ -109,7 +109,7 @@ def empty_stats(layer: Layer) -> LayerStats:
     return LayerStats(np.zeros((layer.groups, d, d)), 0, np.inf, -np.inf)
 
 
-def _chunks(x: np.ndarray, layer: Layer) -> Iterable[np.ndarray]:
+def batch_chunks(x: np.ndarray, layer: Layer) -> Iterable[np.ndarray]:
     """Split a batch along its first axis so one unfolded chunk stays small."""
     if layer.op_type != "Conv" or x.shape[0] <= 1:
         yield x

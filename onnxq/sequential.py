@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .calibrate import GRAM_BLOCK_ROWS, _chunks, capture_model, is_pointwise, make_session
+from .calibrate import GRAM_BLOCK_ROWS, batch_chunks, capture_model, is_pointwise, make_session
 from .layers import Layer
 from .masking import attention_mask_name, batch_mask, token_rows
 from .oracle import weights_as_inputs
@@ -53,7 +53,7 @@ class PairedStats:
                 channels = sample_q.shape[0]
                 self._add_columns(sample_q.reshape(1, channels, -1), sample_f.reshape(1, channels, -1))
             return
-        for chunk_q, chunk_f in zip(_chunks(xq, layer), _chunks(xf, layer), strict=True):
+        for chunk_q, chunk_f in zip(batch_chunks(xq, layer), batch_chunks(xf, layer), strict=True):
             self._add_columns(unfold(layer, chunk_q).transpose(0, 2, 1), unfold(layer, chunk_f).transpose(0, 2, 1))
 
     def _add_columns(self, columns_q: np.ndarray, columns_f: np.ndarray) -> None:
