@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -69,3 +70,10 @@ def top1(model: str | Path, x: np.ndarray, y: np.ndarray, batch: int = 50) -> fl
 def calib_files(count: int) -> list[Path]:
     """The first ``count`` images of imagenet-calib1000 in sorted order (what --calib-size takes)."""
     return sorted(CALIB.iterdir())[:count]
+
+
+def save_results(tag: str, fp32: dict[str, float], rows: list[dict], table: str) -> None:
+    """Write bench/results/<tag>.json (FP32 top-1 and every row) and <tag>.md (the table the README quotes)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{tag}.json").write_text(json.dumps({"fp32": fp32, "rows": rows}, indent=1))
+    (RESULTS / f"{tag}.md").write_text(table)

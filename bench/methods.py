@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import click
-from common import CALIB, MODELS, RESULTS, model_path, require_shared, top1, val_set
+from common import CALIB, MODELS, RESULTS, model_path, require_shared, save_results, top1, val_set
 
 import onnxq
 
@@ -86,10 +86,8 @@ def main(models: str, bits: str, methods: str, calib_size: int, tag: str, bias_c
                     row = run_one(name, method, b, fl8, stats, x, y, bias_correction)
                     rows.append(row)
                     click.echo(json.dumps(row), err=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{tag}.json").write_text(json.dumps({"fp32": fp32, "rows": rows}, indent=1))
     table = markdown(rows, fp32)
-    (RESULTS / f"{tag}.md").write_text(table)
+    save_results(tag, fp32, rows, table)
     click.echo(table)
 
 

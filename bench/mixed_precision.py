@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import click
-from common import CALIB, MODELS, RESULTS, model_path, require_shared, top1, val_set
+from common import CALIB, MODELS, RESULTS, model_path, require_shared, save_results, top1, val_set
 from methods import calibration_stats
 
 import onnxq
@@ -116,10 +116,8 @@ def main(models: str, budgets: str, method: str, clado_samples: int, exact_model
                           verify_samples=verify_samples, sequential=sequential)
                 rows.append({"model": name, "strategy": strategy, "budget": f"avg {budget:g}", **row})
                 click.echo(json.dumps(rows[-1]), err=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{tag}.json").write_text(json.dumps({"fp32": fp32, "rows": rows}, indent=1))
     table = markdown(rows, fp32)
-    (RESULTS / f"{tag}.md").write_text(table)
+    save_results(tag, fp32, rows, table)
     plot(rows, fp32, RESULTS / f"{tag}.png")
     click.echo(table)
 

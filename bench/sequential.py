@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 import numpy as np
-from common import CALIB, MODELS, RESULTS, logits, model_path, require_shared, val_set
+from common import CALIB, MODELS, logits, model_path, require_shared, save_results, val_set
 from methods import calibration_stats
 
 import onnxq
@@ -72,10 +72,8 @@ def main(models: str, bits: str, tag: str) -> None:
             for sequential in (False, True):
                 rows.append(run_one(name, b, sequential, stats, x, y, reference))
                 click.echo(json.dumps(rows[-1]), err=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{tag}.json").write_text(json.dumps({"fp32": fp32, "rows": rows}, indent=1))
     table = markdown(rows, fp32)
-    (RESULTS / f"{tag}.md").write_text(table)
+    save_results(tag, fp32, rows, table)
     click.echo(table)
 
 
