@@ -96,6 +96,17 @@ def corrected_bias(model_bias: np.ndarray, qw: QuantWeight, slot: BiasSlot) -> n
     return (model_bias.astype(np.float64) + shift).astype(np.float32)
 
 
+def replacement_tensors(layer: Layer, qw: QuantWeight, slots: dict[str, BiasSlot],
+                        float_tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float tensors that put one quantized layer into the model: its dequantized weight and, where its bias
+    absorbs the error mean, the corrected bias (``float_tensors`` holds the float biases)."""
+    tensors = {layer.weight: layer.tensor(qw.dequantize())}
+    slot = slots.get(layer.name)
+    if slot is not None and qw.bias_shift is not None:
+        tensors[slot.tensor] = corrected_bias(float_tensors[slot.tensor], qw, slot)
+    return tensors
+
+
 def apply_bias_shifts(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight]) -> None:
     """Rewrite (in place) the bias of every layer whose quantized weight carries a shift."""
     slots = bias_slots(model, layers)

@@ -152,8 +152,8 @@ def cli() -> None:
 @click.option("--sequential/--no-sequential", default=False, show_default=True,
               help="Round layer after layer on the inputs the already-quantized layers feed it, towards the float "
                    "model's outputs, so each layer compensates the error before it (one capture pass per stage, "
-                   "slower; --stats is not used). With a budget, CLADO allocates first and the chosen widths are "
-                   "rounded sequentially.")
+                   "slower; --stats is not used). With a budget, CLADO allocates on float-input statistics, and the "
+                   "allocations it verifies, and the one it keeps, are rounded sequentially.")
 @click.option("--block-size", "--block_size", type=click.Choice(["32", "64", "128"]), default=None,
               help="Block-wise scales: one scale and zero point per block of this many inputs of each MatMul/Gemm "
                    "weight (Conv layers stay per channel). More accurate at 3-4 bits, for about 1 extra bit per "

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .bias import BiasSlot, corrected_bias
+from .bias import BiasSlot, replacement_tensors
 from .calibrate import make_session
 from .layers import Layer
 from .passes import QuantWeight
@@ -65,11 +65,7 @@ class LossOracle:
 
     def replacement(self, layer: Layer, qw: QuantWeight) -> dict[str, np.ndarray]:
         """The tensors that put one quantized layer into the model: its weight, and its corrected bias."""
-        tensors = {layer.weight: layer.tensor(qw.dequantize())}
-        slot = self.slots.get(layer.name)
-        if slot is not None and qw.bias_shift is not None:
-            tensors[slot.tensor] = corrected_bias(self.float_weights[slot.tensor], qw, slot)
-        return tensors
+        return replacement_tensors(layer, qw, self.slots, self.float_weights)
 
     def outputs(self, replaced: dict[str, np.ndarray]) -> np.ndarray:
         """The first model output over all samples, with some weights replaced."""

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from .act_qdq import quantize_activations
-from .bias import BiasSlot, add_missing_biases, bias_slots, corrected_bias, output_shift
+from .bias import BiasSlot, add_missing_biases, bias_slots, output_shift
 from .calibrate import LayerStats, calibrate, load_stats, make_session, save_stats
 from .errors import OnnxqError
 from .export import build_quantized_model, container_bits, layer_metadata, save_atomic, stored_weight_bits
@@ -282,19 +282,22 @@ def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[st
     return rounded
 
 
-def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str, int], calib: object,
-                     inputs: list[InputSpec], options: Options, progress: Callable | None,
-                     slots: dict[str, BiasSlot]) -> tuple[dict[str, tuple[QuantWeight, float]], int]:
-    """Round the layers stage by stage on the inputs of the model quantized so far (``sequential.py``);
-    returns the quantized weights with their errors, and the number of calibration samples."""
-    if options.method not in ROUNDING_PASSES:
-        raise OnnxqError(f"unknown method {options.method!r}; choose one of {', '.join(ROUNDING_PASSES)}")
+def calibration_feeds(calib: object, inputs: list[InputSpec], options: Options) -> list[Feed]:
+    """The calibration batches held in memory (sequential rounding reads them once per stage)."""
     raw, _ = feeds_from(calib, inputs, default_preprocessing(inputs, options.preprocessing))
     feeds = list(batches(raw, inputs, options.batch_size, options.calib_size or None))
     if not feeds:
         raise OnnxqError("the calibration data is empty; give at least one sample")
-    inits = {t.name: t for t in model.graph.initializer}
-    float_biases = {slot.tensor: onnx.numpy_helper.to_array(inits[slot.tensor]) for slot in slots.values()}
+    return feeds
+
+
+def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str, int], feeds: list[Feed],
+                     options: Options, progress: Callable | None,
+                     slots: dict[str, BiasSlot]) -> dict[str, tuple[QuantWeight, float]]:
+    """Round the layers stage by stage on the inputs of the model quantized so far (``sequential.py``);
+    returns the quantized weights with their errors."""
+    if options.method not in ROUNDING_PASSES:
+        raise OnnxqError(f"unknown method {options.method!r}; choose one of {', '.join(ROUNDING_PASSES)}")
 
     def round_stage(work: list) -> dict[str, tuple[QuantWeight, float]]:
         tasks = []
@@ -306,18 +309,8 @@ def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str
                                       S if rho else None))
         return round_all(tasks, options.method, options.jobs)
 
-    def replacement(layer: Layer, qw: QuantWeight) -> dict[str, np.ndarray]:
-        tensors = {layer.weight: layer.tensor(qw.dequantize())}
-        slot = slots.get(layer.name)
-        if slot is not None and qw.bias_shift is not None:
-            tensors[slot.tensor] = corrected_bias(float_biases[slot.tensor], qw, slot)
-        return tensors
-
-    names = [layer.weight for layer in layers] + list(float_biases)
     with (progress(len(layers), f"sequential {options.method} rounding") if progress else NoProgress()) as bar:
-        chosen = round_sequentially(model, layers, feeds, round_stage, replacement, names, set(slots),
-                                    on_stage=bar.update)
-    return chosen, sum(feed_samples(feed) for feed in feeds)
+        return round_sequentially(model, layers, feeds, round_stage, slots, on_stage=bar.update)
 
 
 def layer_reports(layers: list[Layer], chosen: dict[str, tuple[QuantWeight, float]]) -> list[LayerReport]:
@@ -372,10 +365,13 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
         model, layers, calib, inputs, options, progress)
     slots = corrected_layers(model, layers, options)
     plan = None
+    samples = next(iter(stats.values())).samples if stats else 0
     if mixed:  # with --sequential, the allocations it compares and the one it keeps are rounded sequentially
         plan, chosen = mixed_precision(model, model_path, layers, stats, calib, inputs, options, progress, slots)
     elif sequential:
-        chosen, samples = round_sequential(model, layers, bits, calib, inputs, options, progress, slots)
+        feeds = calibration_feeds(calib, inputs, options)
+        samples = sum(feed_samples(feed) for feed in feeds)
+        chosen = round_sequential(model, layers, bits, feeds, options, progress, slots)
     else:
         rounded = round_candidates(model, layers, stats, {n: (b,) for n, b in bits.items()}, options, progress,
                                    slots)
@@ -399,8 +395,6 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     except BaseException:
         output.unlink(missing_ok=True)
         raise
-    if mixed or not sequential:
-        samples = next(iter(stats.values())).samples if stats else 0
     extra = {"mixed": plan} if plan is not None else {}
     method = f"{options.method}, sequential" if sequential else options.method
     return QuantizationResult(output, method, layer_reports(layers, chosen), skipped,
@@ -446,13 +440,15 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     key = cache_key(fingerprint, per_layer, method, options.sensitivity, options.clado_samples)
     macs = layer_macs(layers, stats) if options.prefer == "speed" else None
     rounded_sequentially: dict[tuple, dict[str, tuple[QuantWeight, float]]] = {}
+    feeds: list[Feed] = []  # read once, on the first sequential rounding
 
     def sequential_weights(bits: dict[str, int]) -> dict[str, tuple[QuantWeight, float]]:
         """One allocation rounded sequentially (what --sequential exports), remembered for the final choice."""
         key = tuple(sorted(bits.items()))
         if key not in rounded_sequentially:
-            rounded_sequentially[key] = round_sequential(model, layers, bits, calib, inputs, options, progress,
-                                                       slots)[0]
+            if not feeds:
+                feeds.extend(calibration_feeds(calib, inputs, options))
+            rounded_sequentially[key] = round_sequential(model, layers, bits, feeds, options, progress, slots)
         return rounded_sequentially[key]
 
     plan = sensitivity_and_allocation(oracle, layers, {k: qw for k, (qw, _) in candidates.items()}, per_layer,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .bias import BiasSlot, replacement_tensors
 from .calibrate import GRAM_BLOCK_ROWS, batch_chunks, capture_model, is_pointwise, make_session
 from .layers import Layer
 from .masking import attention_mask_name, batch_mask, token_rows
@@ -180,7 +181,7 @@ class StageCapture:
 
     model: onnx.ModelProto
     replaced_names: list[str]
-    float_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    float_tensors: dict[str, np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
         inits = {t.name: t for t in self.model.graph.initializer}
@@ -214,31 +215,29 @@ class StageCapture:
 
 
 def round_sequentially(model: onnx.ModelProto, layers: list[Layer], feeds: list[Feed],
-                       round_stage: Callable[[list[tuple[Layer, np.ndarray, np.ndarray, np.ndarray]]], dict],
-                       replacement: Callable[[Layer, object], dict[str, np.ndarray]], replaced_names: list[str],
-                       centred: set[str], on_stage: Callable[[int], None] | None = None) -> dict:
+                       round_stage: Callable[[list[tuple[Layer, np.ndarray, np.ndarray, int]]], dict],
+                       slots: dict[str, BiasSlot], on_stage: Callable[[int], None] | None = None) -> dict:
     """Round stage after stage: capture the stage's inputs (float and quantized-so-far), compute each layer's
-    compensated target, round them with ``round_stage([(layer, W*, S, S_measured)])`` -> {name: (qw, error)},
-    set their bias shifts and feed their quantized tensors to the next stages."""
-    capture = StageCapture(model, replaced_names)
-    inits = {t.name: t for t in model.graph.initializer}
+    compensated target, round them with ``round_stage([(layer, W*, S, rows)])`` -> {name: (qw, error)}, set the
+    bias shifts of the layers in ``slots`` and feed their quantized tensors to the next stages."""
+    capture = StageCapture(model, [layer.weight for layer in layers] + [slot.tensor for slot in slots.values()])
     replaced: dict[str, np.ndarray] = {}
     results: dict = {}
     for stage in stages(model, layers):
         paired = capture.paired_stats(stage, feeds, replaced)
         work, weights = [], {}
         for layer in stage:
-            W = weights[layer.name] = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
-            S, C = paired[layer.name].covariances(layer.name in centred)
+            W = weights[layer.name] = layer.matrix(capture.float_tensors[layer.weight]).astype(np.float64)
+            S, C = paired[layer.name].covariances(layer.name in slots)
             rows = paired[layer.name].rows
             work.append((layer, compensated_target(W, S, C, rows), S, rows))
         rounded = round_stage(work)
         for layer in stage:
             qw, error = rounded[layer.name]
-            if layer.name in centred:
+            if layer.name in slots:
                 qw.bias_shift = compensated_bias_shift(weights[layer.name], qw.dequantize(), paired[layer.name])
             results[layer.name] = (qw, error)
-            replaced.update(replacement(layer, qw))
+            replaced.update(replacement_tensors(layer, qw, slots, capture.float_tensors))
         if on_stage:
             on_stage(len(stage))
     return results
