@@ -31,7 +31,7 @@ UNFOLD_CHUNK_ELEMENTS = 1 << 23  # unfolded values processed at once: bounds the
 # Each block's X^T X is a float32 GEMM (2.5x faster than float64 here) over at most this many rows, so its
 # rounding error stays near 1e-6 relative; the blocks are summed into H in float64.
 GRAM_BLOCK_ROWS = 8192
-STATS_FORMAT = 2  # 2: row sums stored next to the Gram matrices (older files are recalibrated)
+STATS_FORMAT = 3  # 2: row sums next to the Grams; 3: folder samples in spread order (older files: recalibrated)
 
 
 @dataclass

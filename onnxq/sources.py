@@ -89,9 +89,23 @@ def _from_reader(reader: object) -> Iterator[Feed]:
         yield feed
 
 
+def spread_order(count: int) -> list[int]:
+    """Indices ``0..count-1`` in bit-reversed (van der Corput) order: every prefix is spread evenly over the
+    whole range, so ``--calib-size 256`` of 1000 class-sorted files takes every 4th file, not the first
+    256 classes, and the held-out samples after it are spread too."""
+    bits = max(1, (count - 1).bit_length())
+    reversed_index = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(count)]
+    return sorted(range(count), key=reversed_index.__getitem__)
+
+
+def _spread(files: list) -> list:
+    """The sorted file list in spread order (folders are often sorted by class or by source)."""
+    return [files[i] for i in spread_order(len(files))]
+
+
 def _feeds_from_path(path: Path, inputs: list[InputSpec], preprocessing: ImagePreprocessing | None
                      ) -> tuple[Iterator[Feed], int | None]:
-    """Detect the on-disk layout and stream its feeds."""
+    """Detect the on-disk layout and stream its feeds, files in spread order (``spread_order``)."""
     if not path.exists():
         raise OnnxqError(f"calibration path {path} does not exist; pass a folder of images or arrays")
     names = [spec.name for spec in inputs]
@@ -101,13 +115,13 @@ def _feeds_from_path(path: Path, inputs: list[InputSpec], preprocessing: ImagePr
         if path.suffix == ".npy" and len(names) == 1:
             return iter([{names[0]: np.load(path)}]), 1
         raise OnnxqError(f"calibration file {path} is not .npz or .npy; pass a folder or an .npz keyed by input name")
-    pb_sets = sorted(path.glob("test_data_set_*"))
+    pb_sets = _spread(sorted(path.glob("test_data_set_*")))
     if pb_sets:
         return _pb_feeds(pb_sets, names), len(pb_sets)
     per_input = [path / name.replace("/", "_") for name in names]
     if all(folder.is_dir() for folder in per_input) and any(per_input[0].glob("*.npy")):
         return _per_input_npy_feeds(per_input, names), len(list(per_input[0].glob("*.npy")))
-    npz, npy = sorted(path.glob("*.npz")), sorted(path.glob("*.npy"))
+    npz, npy = _spread(sorted(path.glob("*.npz"))), _spread(sorted(path.glob("*.npy")))
     if npz:
         return _npz_feeds(npz, names), len(npz)
     if npy:
@@ -115,7 +129,7 @@ def _feeds_from_path(path: Path, inputs: list[InputSpec], preprocessing: ImagePr
             raise OnnxqError(f"{path} holds .npy files but the model has {len(names)} inputs; use one folder "
                              f"per input ({', '.join(names)}) or .npz files keyed by input name")
         return ({names[0]: np.load(f)} for f in npy), len(npy)
-    images = list_images(path)
+    images = _spread(list_images(path))
     if images:
         return _image_feeds(images, inputs, preprocessing or ImagePreprocessing()), len(images)
     raise OnnxqError(f"no calibration data found in {path}; expected images (jpg/png/bmp/webp), .npy, .npz "
@@ -129,7 +143,7 @@ def _npz_feeds(files: list[Path], names: list[str]) -> Iterator[Feed]:
 
 
 def _per_input_npy_feeds(folders: list[Path], names: list[str]) -> Iterator[Feed]:
-    stems = sorted(f.name for f in folders[0].glob("*.npy"))
+    stems = _spread(sorted(f.name for f in folders[0].glob("*.npy")))
     for stem in stems:
         missing = [str(folder / stem) for folder in folders if not (folder / stem).exists()]
         if missing:

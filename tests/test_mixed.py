@@ -136,14 +136,16 @@ def test_verified_plan_is_reported_and_fits(tmp_path, cnn_path, cnn_calib, caplo
 
 def test_oracle_samples_are_held_out_from_calibration(cnn_path, cnn_calib, caplog):
     from onnxq.pipeline import Options, oracle_feeds
-    from onnxq.sources import model_inputs
+    from onnxq.sources import model_inputs, spread_order
 
     inputs = model_inputs(prepare(onnx.load(str(cnn_path))))
     options = Options(calib_size=8, clado_samples=8, batch_size=4)
     feeds = oracle_feeds(cnn_calib, inputs, options, seen=8)
     x = np.concatenate([f[inputs[0].name] for f in feeds])
-    expected = np.concatenate([np.load(cnn_calib / f"{i:03d}.npy") for i in range(8, 16)])
+    order = spread_order(20)  # the folder's 20 files are read in spread order
+    expected = np.concatenate([np.load(cnn_calib / f"{i:03d}.npy") for i in order[8:16]])
     assert np.array_equal(x, expected)
+    assert not set(order[8:16]) & set(order[:8])
     with caplog.at_level("WARNING", logger="onnxq"):
         fallback = oracle_feeds(cnn_calib, inputs, options, seen=20)  # nothing left: the first samples, with a warning
     assert np.array_equal(np.concatenate([f[inputs[0].name] for f in fallback])[0], np.load(cnn_calib / "000.npy")[0])

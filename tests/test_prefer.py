@@ -44,7 +44,8 @@ def test_mixed_speed_keeps_the_budget_and_favours_integer_layers(tmp_path, cnn_p
     assert {name for name, how in kernels.items() if how == "integer"} == {
         name for name, bits in speed.bits.items() if bits == 8}
     assert plans["size"].integer_mac_share is None
-    assert speed.predicted_loss >= plans["size"].predicted_loss - 1e-12  # speed never buys a lower loss
+    # speed never buys a lower loss (each run measures its own Omega in onnxruntime: same widths differed 1e-4)
+    assert speed.predicted_loss >= plans["size"].predicted_loss * (1 - 1e-3)
 
 
 def layer(name: str, params: int) -> Layer:

@@ -6,12 +6,14 @@ import numpy as np
 import onnx
 import pytest
 import tiny
+from hypothesis import given
+from hypothesis import strategies as st
 from onnx import numpy_helper
 from PIL import Image
 
 from onnxq.errors import OnnxqError
 from onnxq.images import ImagePreprocessing
-from onnxq.sources import batches, feeds_from, model_inputs
+from onnxq.sources import batches, feeds_from, model_inputs, spread_order
 
 
 def collect(calib, model, batch_size=4, limit=None, preprocessing=None):
@@ -26,8 +28,19 @@ def test_npy_folder_and_batching(tmp_path):
         np.save(tmp_path / f"{i:02d}.npy", np.full((12,), i, np.float32))  # no batch axis: one is added
     out = collect(tmp_path, model, batch_size=4)
     assert [b["x"].shape[0] for b in out] == [4, 4, 2]
-    assert out[0]["x"][:, 0].tolist() == [0, 1, 2, 3]  # sorted, deterministic order
-    assert sum(b["x"].shape[0] for b in collect(tmp_path, model, limit=7)) == 7
+    assert out[0]["x"][:, 0].tolist() == [0, 8, 4, 2]  # sorted, then spread: deterministic
+    limited = np.concatenate([b["x"][:, 0] for b in collect(tmp_path, model, limit=4)])
+    assert sorted(limited.tolist()) == [0, 2, 4, 8]  # a limit takes files from the whole range, not the first ones
+
+
+@given(count=st.integers(0, 3000), prefix=st.integers(1, 3000))
+def test_spread_order_is_a_permutation_whose_prefixes_cover_the_range(count, prefix):
+    order = spread_order(count)
+    assert sorted(order) == list(range(count))
+    taken = sorted(order[:min(prefix, count)])
+    if len(taken) > 1:  # bit reversal: the gaps of any prefix stay within 4x the even spacing
+        gaps = np.diff([*taken, count + taken[0]])
+        assert gaps.max() <= 4 * count / len(taken) + 1
 
 
 def test_per_input_npy_folders(tmp_path):
@@ -37,7 +50,7 @@ def test_per_input_npy_folders(tmp_path):
         for i in range(3):
             np.save(tmp_path / name / f"s{i}.npy", np.ones((1, 6), np.float32) * (i + (name == "b") * 10))
     out = collect(tmp_path, model)
-    assert out[0]["a"][:, 0].tolist() == [0, 1, 2] and out[0]["b"][:, 0].tolist() == [10, 11, 12]
+    assert out[0]["a"][:, 0].tolist() == [0, 2, 1] and out[0]["b"][:, 0].tolist() == [10, 12, 11]  # paired, spread
 
 
 def test_npz_files_and_single_npz(tmp_path):
@@ -55,7 +68,7 @@ def test_onnx_test_data_set_layout(tmp_path):
         folder.mkdir()
         tensor = numpy_helper.from_array(np.full((1, 12), i, np.float32), "x")
         (folder / "input_0.pb").write_bytes(tensor.SerializeToString())
-    assert collect(tmp_path, model)[0]["x"][:, 0].tolist() == [0, 1, 2]
+    assert collect(tmp_path, model)[0]["x"][:, 0].tolist() == [0, 2, 1]
 
 
 def test_reader_and_iterable():
