@@ -8,6 +8,11 @@ are already quantized (X~), and the stage's layers minimise ``||X W - X~ Q - 1 b
 reconstruction of AdaRound/GPFQ). In Gram form that is ``(Q - W*) S (Q - W*)^T`` with the centred
 ``S = cov(X~)`` and the compensated target ``W* = W cov(X, X~) S^-1``, so every rounding pass runs
 unchanged on ``(W*, S)``; the bias absorbs ``W mu - Q mu~``. When X~ = X, W* = W exactly.
+
+A layer whose output is added to a skip connection (the project conv of a residual block) aims at the float
+sum instead: the skip already carries the earlier layers' error e = s - s~, so its target becomes
+``||X W + e - X~ Q - 1 b||^2`` (``W*`` gains ``cov(X~, e)^T S^-1``, the bias the mean of e) and the residual
+stream is repaired where it is written, instead of drifting through every block.
 """
 
 from __future__ import annotations
@@ -39,16 +44,22 @@ class PairedStats:
     sum_float: np.ndarray  # (G, d)
     rows: int = 0
     samples: int = 0
+    skip_cross: np.ndarray | None = None  # (d, out) sum x~ e^T, e = s - s~ the skip's error (residual layers)
+    skip_sum: np.ndarray | None = None  # (out,) sum e
 
     @classmethod
     def empty(cls, layer: Layer) -> PairedStats:
         g, d = layer.groups, layer.fan_in
         return cls(np.zeros((g, d, d)), np.zeros((g, d, d)), np.zeros((g, d)), np.zeros((g, d)))
 
-    def merge(self, x_quantized: np.ndarray, x_float: np.ndarray, layer: Layer, mask: np.ndarray | None) -> None:
-        """Add one batch of the layer's input from both models (same samples, same order)."""
+    def merge(self, x_quantized: np.ndarray, x_float: np.ndarray, layer: Layer, mask: np.ndarray | None,
+              skip_error: np.ndarray | None = None) -> None:
+        """Add one batch of the layer's input from both models (same samples, same order), and for a residual
+        layer the error of the skip its output is added to."""
         self.samples += x_quantized.shape[0]
         xq, xf = token_rows(x_quantized, layer, mask), token_rows(x_float, layer, mask)
+        if skip_error is not None:
+            self._add_skip(xq, token_rows(skip_error, layer, mask), layer)
         if is_pointwise(layer):  # a 1x1 Conv's rows are its pixels: no im2col copy
             for sample_q, sample_f in zip(xq, xf, strict=True):
                 channels = sample_q.shape[0]
@@ -70,6 +81,29 @@ class PairedStats:
             self.sum_float += block_f.sum(axis=2, dtype=np.float64)
         self.rows += columns_q.shape[2]
 
+    def _add_skip(self, xq: np.ndarray, error: np.ndarray, layer: Layer) -> None:
+        """Add ``x~ e^T`` over rows that are the same pixels or tokens in the input and in the output."""
+        out = layer.out_channels
+        if layer.op_type == "Conv":  # pointwise: (N, d, *spatial) and (N, out, *spatial)
+            rows_q = xq.reshape(xq.shape[0], xq.shape[1], -1).transpose(1, 0, 2).reshape(xq.shape[1], -1)
+            rows_e = error.reshape(error.shape[0], out, -1).transpose(1, 0, 2).reshape(out, -1)
+            cross, total = rows_q @ rows_e.T, rows_e.sum(axis=1, dtype=np.float64)
+        else:
+            rows_q, rows_e = xq.reshape(-1, xq.shape[-1]), error.reshape(-1, out)
+            cross, total = rows_q.T @ rows_e, rows_e.sum(axis=0, dtype=np.float64)
+        if self.skip_cross is None:
+            self.skip_cross, self.skip_sum = np.zeros((layer.fan_in, out)), np.zeros(out)
+        self.skip_cross += cross
+        self.skip_sum += total
+
+    def skip_covariance(self, centred: bool) -> np.ndarray | None:
+        """``cov(x~, e)`` (d, out) for a residual layer, or None."""
+        if self.skip_cross is None:
+            return None
+        n = max(self.rows, 1)
+        cov = self.skip_cross / n
+        return cov - np.outer(self.mean_quantized[0], self.skip_sum / n) if centred else cov
+
     @property
     def mean_quantized(self) -> np.ndarray:
         return self.sum_quantized / max(self.rows, 1)
@@ -90,13 +124,14 @@ class PairedStats:
 
 
 def compensated_target(W: np.ndarray, S: np.ndarray, C: np.ndarray, rows: int | None = None,
-                       damp: float = TARGET_DAMP) -> np.ndarray:
+                       damp: float = TARGET_DAMP, skip: np.ndarray | None = None) -> np.ndarray:
     """``W* = W + W (C - S)^T (S + lambda I)^-1`` per Gram group: the weight that, fed the quantized model's
     inputs, best reproduces the float output. The ridge only shrinks the correction, so X~ = X gives W.
 
     The correction is a regression of the earlier layers' error on the d inputs, fitted on ``rows`` rows;
     its noise grows as d / rows, so it is scaled by ``max(0, 1 - d / rows)``: a classifier after pooling
-    (one row per image, more inputs than images) keeps W instead of fitting the calibration images' noise."""
+    (one row per image, more inputs than images) keeps W instead of fitting the calibration images' noise.
+    ``skip`` (d x out, one Gram group) is ``cov(X~, e)`` of a residual layer: the skip's error joins the target."""
     groups, d = S.shape[0], S.shape[-1]
     weight = 1.0 if rows is None else max(0.0, 1.0 - d / max(rows, 1))
     target = W.astype(np.float64).copy()
@@ -105,6 +140,8 @@ def compensated_target(W: np.ndarray, S: np.ndarray, C: np.ndarray, rows: int | 
     grouped = target.reshape(groups, -1, d)  # rows of each Gram group
     ridge = damp * np.maximum(np.diagonal(S, axis1=1, axis2=2).mean(axis=1), 1e-30)
     rhs = np.matmul(C - S, grouped.transpose(0, 2, 1))
+    if skip is not None:
+        rhs = rhs + skip[None]
     correction = np.linalg.solve(S + ridge[:, None, None] * np.eye(d), rhs).transpose(0, 2, 1)
     return (grouped + weight * correction).reshape(W.shape)
 
@@ -114,14 +151,14 @@ def compensated_bias_shift(W: np.ndarray, Q: np.ndarray, stats: PairedStats) -> 
     groups = stats.gram.shape[0]
     index = np.repeat(np.arange(groups), W.shape[0] // groups)
     mf, mq = stats.mean_float[index], stats.mean_quantized[index]
-    return np.einsum("od,od->o", W.astype(np.float64), mf) - np.einsum("od,od->o", Q.astype(np.float64), mq)
+    shift = np.einsum("od,od->o", W.astype(np.float64), mf) - np.einsum("od,od->o", Q.astype(np.float64), mq)
+    return shift if stats.skip_sum is None else shift + stats.skip_sum / max(stats.rows, 1)
 
 
-def stages(model: onnx.ModelProto, layers: list[Layer]) -> list[list[Layer]]:
-    """Split the layers (in graph order) into stages whose inputs do not depend on a layer of the same stage,
-    so a stage's layers can be captured together once the earlier stages are quantized."""
+def layer_ancestry(model: onnx.ModelProto, layers: list[Layer]) -> Callable[[str], set[str]]:
+    """A function giving the names of the layers a tensor depends on (memoised)."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    weight_of = {layer.name: layer for layer in layers}
+    names = {layer.name for layer in layers}
     upstream: dict[str, set[str]] = {}
 
     def layers_above(tensor: str) -> set[str]:
@@ -135,12 +172,19 @@ def stages(model: onnx.ModelProto, layers: list[Layer]) -> list[list[Layer]]:
             if node is None or name in seen:
                 continue
             seen.add(name)
-            if node.name in weight_of:
+            if node.name in names:
                 found.add(node.name)
             stack.extend(node.input)
         upstream[tensor] = found
         return found
 
+    return layers_above
+
+
+def stages(model: onnx.ModelProto, layers: list[Layer]) -> list[list[Layer]]:
+    """Split the layers (in graph order) into stages whose inputs do not depend on a layer of the same stage,
+    so a stage's layers can be captured together once the earlier stages are quantized."""
+    layers_above = layer_ancestry(model, layers)
     result: list[list[Layer]] = []
     for layer in layers:
         if result and not (layers_above(layer.activation) & {item.name for item in result[-1]}):
@@ -148,6 +192,45 @@ def stages(model: onnx.ModelProto, layers: list[Layer]) -> list[list[Layer]]:
         else:
             result.append([layer])
     return result
+
+
+def residual_skips(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, str]:
+    """``{layer: skip tensor}`` for the layers whose output (after at most one constant bias Add) is added to
+    another activation, the skip whose error the layer can absorb; only where input rows are output rows
+    (pointwise Conv, MatMul, Gemm with alpha 1 and untransposed input) and the skip depends on some layer."""
+    constants = {t.name for t in model.graph.initializer} | {
+        out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    nodes = {node.name: node for node in model.graph.node}
+    layers_above = layer_ancestry(model, layers)
+    skips = {}
+    for layer in layers:
+        if not _rows_align(layer, nodes[layer.name]):
+            continue
+        tensor = nodes[layer.name].output[0]
+        after = consumers.get(tensor, [])
+        if len(after) == 1 and after[0].op_type == "Add" and any(i in constants for i in after[0].input):
+            tensor = after[0].output[0]  # a MatMul's bias
+            after = consumers.get(tensor, [])
+        if len(after) != 1 or after[0].op_type != "Add" or len(after[0].input) != 2:
+            continue
+        other = [name for name in after[0].input if name != tensor]
+        if len(other) == 1 and other[0] not in constants and layers_above(other[0]):
+            skips[layer.name] = other[0]
+    return skips
+
+
+def _rows_align(layer: Layer, node: onnx.NodeProto) -> bool:
+    """Each input row of the layer is one row (pixel or token) of its output."""
+    if layer.op_type == "Conv":
+        return is_pointwise(layer)
+    if layer.op_type == "Gemm":
+        alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0)
+        return not layer.trans_a and alpha == 1.0
+    return layer.op_type == "MatMul"
 
 
 def pruned(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
@@ -189,11 +272,13 @@ class StageCapture:
         self.fed_model = weights_as_inputs(self.model, self.replaced_names)
         self.mask_name = attention_mask_name(model_inputs(self.model))
 
-    def paired_stats(self, stage: list[Layer], feeds: list[Feed],
-                     replaced: dict[str, np.ndarray]) -> dict[str, PairedStats]:
-        """Statistics of the stage's inputs, float model against the model with ``replaced`` tensors."""
+    def paired_stats(self, stage: list[Layer], feeds: list[Feed], replaced: dict[str, np.ndarray],
+                     skips: dict[str, str] | None = None) -> dict[str, PairedStats]:
+        """Statistics of the stage's inputs, float model against the model with ``replaced`` tensors, and of
+        the error of the ``skips`` ({layer: tensor}) the residual layers' outputs are added to."""
+        skips = {name: t for name, t in (skips or {}).items() if replaced and name in {x.name for x in stage}}
         stats = {layer.name: PairedStats.empty(layer) for layer in stage}
-        names = [layer.activation for layer in stage]
+        names = [layer.activation for layer in stage] + list(skips.values())
         fetch = [n for n in dict.fromkeys(names) if n not in {v.name for v in self.fed_model.graph.input}]
         session = make_session(pruned(self.fed_model, fetch)) if fetch else None
         wanted = {v.name for v in session.get_inputs()} if session else set()
@@ -206,12 +291,25 @@ class StageCapture:
             return [np.asarray(values[n], dtype=np.float32) for n in names]
 
         for feed in feeds:
-            floats = inputs_of(feed, {})
-            quantized = inputs_of(feed, replaced) if replaced else floats
+            floats = dict(zip(names, inputs_of(feed, {}), strict=True))
+            quantized = dict(zip(names, inputs_of(feed, replaced), strict=True)) if replaced else floats
             mask = batch_mask(feed, self.mask_name)
-            for layer, xq, xf in zip(stage, quantized, floats, strict=True):
-                stats[layer.name].merge(xq, xf, layer, mask)
+            for layer in stage:
+                xq, xf = quantized[layer.activation], floats[layer.activation]
+                skip = skips.get(layer.name)
+                error = _skip_error(floats[skip], quantized[skip], xq, layer) if skip else None
+                stats[layer.name].merge(xq, xf, layer, mask, error)
         return stats
+
+
+def _skip_error(skip_float: np.ndarray, skip_quantized: np.ndarray, x: np.ndarray, layer: Layer
+                ) -> np.ndarray | None:
+    """``s - s~`` when the skip has the layer output's shape (a broadcast Add is left alone)."""
+    out_shape = ((x.shape[0], layer.out_channels, *x.shape[2:]) if layer.op_type == "Conv"
+                 else (*x.shape[:-1], layer.out_channels))
+    if skip_float.shape != out_shape:
+        return None
+    return skip_float - skip_quantized
 
 
 def round_sequentially(model: onnx.ModelProto, layers: list[Layer], feeds: list[Feed],
@@ -223,14 +321,19 @@ def round_sequentially(model: onnx.ModelProto, layers: list[Layer], feeds: list[
     capture = StageCapture(model, [layer.weight for layer in layers] + [slot.tensor for slot in slots.values()])
     replaced: dict[str, np.ndarray] = {}
     results: dict = {}
+    skips, layers_above = residual_skips(model, layers), layer_ancestry(model, layers)
     for stage in stages(model, layers):
-        paired = capture.paired_stats(stage, feeds, replaced)
+        # a skip whose error is final: every layer it depends on is already rounded
+        ready = {name: t for name, t in skips.items() if layers_above(t) <= results.keys()}
+        paired = capture.paired_stats(stage, feeds, replaced, ready)
         work, weights = [], {}
         for layer in stage:
             W = weights[layer.name] = layer.matrix(capture.float_tensors[layer.weight]).astype(np.float64)
-            S, C = paired[layer.name].covariances(layer.name in slots)
+            centred = layer.name in slots
+            S, C = paired[layer.name].covariances(centred)
             rows = paired[layer.name].rows
-            work.append((layer, compensated_target(W, S, C, rows), S, rows))
+            target = compensated_target(W, S, C, rows, skip=paired[layer.name].skip_covariance(centred))
+            work.append((layer, target, S, rows))
         rounded = round_stage(work)
         for layer in stage:
             qw, error = rounded[layer.name]
