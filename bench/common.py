@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxq.images import ImagePreprocessing
+from onnxq.sources import spread_order
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ONNXQ_SHARED", ROOT.parent / "shared"))
@@ -68,8 +69,9 @@ def top1(model: str | Path, x: np.ndarray, y: np.ndarray, batch: int = 50) -> fl
 
 
 def calib_files(count: int) -> list[Path]:
-    """The first ``count`` images of imagenet-calib1000 in sorted order (what --calib-size takes)."""
-    return sorted(CALIB.iterdir())[:count]
+    """The ``count`` images of imagenet-calib1000 that --calib-size takes: spread over the sorted listing."""
+    files = sorted(CALIB.iterdir())
+    return [files[i] for i in spread_order(len(files))[:count]]
 
 
 def save_results(tag: str, fp32: dict[str, float], rows: list[dict], table: str) -> None:

@@ -1,6 +1,7 @@
 """Issue 3 benchmark: top-1 on imagenet-val1300 of FP32, RTN, GPTQ and COMQ (weight-only) at 8/4/3/2 bits.
 
-Calibration: the first 256 images of imagenet-calib1000 (statistics computed once per model and cached).
+Calibration: 256 images of imagenet-calib1000, what --calib-size 256 takes (every 4th of the sorted listing);
+statistics computed once per model and cached.
 Each width is run with every layer at that width ("all") and with the first and last layer at 8 bits
 ("fl8"). Writes bench/results/methods.json and bench/results/methods.md.
 

@@ -1,8 +1,9 @@
 """Issue 4 benchmark: top-1 against size for uniform widths, diagonal-only allocation, CLADO (fast) and
 CLADO (exact) at average stored widths 2.5, 3, 3.5 and 4, on the ../shared models.
 
-Calibration: first 256 images of imagenet-calib1000 (cached statistics); sensitivities on the next 128
-(--clado-samples, held out), verification on the next 512; evaluation: all of imagenet-val1300.
+Calibration: 256 images of imagenet-calib1000, every 4th (what --calib-size 256 takes; cached statistics);
+sensitivities on the next 128 of that spread order (--clado-samples, held out), verification on the next 512;
+evaluation: all of imagenet-val1300.
 Writes bench/results/<tag>.{json,md,png}.
 
     python bench/mixed_precision.py [--models ...] [--budgets 2.5,3,3.5,4] [--exact-models squeezenet1.1]

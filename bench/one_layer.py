@@ -1,7 +1,7 @@
 """One layer quantized, every other layer float: what that layer alone costs on imagenet-val1300.
 
 Uses the CLI's own path (``--nodes_to_exclude`` with a pattern that keeps only the named layer), calibrated on
-the first 256 images of imagenet-calib1000. Prints the top-1 and the mean KL divergence of the output from the
+256 images of imagenet-calib1000 (every 4th). Prints the top-1 and the mean KL divergence of the output from the
 float model's. Used in the README for the bound on SqueezeNet's avg-3 budget (conv10 at 2 bits) and for the
 effect of Gram shrinkage on MobileNet v1's classifier.
 

@@ -2,7 +2,7 @@
 against `--prefer speed` (8-bit layers as W8A8 integer kernels, the rest weight-only, CLADO's speed term), next
 to FP32, uniform W8A8 and uniform W4 weight-only (first/last 8).
 
-Calibration: first 256 images of imagenet-calib1000 (cached statistics); sensitivities (CLADO fast) on its first
+Calibration: 256 images of imagenet-calib1000 (every 4th) (cached statistics); sensitivities (CLADO fast) on its first
 128; top-1 on all of imagenet-val1300; latency: median of repeated runs on random input at batch 1 and 32 on
 this machine's CPU (every core), models timed in turn. Writes bench/results/prefer.{json,md}.
 

@@ -1,7 +1,7 @@
 """The demo model's report: SqueezeNet 1.1 at ``--avg-bits 3`` (CLADO), written to docs/demo_report.html.
 
-With the shared assets (../shared or $ONNXQ_SHARED), as the other benchmarks: calibration on the first 256
-images of imagenet-calib1000, sensitivities on the next 128 (held out), top-1 on all 1300 of imagenet-val1300,
+With the shared assets (../shared or $ONNXQ_SHARED), as the other benchmarks: calibration on 256 images of
+imagenet-calib1000 (every 4th), sensitivities on the next 128 (held out), top-1 on all 1300 of imagenet-val1300,
 and a top-1 against size curve over several budgets and uniform widths. Without them: the ten demo images
 for everything, and the curve shows top-1 agreement with the float model instead of top-1.
 Also writes docs/demo_report.json (the same numbers) and, when chromium is installed, docs/demo_report.png.
@@ -128,7 +128,7 @@ def main(budgets: list[float], uniform: list[int], samples: int) -> None:
 def describe(shared: bool, samples: int) -> str:
     """Where the figures come from, for the page."""
     if shared:
-        data = ("Calibration: first 256 images of imagenet-calib1000 (sensitivities on the next 128, verification "
+        data = ("Calibration: 256 images of imagenet-calib1000, every 4th (sensitivities on the next 128, verification "
                 "on the next 512); accuracy: all 1300 images of imagenet-val1300")
     else:
         data = "Calibration and accuracy: the ten demo images in models/demo_calib"

@@ -1,7 +1,7 @@
 """Issue 5 benchmark: W8A8 models that onnxruntime runs with integer kernels, against FP32 and quantize_static.
 
 Per model: FP32; onnxq W8A8 (8-bit symmetric RTN or COMQ weights from the cached Gram statistics, uint8
-activations calibrated on the first 256 images of imagenet-calib1000 with each range method); onnxruntime
+activations calibrated on 256 images of imagenet-calib1000, every 4th, with each range method); onnxruntime
 ``quantize_static`` (``quant_pre_process`` first, QDQ, per-channel, MinMax) on the same 256 images, with uint8
 activations (onnxruntime's advice for x86 with VNNI) and with its defaults (int8 activations); W4 weight-only
 (COMQ) and W4A8 (the same weights plus uint8 activation Q/DQ). Reports top-1 on imagenet-val1300, file size,
@@ -60,7 +60,7 @@ class Reader(CalibrationDataReader):
 
 
 def calib_feeds(name: str, input_name: str) -> list[dict]:
-    """The first 256 calib1000 images, preprocessed for the model, in batches of 32."""
+    """The 256 calib1000 images --calib-size 256 takes, preprocessed for the model, in batches of 32."""
     x = np.concatenate([MODELS[name].load(f) for f in calib_files(CALIB_SIZE)])
     return [{input_name: x[i:i + CALIB_BATCH]} for i in range(0, len(x), CALIB_BATCH)]
 
