@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import click
-from common import CALIB, MODELS, RESULTS, model_path, require_shared, save_results, top1, val_set
+import numpy as np
+from common import CALIB, MODELS, RESULTS, kl_to, logits, model_path, require_shared, save_results, val_set
 
 import onnxq
 
@@ -26,14 +27,14 @@ def calibration_stats(name: str, calib_size: int) -> tuple[Path, float]:
     """Compute (or reuse) the model's calibration statistics; return the file and the seconds it took."""
     stats = RESULTS / "cache" / f"stats_{name}_{calib_size}.npz"
     start = time.perf_counter()
-    if not stats.exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            onnxq.quantize(model_path(name), CALIB, Path(tmp) / "q.onnx", bits=8, method="rtn",
-                           calib_size=calib_size, stats=stats, preprocessing=MODELS[name])
+    with tempfile.TemporaryDirectory() as tmp:  # reuses the file when it is current, recomputes a stale one
+        onnxq.quantize(model_path(name), CALIB, Path(tmp) / "q.onnx", bits=8, method="rtn",
+                       calib_size=calib_size, stats=stats, preprocessing=MODELS[name])
     return stats, time.perf_counter() - start
 
 
-def run_one(name: str, method: str, bits: int, fl8: bool, stats: Path, x, y, bias_correction: bool = True) -> dict:
+def run_one(name: str, method: str, bits: int, fl8: bool, stats: Path, x, y, reference: np.ndarray,
+            bias_correction: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
         start = time.perf_counter()
@@ -41,13 +42,16 @@ def run_one(name: str, method: str, bits: int, fl8: bool, stats: Path, x, y, bia
                                 first_last_bits=8 if fl8 else None, preprocessing=MODELS[name],
                                 bias_correction=bias_correction)
         seconds = time.perf_counter() - start
-        return {"model": name, "method": method, "bits": bits, "first_last_8": fl8, "top1": top1(out, x, y),
-                "seconds": round(seconds, 1), "size_ratio": round(result.size_ratio, 4),
+        out_logits = logits(out, x)
+        return {"model": name, "method": method, "bits": bits, "first_last_8": fl8,
+                "top1": round(float((out_logits.argmax(1) == y).mean() * 100), 2),
+                "kl": round(kl_to(reference, out_logits), 4), "seconds": round(seconds, 1),
+                "size_ratio": round(result.size_ratio, 4),
                 "avg_stored_bits": round(result.average_bits(stored=True), 3)}
 
 
 def markdown(rows: list[dict], fp32: dict[str, float]) -> str:
-    """One table per model: rows = width/config, columns = methods."""
+    """One table per model: rows = width/config, columns = methods; cells: top-1 / mean KL to FP32 (time)."""
     out = []
     for name in fp32:
         out.append(f"\n**{name}** (FP32 top-1 {fp32[name]:.2f} %)\n")
@@ -61,7 +65,7 @@ def markdown(rows: list[dict], fp32: dict[str, float]) -> str:
             for m in methods:
                 key = (name, m, bits, fl8)
                 hit = [r for r in rows if (r["model"], r["method"], r["bits"], r["first_last_8"]) == key]
-                cells.append(f"{hit[0]['top1']:.2f} ({hit[0]['seconds']:.0f} s)" if hit else "")
+                cells.append(f"{hit[0]['top1']:.2f} / {hit[0]['kl']:.4f} ({hit[0]['seconds']:.0f} s)" if hit else "")
             out.append(f"| W{bits}{' (first/last 8)' if fl8 else ''} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -78,13 +82,14 @@ def main(models: str, bits: str, methods: str, calib_size: int, tag: str, bias_c
     rows, fp32 = [], {}
     for name in models.split(","):
         x, y = val_set(name)
-        fp32[name] = top1(model_path(name), x, y)
+        reference = logits(model_path(name), x)
+        fp32[name] = float((reference.argmax(1) == y).mean() * 100)
         stats, calib_seconds = calibration_stats(name, calib_size)
         click.echo(f"{name}: FP32 {fp32[name]:.2f} %, calibration {calib_seconds:.0f} s", err=True)
         for b in map(int, bits.split(",")):
             for fl8 in ([False] if b == 8 else [False, True]):
                 for method in methods.split(","):
-                    row = run_one(name, method, b, fl8, stats, x, y, bias_correction)
+                    row = run_one(name, method, b, fl8, stats, x, y, reference, bias_correction)
                     rows.append(row)
                     click.echo(json.dumps(row), err=True)
     table = markdown(rows, fp32)

@@ -19,16 +19,10 @@ from pathlib import Path
 
 import click
 import numpy as np
-from common import CALIB, MODELS, logits, model_path, require_shared, save_results, val_set
+from common import CALIB, MODELS, kl_to, logits, model_path, require_shared, save_results, val_set
 from methods import calibration_stats
 
 import onnxq
-from onnxq.oracle import log_softmax
-
-
-def kl_to(reference: np.ndarray, quantized: np.ndarray) -> float:
-    p_log = log_softmax(reference.astype(np.float64))
-    return float((np.exp(p_log) * (p_log - log_softmax(quantized.astype(np.float64)))).sum(1).mean())
 
 
 def run_one(name: str, bits: int, sequential: bool, stats: Path, x, y, reference: np.ndarray) -> dict:
