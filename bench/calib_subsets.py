@@ -1,9 +1,9 @@
 """How much a result depends on which calibration images were drawn: K disjoint calibration sets.
 
 Subset k is every K-th image of the sorted imagenet-calib1000 listing starting at image k (K = 4: 250 images
-each; the listing holds one image per class, so the subsets share no class), linked into a temporary folder. For each subset:
-COMQ weight-only, first and last layer at 8 bits, default (float-input statistics) and ``--sequential``;
-top-1 and mean KL to FP32 on all of imagenet-val1300, then the mean and standard deviation over the subsets.
+each; the listing holds one image per class, so the subsets share no class), linked into a temporary folder.
+For each subset: COMQ weight-only, first and last layer at 8 bits, default (float-input statistics) and
+``--sequential``; top-1 and mean KL to FP32 on all of imagenet-val1300, then the mean and standard deviation.
 One top-1 on 1300 images moves by several images when a few codes flip, so a gap below ~0.5 point between two
 single runs says little; the mean over disjoint calibration sets does. Writes bench/results/<tag>.{json,md}.
 
