@@ -6,7 +6,9 @@ mkdir -p bench/results
 python bench/pass_speed.py --bits 4 --repeat 3 --quality | tee bench/results/pass_speed.txt
 python bench/methods.py
 python bench/methods.py --bits 4,3 --methods gptq,comq --no-bias-correction --tag methods_no_bias_correction
-python bench/sequential.py
+python bench/sequential.py --models squeezenet1.1,mobilenet_v1_0.75_224
+python bench/sequential.py --models efficientnet_lite0 --bits 4 --tag sequential_effnet
+python bench/calib_subsets.py
 python bench/mixed_precision.py --models squeezenet1.1 --tag mixed_squeezenet
 python bench/mixed_precision.py --models mobilenet_v1_0.75_224 --tag mixed_mobilenet
 python bench/mixed_precision.py --models efficientnet_lite0 --tag mixed_efficientnet
