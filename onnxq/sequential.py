@@ -276,7 +276,7 @@ class StageCapture:
                      skips: dict[str, str] | None = None) -> dict[str, PairedStats]:
         """Statistics of the stage's inputs, float model against the model with ``replaced`` tensors, and of
         the error of the ``skips`` ({layer: tensor}) the residual layers' outputs are added to."""
-        skips = {name: t for name, t in (skips or {}).items() if replaced and name in {x.name for x in stage}}
+        skips = skips or {}
         stats = {layer.name: PairedStats.empty(layer) for layer in stage}
         names = [layer.activation for layer in stage] + list(skips.values())
         fetch = [n for n in dict.fromkeys(names) if n not in {v.name for v in self.fed_model.graph.input}]
@@ -323,8 +323,9 @@ def round_sequentially(model: onnx.ModelProto, layers: list[Layer], feeds: list[
     results: dict = {}
     skips, layers_above = residual_skips(model, layers), layer_ancestry(model, layers)
     for stage in stages(model, layers):
-        # a skip whose error is final: every layer it depends on is already rounded
-        ready = {name: t for name, t in skips.items() if layers_above(t) <= results.keys()}
+        # the stage's skips whose error is final: every layer they depend on is already rounded
+        ready = {layer.name: skips[layer.name] for layer in stage
+                 if layer.name in skips and layers_above(skips[layer.name]) <= results.keys()}
         paired = capture.paired_stats(stage, feeds, replaced, ready)
         work, weights = [], {}
         for layer in stage:

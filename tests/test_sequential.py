@@ -26,14 +26,19 @@ def centred_moments(Xq: np.ndarray, Xf: np.ndarray) -> tuple[np.ndarray, np.ndar
     return (cq.T @ cq / len(Xq))[None], (cq.T @ cf / len(Xq))[None]
 
 
+def noisy_inputs(seed: int, noise: float) -> tuple[np.random.Generator, np.ndarray, np.ndarray, np.ndarray]:
+    """``(rng, X, X~, W)``: float rows with a mean, the same rows plus noise, and a weight."""
+    rng = np.random.default_rng(seed)
+    Xf = rng.normal(size=(300, 6)) + rng.normal(size=6)
+    Xq = Xf + noise * rng.normal(size=Xf.shape)
+    return rng, Xf, Xq, rng.normal(size=(4, 6))
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), noise=st.floats(0.01, 1.0))
 def test_target_is_the_least_squares_weight_on_quantized_inputs(seed, noise):
     """Without ridge, W* solves min_Q ||X W^T - X~ Q^T - b||^2 (lstsq on centred rows, an independent path)."""
-    rng = np.random.default_rng(seed)
-    Xf = rng.normal(size=(300, 6)) + rng.normal(size=6)
-    Xq = Xf + noise * rng.normal(size=Xf.shape)
-    W = rng.normal(size=(4, 6))
+    _, Xf, Xq, W = noisy_inputs(seed, noise)
     S, C = centred_moments(Xq, Xf)
     target = compensated_target(W, S, C, damp=0.0)
     cq, cf = Xq - Xq.mean(axis=0), Xf - Xf.mean(axis=0)
@@ -45,10 +50,7 @@ def test_target_is_the_least_squares_weight_on_quantized_inputs(seed, noise):
 @given(seed=st.integers(0, 10_000), noise=st.floats(0.01, 1.0))
 def test_residual_target_also_absorbs_the_skip_error(seed, noise):
     """With the skip's error e: W* solves min_Q ||X W^T + e - X~ Q^T - b||^2 (lstsq, independent path)."""
-    rng = np.random.default_rng(seed)
-    Xf = rng.normal(size=(300, 6)) + rng.normal(size=6)
-    Xq = Xf + noise * rng.normal(size=Xf.shape)
-    W = rng.normal(size=(4, 6))
+    rng, Xf, Xq, W = noisy_inputs(seed, noise)
     e = Xq[:, :4] * noise + rng.normal(size=(300, 4)) * noise  # partly explained by X~
     S, C = centred_moments(Xq, Xf)
     cq, ce = Xq - Xq.mean(axis=0), e - e.mean(axis=0)
