@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import click
 import numpy as np
-from common import CALIB, MODELS, kl_to, logits, model_path, require_shared, save_results, val_set
-
-import onnxq
+from common import CALIB, logits, model_path, require_shared, save_results, val_set
+from sequential import run_one
 
 
 def subset_folder(root: Path, k: int, count: int) -> Path:
@@ -31,19 +29,6 @@ def subset_folder(root: Path, k: int, count: int) -> Path:
     for file in sorted(CALIB.iterdir())[k::count]:
         (folder / file.name).symlink_to(file)
     return folder
-
-
-def run_one(name: str, bits: int, sequential: bool, calib: Path, x, y, reference: np.ndarray) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "q.onnx"
-        start = time.perf_counter()
-        onnxq.quantize(model_path(name), calib, out, bits=bits, first_last_bits=8, calib_size=0,
-                       preprocessing=MODELS[name], sequential=sequential)
-        seconds = time.perf_counter() - start
-        out_logits = logits(out, x)
-    return {"model": name, "bits": bits, "sequential": sequential, "subset": calib.name,
-            "top1": round(float((out_logits.argmax(1) == y).mean() * 100), 2),
-            "kl": round(kl_to(reference, out_logits), 4), "seconds": round(seconds, 1)}
 
 
 def markdown(rows: list[dict], fp32: dict[str, float]) -> str:
@@ -78,7 +63,8 @@ def main(models: str, bits: str, subsets: int, tag: str) -> None:
             for b in map(int, bits.split(",")):
                 for sequential in (False, True):
                     for folder in folders:
-                        rows.append(run_one(name, b, sequential, folder, x, y, reference))
+                        rows.append({**run_one(name, b, sequential, None, x, y, reference, folder, 0),
+                                     "subset": folder.name})
                         click.echo(json.dumps(rows[-1]), err=True)
     table = markdown(rows, fp32)
     save_results(tag, fp32, rows, table)

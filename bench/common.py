@@ -76,6 +76,12 @@ def kl_to(reference: np.ndarray, quantized: np.ndarray) -> float:
     return float((np.exp(p_log) * (p_log - log_softmax(quantized.astype(np.float64)))).sum(1).mean())
 
 
+def scores(model: str | Path, x: np.ndarray, y: np.ndarray, reference: np.ndarray) -> dict:
+    """Top-1 (%) of a model file on the images and the mean KL of its output from the reference logits."""
+    out = logits(model, x)
+    return {"top1": round(float((out.argmax(1) == y).mean() * 100), 2), "kl": round(kl_to(reference, out), 4)}
+
+
 def calib_files(count: int) -> list[Path]:
     """The ``count`` images of imagenet-calib1000 that --calib-size takes: spread over the sorted listing."""
     files = sorted(CALIB.iterdir())

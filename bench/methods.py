@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 import numpy as np
-from common import CALIB, MODELS, RESULTS, kl_to, logits, model_path, require_shared, save_results, val_set
+from common import CALIB, MODELS, RESULTS, logits, model_path, require_shared, save_results, scores, val_set
 
 import onnxq
 
@@ -42,10 +42,8 @@ def run_one(name: str, method: str, bits: int, fl8: bool, stats: Path, x, y, ref
                                 first_last_bits=8 if fl8 else None, preprocessing=MODELS[name],
                                 bias_correction=bias_correction)
         seconds = time.perf_counter() - start
-        out_logits = logits(out, x)
         return {"model": name, "method": method, "bits": bits, "first_last_8": fl8,
-                "top1": round(float((out_logits.argmax(1) == y).mean() * 100), 2),
-                "kl": round(kl_to(reference, out_logits), 4), "seconds": round(seconds, 1),
+                **scores(out, x, y, reference), "seconds": round(seconds, 1),
                 "size_ratio": round(result.size_ratio, 4),
                 "avg_stored_bits": round(result.average_bits(stored=True), 3)}
 

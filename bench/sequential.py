@@ -19,23 +19,23 @@ from pathlib import Path
 
 import click
 import numpy as np
-from common import CALIB, MODELS, kl_to, logits, model_path, require_shared, save_results, val_set
+from common import CALIB, MODELS, logits, model_path, require_shared, save_results, scores, val_set
 from methods import calibration_stats
 
 import onnxq
 
 
-def run_one(name: str, bits: int, sequential: bool, stats: Path, x, y, reference: np.ndarray) -> dict:
+def run_one(name: str, bits: int, sequential: bool, stats: Path | None, x, y, reference: np.ndarray,
+            calib: Path = CALIB, calib_size: int = 256) -> dict:
+    """COMQ at ``bits`` with the first and last layer at 8, default or sequential: top-1, KL and wall time."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
         start = time.perf_counter()
-        onnxq.quantize(model_path(name), CALIB, out, bits=bits, first_last_bits=8, stats=stats,
-                       preprocessing=MODELS[name], sequential=sequential)
+        onnxq.quantize(model_path(name), calib, out, bits=bits, first_last_bits=8, stats=stats,
+                       calib_size=calib_size, preprocessing=MODELS[name], sequential=sequential)
         seconds = time.perf_counter() - start
-        out_logits = logits(out, x)
-    return {"model": name, "bits": bits, "sequential": sequential,
-            "top1": round(float((out_logits.argmax(1) == y).mean() * 100), 2),
-            "kl": round(kl_to(reference, out_logits), 4), "seconds": round(seconds, 1)}
+        return {"model": name, "bits": bits, "sequential": sequential, **scores(out, x, y, reference),
+                "seconds": round(seconds, 1)}
 
 
 def markdown(rows: list[dict], fp32: dict[str, float]) -> str:
