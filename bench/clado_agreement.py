@@ -18,6 +18,7 @@ from common import CALIB, MODELS, RESULTS, model_path, require_shared
 from methods import calibration_stats
 from scipy.stats import pearsonr, spearmanr
 
+from onnxq.calibration_set import CalibrationSet
 from onnxq.layers import find_layers
 from onnxq.loading import load_model_and_layout
 from onnxq.oracle import LossOracle
@@ -38,13 +39,13 @@ def main(name: str, pairs: int, samples: int, bits: str) -> None:
     options = Options(method="comq", stats=stats_path, preprocessing=MODELS[name], clado_samples=samples)
     model = prepare(load_model_and_layout(model_path(name))[0])
     layers, _ = find_layers(model)
-    inputs = model_inputs(model)
-    stats, _ = collect_stats(model, layers, CALIB, inputs, options, None)
+    data = CalibrationSet(CALIB, model_inputs(model), MODELS[name], options.batch_size, options.calib_size,
+                          held_out=samples)
+    stats = collect_stats(model, layers, data, options, None)
     slots = corrected_layers(model, layers, options)
     widths = tuple(int(b) for b in bits.split(","))
     rounded = round_candidates(model, layers, stats, {layer.name: widths for layer in layers}, options, None, slots)
-    oracle = LossOracle(model, layers, oracle_feeds(CALIB, inputs, options, next(iter(stats.values())).samples),
-                        slots=slots)
+    oracle = LossOracle(model, layers, oracle_feeds(data, samples), slots=slots)
     cands = clado.Candidates.uniform(widths, np.ones((len(layers), len(widths))))
     tensors = {(i, b): oracle.replacement(layer, rounded[(layer.name, b)][0])
                for i, layer in enumerate(layers) for b in widths}

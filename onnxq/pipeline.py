@@ -15,6 +15,7 @@ import onnx
 from .act_qdq import quantize_activations
 from .bias import BiasSlot, add_missing_biases, bias_slots, output_shift
 from .calibrate import LayerStats, calibrate, load_stats, make_session, save_stats
+from .calibration_set import CalibrationSet
 from .errors import OnnxqError
 from .export import build_quantized_model, container_bits, layer_metadata, save_atomic, stored_weight_bits
 from .images import ImagePreprocessing
@@ -35,16 +36,7 @@ from .progress import NoProgress
 from .rounding import RoundingTask, round_all
 from .sequential import round_sequentially
 from .shrinkage import shrink_gram
-from .sources import (
-    Feed,
-    InputSpec,
-    batches,
-    default_preprocessing,
-    feed_samples,
-    feeds_from,
-    held_out_batches,
-    model_inputs,
-)
+from .sources import Feed, feed_samples, model_inputs
 
 log = logging.getLogger("onnxq")
 PREFERENCES = ("size", "speed")
@@ -78,6 +70,7 @@ class QuantizationResult:
     output_sqnr_db: float | None = None
     top1_agreement: float | None = None
     extra: dict = field(default_factory=dict)
+    check_held_out: bool = False  # the check batch was held out from calibration (else a calibration batch)
 
     @property
     def size_ratio(self) -> float:
@@ -162,43 +155,29 @@ def layer_bits(layers: list[Layer], options: Options) -> dict[str, int]:
     return chosen
 
 
-def collect_stats(model: onnx.ModelProto, layers: list[Layer], calib: object, inputs: list[InputSpec],
-                  options: Options, progress: Callable | None) -> tuple[dict[str, LayerStats], Feed | None]:
-    """Load cached statistics when they match the model, else calibrate (and cache if asked)."""
+def collect_stats(model: onnx.ModelProto, layers: list[Layer], data: CalibrationSet, options: Options,
+                  progress: Callable | None) -> dict[str, LayerStats]:
+    """Load cached statistics when they match the model, else calibrate on the calibration split (and cache)."""
     fingerprint = weights_fingerprint(model, [layer.weight for layer in layers])
     if options.stats and options.stats.exists():
         cached = load_stats(options.stats, fingerprint)
         if cached is not None and set(cached) == {layer.name for layer in layers}:
             log.info("reusing calibration statistics from %s", options.stats)
-            return cached, first_batch(calib, inputs, options)
+            return cached
         log.warning("statistics in %s are for another model or layer set; recalibrating", options.stats)
-    preprocessing = default_preprocessing(inputs, options.preprocessing)
-    raw, count = feeds_from(calib, inputs, preprocessing)
-    limit = options.calib_size or None
-    total = min(count, limit) if (count and limit) else (count or limit)
-    first: list[Feed] = []
-
-    def remember_first(stream):
-        for feed in stream:
-            if not first:
-                first.append(feed)
-            yield feed
-
-    stream = remember_first(batches(raw, inputs, options.batch_size, limit))
-    with (progress(total, "calibrating") if progress else NoProgress()) as bar:
-        stats = calibrate(model, layers, stream, on_batch=bar.update)
+    with (progress(data.samples, "calibrating") if progress else NoProgress()) as bar:
+        stats = calibrate(model, layers, data.calibration(), on_batch=bar.update)
     if options.stats:
         save_stats(options.stats, stats, fingerprint)
-    return stats, (first[0] if first else None)
+    return stats
 
 
-def first_batch(calib: object, inputs: list[InputSpec], options: Options) -> Feed | None:
-    """One calibration batch to check the written model with, or None when the data is unavailable."""
-    try:
-        raw, _ = feeds_from(calib, inputs, default_preprocessing(inputs, options.preprocessing))
-        return next(batches(raw, inputs, options.batch_size, options.batch_size), None)
-    except OnnxqError:
-        return None
+def held_out_needed(options: Options) -> int:
+    """Samples to keep beyond the calibration ones: CLADO's oracle and its verification with a budget, else
+    one batch to check the written model on."""
+    if options.budget.is_set():
+        return max(options.clado_samples, options.verify_samples, options.batch_size)
+    return options.batch_size
 
 
 def weight_symmetric(bits: int, options: Options) -> bool:
@@ -214,17 +193,15 @@ def activation_layers(layers: list[Layer], results: dict[str, QuantWeight], opti
     return [layer.name for layer in layers]
 
 
-def with_activations(model: onnx.ModelProto, quantized: onnx.ModelProto, layers: list[Layer], calib: object,
-                     inputs: list[InputSpec], options: Options, act_layers: list[str]) -> onnx.ModelProto:
+def with_activations(model: onnx.ModelProto, quantized: onnx.ModelProto, layers: list[Layer], data: CalibrationSet,
+                     options: Options, act_layers: list[str]) -> onnx.ModelProto:
     """Add uint8 activation Q/DQ around the given quantized layers, ranges calibrated on the float model."""
     if options.act_bits != 8:
         raise OnnxqError(f"--act-bits {options.act_bits} is not supported; use --act-bits 8")
     if not act_layers:
         log.warning("no layer is at 8 bits, so none runs in integer kernels; the model stays weight-only")
         return quantized
-    raw, _ = feeds_from(calib, inputs, default_preprocessing(inputs, options.preprocessing))
-    stream = batches(raw, inputs, options.batch_size, options.calib_size or None)
-    return quantize_activations(model, quantized, layers, stream, options.act_method, act_layers)
+    return quantize_activations(model, quantized, layers, data.calibration(), options.act_method, act_layers)
 
 
 def layer_block_size(layer: Layer, options: Options) -> int | None:
@@ -282,13 +259,9 @@ def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[st
     return rounded
 
 
-def calibration_feeds(calib: object, inputs: list[InputSpec], options: Options) -> list[Feed]:
-    """The calibration batches held in memory (sequential rounding reads them once per stage)."""
-    raw, _ = feeds_from(calib, inputs, default_preprocessing(inputs, options.preprocessing))
-    feeds = list(batches(raw, inputs, options.batch_size, options.calib_size or None))
-    if not feeds:
-        raise OnnxqError("the calibration data is empty; give at least one sample")
-    return feeds
+def calibration_feeds(data: CalibrationSet) -> list[Feed]:
+    """The calibration batches (sequential rounding reads them once per stage)."""
+    return list(data.calibration())
 
 
 def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str, int], feeds: list[Feed],
@@ -341,6 +314,14 @@ def verify(path: Path, reference: onnx.ModelProto, feed: Feed | None) -> tuple[f
     return sqnr, agreement
 
 
+def check_batch(data: CalibrationSet) -> tuple[Feed | None, bool]:
+    """The batch the written model is checked on (held out when the data has one), or None without data."""
+    try:
+        return data.check_batch()
+    except OnnxqError:  # statistics came from a cache and the calibration source is gone: check loading only
+        return None, False
+
+
 def quantize_model(model_path: str | Path, calib: object, output: str | Path, options: Options,
                    progress: Callable | None = None) -> QuantizationResult:
     """Quantize ``model_path`` with calibration data ``calib`` and write ``output``; see the CLI for options."""
@@ -357,19 +338,30 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     if options.bits_json and not mixed and options.bits_json.exists():
         options.bits_per_layer = {**read_bits_json(options.bits_json, layers), **options.bits_per_layer}
     bits = layer_bits(layers, options)
-    inputs = model_inputs(model)
+    data = CalibrationSet(calib, model_inputs(model), options.preprocessing, options.batch_size,
+                          options.calib_size, held_out_needed(options))
+    try:
+        return quantize_with(model, model_path, external, layers, skipped, bits, data, output, options, progress)
+    finally:
+        data.close()
+
+
+def quantize_with(model: onnx.ModelProto, model_path: Path, external: bool, layers: list[Layer], skipped: list[str],
+                  bits: dict[str, int], data: CalibrationSet, output: Path, options: Options,
+                  progress: Callable | None) -> QuantizationResult:
+    """Calibrate, round (fixed widths, CLADO or sequential), export and check: the stages after loading."""
+    mixed = options.budget.is_set()
     sequential = options.sequential and bool(layers)
     if sequential and options.stats and not mixed:
         log.info("sequential rounding captures its statistics stage by stage; %s is not used", options.stats)
-    stats, first_feed = ({}, None) if (sequential and not mixed) or not layers else collect_stats(
-        model, layers, calib, inputs, options, progress)
+    stats = {} if (sequential and not mixed) or not layers else collect_stats(model, layers, data, options, progress)
     slots = corrected_layers(model, layers, options)
     plan = None
     samples = next(iter(stats.values())).samples if stats else 0
     if mixed:  # with --sequential, the allocations it compares and the one it keeps are rounded sequentially
-        plan, chosen = mixed_precision(model, model_path, layers, stats, calib, inputs, options, progress, slots)
+        plan, chosen = mixed_precision(model, model_path, layers, stats, data, options, progress, slots)
     elif sequential:
-        feeds = calibration_feeds(calib, inputs, options)
+        feeds = calibration_feeds(data)
         samples = sum(feed_samples(feed) for feed in feeds)
         chosen = round_sequential(model, layers, bits, feeds, options, progress, slots)
     else:
@@ -387,18 +379,20 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
             "verified": plan.verified, "picked": plan.picked, "integer_mac_share": plan.integer_mac_share})
     quantized = build_quantized_model(model, layers, results, metadata, options.matmul_nbits, options.accuracy_level)
     if options.act_bits is not None and layers:
-        quantized = with_activations(model, quantized, layers, calib, inputs, options,
+        quantized = with_activations(model, quantized, layers, data, options,
                                      activation_layers(layers, results, options))
+    check_feed, held_out = check_batch(data)
     save_atomic(quantized, output, external if options.external_data is None and external else options.external_data)
     try:
-        sqnr, agreement = verify(output, model, first_feed or first_batch(calib, inputs, options))
+        sqnr, agreement = verify(output, model, check_feed)
     except BaseException:
         output.unlink(missing_ok=True)
         raise
     extra = {"mixed": plan} if plan is not None else {}
     method = f"{options.method}, sequential" if sequential else options.method
     return QuantizationResult(output, method, layer_reports(layers, chosen), skipped,
-                              _file_size(model_path), _file_size(output), samples, sqnr, agreement, extra)
+                              _file_size(model_path), _file_size(output), samples, sqnr, agreement, extra,
+                              check_held_out=held_out)
 
 
 def unquantized_bytes(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight]) -> int:
@@ -413,7 +407,7 @@ def unquantized_bytes(model: onnx.ModelProto, layers: list[Layer], results: dict
 
 
 def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer], stats: dict[str, LayerStats],
-                    calib: object, inputs: list[InputSpec], options: Options, progress: Callable | None,
+                    data: CalibrationSet, options: Options, progress: Callable | None,
                     slots: dict[str, BiasSlot] | None = None) -> tuple[MixedPlan, dict[str, tuple[QuantWeight, float]]]:
     """CLADO: round every candidate width, measure sensitivities, allocate under the budget."""
     choices = tuple(sorted(set(options.bit_choices)))
@@ -422,12 +416,10 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     widths.update({name: (b,) for name, b in options.bits_per_layer.items()})
     candidates = round_candidates(model, layers, stats, widths, options, progress, slots)
 
-    seen = next(iter(stats.values())).samples
-
     warned: list[bool] = []  # the sensitivity and the verification oracle share one fallback warning
 
     def oracle(samples: int = options.clado_samples) -> LossOracle:
-        feeds = oracle_feeds(calib, inputs, options, seen, samples, warn=not warned)
+        feeds = oracle_feeds(data, samples, warn=not warned)
         warned.append(True)
         return LossOracle(model, layers, feeds, slots=slots)
 
@@ -447,7 +439,7 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
         key = tuple(sorted(bits.items()))
         if key not in rounded_sequentially:
             if not feeds:
-                feeds.extend(calibration_feeds(calib, inputs, options))
+                feeds.extend(calibration_feeds(data))
             rounded_sequentially[key] = round_sequential(model, layers, bits, feeds, options, progress, slots)
         return rounded_sequentially[key]
 
@@ -464,23 +456,16 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     return plan, {name: candidates[(name, b)] for name, b in plan.bits.items()}
 
 
-def oracle_feeds(calib: object, inputs: list[InputSpec], options: Options, seen: int,
-                 samples: int | None = None, warn: bool = True) -> list[Feed]:
-    """The ``samples`` (default ``clado_samples``) that losses are measured on: held out from the ``seen`` that
-    the statistics came from, so the oracle does not reward rounding that fits those samples only; the first
-    ones when the data has no more."""
-    samples = samples or options.clado_samples
-    preprocessing = default_preprocessing(inputs, options.preprocessing)
-    raw, _ = feeds_from(calib, inputs, preprocessing)
-    feeds, count = held_out_batches(raw, inputs, options.batch_size, seen, samples)
-    if count >= min(samples, 16):
-        return feeds
+def oracle_feeds(data: CalibrationSet, samples: int, warn: bool = True) -> list[Feed]:
+    """The ``samples`` that losses are measured on: held out from the calibration samples, so the oracle does not
+    reward rounding that fits those samples only; the first calibration samples when the data has no more."""
+    if min(samples, data.held_out_samples) >= min(samples, 16):
+        return data.held_out(samples)
     if warn:
         log.warning("sensitivities measured on calibration samples the statistics also used (the data has %d "
                     "beyond the %d calibrated on); give more than --calib-size + --clado-samples for a held-out "
-                    "estimate", count, seen)
-    raw, _ = feeds_from(calib, inputs, preprocessing)
-    return list(batches(raw, inputs, options.batch_size, samples))
+                    "estimate", data.held_out_samples, data.samples)
+    return data.first(samples)
 
 
 def layer_macs(layers: list[Layer], stats: dict[str, LayerStats]) -> dict[str, float]:

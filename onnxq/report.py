@@ -43,7 +43,8 @@ def summary(result: QuantizationResult) -> str:
         f"({result.size_ratio:.3f}x)",
     ]
     if result.output_sqnr_db is not None:
-        check = f"output SQNR on a calibration batch: {result.output_sqnr_db:.1f} dB"
+        where = "held-out samples" if result.check_held_out else "a calibration batch (no held-out samples left)"
+        check = f"output SQNR on {where}: {result.output_sqnr_db:.1f} dB"
         if result.top1_agreement is not None:
             check += f", top-1 agreement with the float model {100 * result.top1_agreement:.1f} %"
         lines.append(check)

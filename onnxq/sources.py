@@ -244,24 +244,6 @@ def batches(feeds: Iterable[Feed], inputs: list[InputSpec], batch_size: int, lim
         raise OnnxqError("the calibration data is empty; pass at least one sample")
 
 
-def held_out_batches(feeds: Iterable[Feed], inputs: list[InputSpec], batch_size: int, skip: int,
-                     limit: int) -> tuple[list[Feed], int]:
-    """Up to ``limit`` samples that come after the first ``skip`` (data the statistics did not see), in
-    batches; returns them and their count (0 when the data ends within ``skip``)."""
-    mergeable = is_mergeable(inputs)
-    kept: list[Feed] = []
-    seen = count = 0
-    for feed in batches(feeds, inputs, batch_size, skip + limit):
-        rows = feed_samples(feed) if mergeable else 1
-        drop = min(max(skip - seen, 0), rows)
-        seen += rows
-        if drop == rows:
-            continue
-        kept.append({k: v[drop:] for k, v in feed.items()} if drop else feed)
-        count += rows - drop
-    return kept, count
-
-
 def feed_samples(feed: Feed) -> int:
     """Samples in a feed: the leading axis of its batched arrays (1 for scalars only)."""
     return max((v.shape[0] for v in feed.values() if np.ndim(v) > 0), default=1)

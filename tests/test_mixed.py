@@ -132,21 +132,3 @@ def test_verified_plan_is_reported_and_fits(tmp_path, cnn_path, cnn_calib, caplo
     assert "uniform 4" in plan.verified and result.average_bits(stored=True) <= 4.0 + 1e-9
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["onnxq.mixed_precision"])["picked"] == plan.picked
-
-
-def test_oracle_samples_are_held_out_from_calibration(cnn_path, cnn_calib, caplog):
-    from onnxq.pipeline import Options, oracle_feeds
-    from onnxq.sources import model_inputs, spread_order
-
-    inputs = model_inputs(prepare(onnx.load(str(cnn_path))))
-    options = Options(calib_size=8, clado_samples=8, batch_size=4)
-    feeds = oracle_feeds(cnn_calib, inputs, options, seen=8)
-    x = np.concatenate([f[inputs[0].name] for f in feeds])
-    order = spread_order(20)  # the folder's 20 files are read in spread order
-    expected = np.concatenate([np.load(cnn_calib / f"{i:03d}.npy") for i in order[8:16]])
-    assert np.array_equal(x, expected)
-    assert not set(order[8:16]) & set(order[:8])
-    with caplog.at_level("WARNING", logger="onnxq"):
-        fallback = oracle_feeds(cnn_calib, inputs, options, seen=20)  # nothing left: the first samples, with a warning
-    assert np.array_equal(np.concatenate([f[inputs[0].name] for f in fallback])[0], np.load(cnn_calib / "000.npy")[0])
-    assert "held-out" in caplog.text

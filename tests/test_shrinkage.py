@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxq.passes import Grid, comq, relative_error
 from onnxq.shrinkage import oas_intensity, shrink_gram
-from onnxq.sources import InputSpec, held_out_batches
 
 
 def pooled_features(rng: np.random.Generator, rows: int, mixing: np.ndarray) -> np.ndarray:
@@ -63,14 +61,3 @@ def test_shrinkage_lowers_the_error_on_unseen_inputs():
     plain = relative_error(W, comq.quantize(W, H, grid).dequantize(), H_unseen)
     regularised = relative_error(W, comq.quantize(W, shrunk[0], grid).dequantize(), H_unseen)
     assert regularised < 0.8 * plain
-
-
-@pytest.mark.parametrize("mergeable", [True, False])
-def test_held_out_batches_skip_the_calibrated_samples(mergeable: bool):
-    spec = InputSpec("x", np.dtype(np.float32), (None, 2) if mergeable else (1, 2))
-    feeds = [{"x": np.full((1, 2), i, np.float32)} for i in range(10)]
-    kept, count = held_out_batches(iter(feeds), [spec], batch_size=3, skip=4, limit=5)
-    values = np.concatenate([f["x"][:, 0] for f in kept])
-    assert count == 5 and values.tolist() == [4, 5, 6, 7, 8]
-    kept, count = held_out_batches(iter(feeds), [spec], batch_size=3, skip=10, limit=5)
-    assert (kept, count) == ([], 0)
