@@ -1,4 +1,4 @@
-"""Time the CLADO allocation MILP (Glover vs RLT linearisation) on random CLADO-like instances.
+"""Time the CLADO allocation MILP (RLT linearisation) on random CLADO-like instances.
 
 Instances: 4 candidates (2, 3, 4, 8 bits; 3-bit codes are stored in 4 bits as in ``passes.grid``), per-layer
 sizes log-uniform in [1e4, 2.4e6] weights, cost = weights * stored bits + 32-bit per-channel scales,
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from onnxq.passes.clado import MODELS, Candidates, allocate, allocate_diagonal, quadratic_value
+from onnxq.passes.clado import Candidates, allocate, allocate_diagonal, quadratic_value, rlt_model
 from onnxq.passes.grid import Grid
 
 BITS = (2, 3, 4, 8)
@@ -45,16 +45,16 @@ def random_problem(n_layers: int, seed: int, avg_bits: float = 3.0) -> tuple[np.
     return Omega, cands, budget
 
 
-def model_size(Omega: np.ndarray, cands: Candidates, method: str) -> str:
-    """Variables x rows of one linearisation (before the one-hot and budget rows)."""
-    c, rows = MODELS[method](Omega, cands)
+def model_size(Omega: np.ndarray, cands: Candidates) -> str:
+    """Variables x rows of the linearisation (before the one-hot and budget rows)."""
+    c, rows = rlt_model(Omega, cands)
     return f"{c.size}x{sum(r.A.shape[0] for r in rows)}"
 
 
-def run(layers: list[int], seeds: int, time_limit: float, methods: list[str], avg_bits: float, psd: bool) -> None:
-    """Solve every instance with every method and print one row per (L, seed, method)."""
+def run(layers: list[int], seeds: int, time_limit: float, avg_bits: float) -> None:
+    """Solve every instance and print one row per (L, seed)."""
     print(
-        f"{'L':>3} {'seed':>4} {'method':>7} {'vars x rows':>12} {'min eig':>9} {'status':>10} {'found by':>12} "
+        f"{'L':>3} {'seed':>4} {'vars x rows':>12} {'min eig':>9} {'status':>10} {'found by':>12} "
         f"{'objective':>10} {'bound':>10} {'gap':>8} {'seconds':>8} {'vs diag':>8}"
     )
     for n_layers in layers:
@@ -63,16 +63,15 @@ def run(layers: list[int], seeds: int, time_limit: float, methods: list[str], av
             min_eig = np.linalg.eigvalsh(Omega).min() / np.abs(Omega).max()
             base = allocate_diagonal(Omega, cands, budget)
             base_obj = quadratic_value(Omega, cands, base.choice)
-            for method in methods:
-                t0 = time.perf_counter()
-                res = allocate(Omega, cands, budget, time_limit=time_limit, method=method, psd=psd)
-                wall = time.perf_counter() - t0
-                print(
-                    f"{n_layers:>3} {seed:>4} {method:>7} {model_size(Omega, cands, method):>12} {min_eig:>9.2e} "
-                    f"{res.status:>10} {res.source:>12} {res.objective:>10.4e} {res.bound:>10.3e} "
-                    f"{res.gap:>8.2%} {wall:>8.2f} {quadratic_value(Omega, cands, res.choice) / base_obj:>8.3f}",
-                    flush=True,
-                )
+            t0 = time.perf_counter()
+            res = allocate(Omega, cands, budget, time_limit=time_limit)
+            wall = time.perf_counter() - t0
+            print(
+                f"{n_layers:>3} {seed:>4} {model_size(Omega, cands):>12} {min_eig:>9.2e} "
+                f"{res.status:>10} {res.source:>12} {res.objective:>10.4e} {res.bound:>10.3e} "
+                f"{res.gap:>8.2%} {wall:>8.2f} {quadratic_value(Omega, cands, res.choice) / base_obj:>8.3f}",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -81,11 +80,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[20, 30, 50, 80])
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--time-limit", type=float, default=60.0)
-    parser.add_argument("--methods", nargs="+", default=["glover", "rlt"])
     parser.add_argument("--avg-bits", type=float, default=3.0, help="budget in bits per weight")
-    parser.add_argument("--psd", action="store_true", help="solve the PSD-projected Omega")
     args = parser.parse_args()
-    run(args.layers, args.seeds, args.time_limit, args.methods, args.avg_bits, args.psd)
+    run(args.layers, args.seeds, args.time_limit, args.avg_bits)
 
 
 if __name__ == "__main__":

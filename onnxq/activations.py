@@ -17,7 +17,7 @@ from collections.abc import Collection, Iterable
 import numpy as np
 import onnx
 
-from .calibrate import capture_model, make_session
+from .capture import capture
 from .errors import OnnxqError
 from .sources import Feed
 
@@ -193,21 +193,22 @@ def _methods(tensors: list[str], method: str, methods: dict[str, str] | None, pe
     return chosen
 
 
+class HistogramObserver:
+    """Keeps each tensor's exact range and, where asked, its running histogram."""
+
+    def __init__(self, tensors: list[str], with_histogram: Collection[str] | None = None) -> None:
+        self.tensors = tensors
+        self.keep = set(tensors if with_histogram is None else with_histogram)
+        self.hists = {name: RunningHistogram() for name in tensors}
+
+    def update(self, values: dict[str, np.ndarray], feed: Feed) -> None:
+        for name in self.tensors:
+            self.hists[name].add(values[name], histogram=name in self.keep)
+
+
 def activation_histograms(model: onnx.ModelProto, tensors: list[str], batches: Iterable[Feed],
                           with_histogram: Collection[str] | None = None) -> dict[str, RunningHistogram]:
     """Run the batches once through ``model``, merging each tensor into its histogram (all tensors if None)."""
-    keep = set(tensors if with_histogram is None else with_histogram)
-    graph_inputs = {v.name for v in model.graph.input}
-    captured = [name for name in tensors if name not in graph_inputs]
-    session = make_session(capture_model(model, captured)) if captured else None
-    hists = {name: RunningHistogram() for name in tensors}
-    seen = False
-    for feed in batches:
-        values = dict(zip(captured, session.run(captured, feed), strict=True)) if session else {}
-        values.update(feed)
-        for name in tensors:
-            hists[name].add(values[name], histogram=name in keep)
-        seen = True
-    if not seen:
-        raise OnnxqError("the calibration data is empty; pass at least one batch")
-    return hists
+    observer = HistogramObserver(tensors, with_histogram)
+    capture(model, batches, [observer])
+    return observer.hists

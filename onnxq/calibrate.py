@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from .capture import capture, capture_model, make_session  # noqa: F401 - capture_model, make_session re-exported
 from .errors import OnnxqError
 from .layers import Layer
-from .loading import proto_size
 from .masking import attention_mask_name, batch_mask, token_rows
-from .sources import Feed, feed_samples, model_inputs
+from .sources import Feed, model_inputs
 from .unfold import unfold
 
 UNFOLD_CHUNK_ELEMENTS = 1 << 23  # unfolded values processed at once: bounds the im2col copy to ~32 MB
@@ -121,48 +120,27 @@ def batch_chunks(x: np.ndarray, layer: Layer) -> Iterable[np.ndarray]:
         yield x[start:start + step]
 
 
-def capture_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of the model whose outputs are the given intermediate tensors."""
-    captured = onnx.ModelProto()
-    captured.CopyFrom(model)
-    known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
-    del captured.graph.output[:]
-    for name in tensors:
-        value = known.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-        captured.graph.output.append(value)
-    return captured
+class GramObserver:
+    """Accumulates each layer's statistics from its input tensor (padding tokens left out)."""
 
+    def __init__(self, layers: list[Layer], mask_name: str | None) -> None:
+        self.layers = layers
+        self.tensors = sorted({layer.activation for layer in layers})
+        self.mask_name = mask_name
+        self.stats = {layer.name: empty_stats(layer) for layer in layers}
 
-def make_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session for an in-memory model (spilled to a temporary file when over protobuf's 2 GB)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    if proto_size(model) < 2**31 - 2**26:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory(prefix="onnxq-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save(model, str(path), save_as_external_data=True, location="model.data")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    def update(self, values: dict[str, np.ndarray], feed: Feed) -> None:
+        mask = batch_mask(feed, self.mask_name)
+        for layer in self.layers:
+            self.stats[layer.name].merge(np.asarray(values[layer.activation], dtype=np.float32), layer, mask)
 
 
 def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Feed],
               on_batch: Callable[[int], None] | None = None) -> dict[str, LayerStats]:
     """Stream the batches through the float model and return each layer's statistics."""
-    graph_inputs = {v.name for v in model.graph.input}
-    captured = sorted({layer.activation for layer in layers} - graph_inputs)
-    session = make_session(capture_model(model, captured)) if captured else None
-    stats = {layer.name: empty_stats(layer) for layer in layers}
-    mask_name = attention_mask_name(model_inputs(model))
-    for feed in batches:
-        values = dict(zip(captured, session.run(captured, feed), strict=True)) if session else {}
-        values.update(feed)
-        mask = batch_mask(feed, mask_name)
-        for layer in layers:
-            stats[layer.name].merge(np.asarray(values[layer.activation], dtype=np.float32), layer, mask)
-        if on_batch:
-            on_batch(feed_samples(feed))
-    return stats
+    observer = GramObserver(layers, attention_mask_name(model_inputs(model)))
+    capture(model, batches, [observer], on_batch)
+    return observer.stats
 
 
 def save_stats(path: Path, stats: dict[str, LayerStats], fingerprint: str) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibrate import capture_model, make_session
+from .capture import CaptureEngine
 from .errors import OnnxqError
 from .images import ImagePreprocessing
 from .layers import Layer, find_layers
@@ -26,7 +26,7 @@ from .loading import load_model
 from .mixed import MixedPlan
 from .passes import relative_error
 from .prepare import prepare
-from .sources import Feed, batches, default_preprocessing, feeds_from, model_inputs
+from .sources import Feed, batches, default_preprocessing, feed_samples, feeds_from, model_inputs
 
 DIAGNOSTIC_BATCH = 4  # samples per run: bounds memory to one small batch of every layer's output
 
@@ -106,16 +106,16 @@ def weight_errors(W: np.ndarray, Q: np.ndarray, gram: np.ndarray | None) -> tupl
 def output_sqnr(quantized: onnx.ModelProto, reference: onnx.ModelProto, tensors: list[str],
                 feeds: Iterable[Feed]) -> tuple[dict[str, float], int]:
     """SQNR (dB) of each named tensor of ``quantized`` against ``reference``, and the samples used."""
-    sessions = [make_session(capture_model(m, tensors)) for m in (reference, quantized)]
+    engines = [CaptureEngine(m, tensors) for m in (reference, quantized)]
     signal, noise = np.zeros(len(tensors)), np.zeros(len(tensors))
     samples = 0
     for feed in feeds:
-        expected, actual = (s.run(tensors, feed) for s in sessions)
-        for i, (ref, q) in enumerate(zip(expected, actual, strict=True)):
-            ref64 = np.asarray(ref, dtype=np.float64)
+        expected, actual = (engine.values(feed) for engine in engines)
+        for i, name in enumerate(tensors):
+            ref64 = np.asarray(expected[name], dtype=np.float64)
             signal[i] += float((ref64**2).sum())
-            noise[i] += float(((np.asarray(q, dtype=np.float64) - ref64) ** 2).sum())
-        samples += max((v.shape[0] for v in feed.values() if np.ndim(v) > 0), default=1)
+            noise[i] += float(((np.asarray(actual[name], dtype=np.float64) - ref64) ** 2).sum())
+        samples += feed_samples(feed)
     with np.errstate(divide="ignore"):
         sqnr = np.where(noise > 0, 10 * np.log10(np.maximum(signal, 1e-300) / np.maximum(noise, 1e-300)), np.inf)
     return dict(zip(tensors, sqnr.tolist(), strict=True)), samples

@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from .bias import BiasSlot, replacement_tensors
-from .calibrate import make_session
+from .capture import make_session
 from .layers import Layer
 from .passes import QuantWeight
 from .sources import Feed

@@ -14,8 +14,9 @@ import onnx
 
 from .act_qdq import quantize_activations
 from .bias import BiasSlot, add_missing_biases, bias_slots, output_shift
-from .calibrate import LayerStats, calibrate, load_stats, make_session, save_stats
+from .calibrate import LayerStats, calibrate, load_stats, save_stats
 from .calibration_set import CalibrationSet
+from .capture import make_session
 from .errors import OnnxqError
 from .export import build_quantized_model, container_bits, layer_metadata, save_atomic, stored_weight_bits
 from .images import ImagePreprocessing

@@ -19,7 +19,7 @@ The pass never evaluates a model: losses come from a caller-supplied oracle or d
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -29,8 +29,6 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 Key = tuple[int, int]  # (layer, bits)
 PairKey = tuple[Key, Key]
-METHODS = ("glover", "rlt")
-DEFAULT_METHOD = "rlt"
 
 
 # --------------------------------------------------------------------------------------------- problem
@@ -216,20 +214,6 @@ def sensitivity_matrix(
     return Omega
 
 
-def measure_sensitivity(
-    cands: Candidates,
-    loss: Callable[[Mapping[int, int]], float],
-    max_distance: int | None = None,
-    skip_max_bits: bool = False,
-) -> np.ndarray:
-    """Omega from an oracle ``loss({layer: bits, ...})`` (unlisted layers stay at the reference)."""
-    plan = evaluation_plan(cands, max_distance, skip_max_bits)
-    loss_ref = loss({})
-    single = {k: loss({k[0]: k[1]}) for k in plan.singles}
-    pair = {(a, b): loss({a[0]: a[1], b[0]: b[1]}) for a, b in plan.pairs}
-    return sensitivity_matrix(cands, loss_ref, single, pair, skip_max_bits)
-
-
 def fisher_cross(d_a: np.ndarray, d_b: np.ndarray, p: np.ndarray) -> float:
     """``mean_s d_a^T F d_b / 2`` with the softmax Fisher ``F = diag(p) - p p^T``, never forming F.
 
@@ -274,18 +258,6 @@ def with_diagonal(Omega: np.ndarray, diagonal: np.ndarray) -> np.ndarray:
     return out
 
 
-def psd_project(Omega: np.ndarray) -> np.ndarray:
-    """Nearest PSD matrix in Frobenius norm (``eigh``, negative eigenvalues clipped): CLADO's smoothing.
-
-    Optional: it removes negative interactions and changes the optimum; the MILP does not need it.
-    The projection fills same-layer cross entries, which the allocation ignores anyway.
-    """
-    S = 0.5 * (Omega + Omega.T)
-    w, U = np.linalg.eigh(S)
-    P = (U * np.clip(w, 0.0, None)) @ U.T
-    return 0.5 * (P + P.T)
-
-
 # -------------------------------------------------------------------------------------------- solver
 
 
@@ -295,14 +267,13 @@ class Allocation:
 
     choice: np.ndarray  # candidate index within its layer, (layers,)
     bits: tuple[int, ...]
-    objective: float  # alpha^T Omega alpha of ``choice`` (the matrix solved, PSD-projected if asked)
+    objective: float  # alpha^T Omega alpha of ``choice``
     bound: float  # proven lower bound on the optimum (-inf if the solver proved nothing)
     gap: float  # (objective - bound) / |objective|: at most mip_rel_gap when "optimal"
     status: str  # "optimal" (within mip_rel_gap) or "time_limit" (best incumbent, gap > 0)
     source: str  # who found ``choice``: "milp" or "local_search" (HiGHS found nothing better or nothing)
     cost: float
     seconds: float
-    method: str
 
 
 def _check_budget(cands: Candidates, budget: float) -> None:
@@ -348,30 +319,6 @@ def _budget_row(cands: Candidates, n_vars: int, budget: float) -> LinearConstrai
     return LinearConstraint(sp.csr_array(row), -np.inf, budget / scale)
 
 
-def _glover_bounds(Q: np.ndarray, cands: Candidates) -> tuple[np.ndarray, np.ndarray]:
-    """Per row k, min and max of ``Q[k] . x`` over one-hot x (one candidate of every layer)."""
-    starts = cands.offsets[:-1]
-    lo = np.minimum.reduceat(Q, starts, axis=1).sum(1)
-    hi = np.maximum.reduceat(Q, starts, axis=1).sum(1)
-    return lo, hi
-
-
-def glover_model(S: np.ndarray, cands: Candidates) -> tuple[np.ndarray, list[LinearConstraint]]:
-    """Glover's compact linearisation: one continuous ``z_k >= 0`` per binary, n rows.
-
-    With Q the strictly upper cross part of ``2 S``, ``z_k = x_k (Q_k . x) - lo_k x_k`` is enforced from
-    below by ``Q_k . x + (hi_k - lo_k) x_k - z_k <= hi_k`` (the upper side is implied by minimisation);
-    lo/hi bound ``Q_k . x`` over one-hot x. The upper-triangular split proved 2-4x faster than the
-    symmetric one (L=15..25). Returns the objective (x, then z) and the rows.
-    """
-    n = cands.n
-    Q = 2.0 * np.triu(S, 1)
-    lo, hi = _glover_bounds(Q, cands)
-    A = sp.hstack([sp.csr_array(Q + np.diag(hi - lo)), -sp.eye_array(n)], format="csr")
-    c = np.concatenate([np.diag(S) + lo, np.ones(n)])
-    return c, [LinearConstraint(A, -np.inf, hi)]
-
-
 def _layer_pairs(S: np.ndarray, cands: Candidates) -> list[tuple[int, int]]:
     """Layer pairs ``l < m`` whose cross block has a nonzero entry (others need no product variables)."""
     off = cands.offsets
@@ -407,7 +354,6 @@ def rlt_model(S: np.ndarray, cands: Candidates) -> tuple[np.ndarray, list[Linear
     return c, [LinearConstraint(A, 0.0, 0.0)]
 
 
-MODELS = {"glover": glover_model, "rlt": rlt_model}
 
 
 def _decode(x: np.ndarray, cands: Candidates) -> np.ndarray:
@@ -568,7 +514,7 @@ def _as_candidates(cands: Candidates | Sequence[Sequence[float]]) -> Candidates:
 
 
 def _finish(
-    S: np.ndarray, cands: Candidates, scale: float, incumbent: np.ndarray, res: _MilpResult, t0: float, method: str
+    S: np.ndarray, cands: Candidates, scale: float, incumbent: np.ndarray, res: _MilpResult, t0: float
 ) -> Allocation:
     """Keep the better of HiGHS's and the local-search incumbent; report both in the caller's units."""
     choice, source = incumbent, "local_search"
@@ -581,7 +527,7 @@ def _finish(
     bits = tuple(cands.bits[i][c] for i, c in enumerate(choice))
     cost = cands.total_cost(choice)
     status = "optimal" if proven else "time_limit"
-    return Allocation(choice, bits, objective, bound, gap, status, source, cost, time.perf_counter() - t0, method)
+    return Allocation(choice, bits, objective, bound, gap, status, source, cost, time.perf_counter() - t0)
 
 
 def allocate(
@@ -589,8 +535,6 @@ def allocate(
     cands: Candidates | Sequence[Sequence[float]],
     budget: float,
     time_limit: float = 60.0,
-    method: str = DEFAULT_METHOD,
-    psd: bool = False,
     mip_rel_gap: float = 1e-6,
     heuristic_seconds: float | None = None,
     seed: int = 0,
@@ -598,26 +542,24 @@ def allocate(
 ) -> Allocation:
     """Minimise ``alpha^T Omega alpha`` over one-hot alpha with ``cost . alpha <= budget``, exactly (MILP).
 
-    ``method`` picks the linearisation ("rlt": one variable per cross entry, tight; "glover": n extra
-    variables, compact but a weak bound). A local search (``heuristic_seconds``, default min(5 s, 10% of
-    the limit)) runs first; the better of its and HiGHS's incumbents is returned with HiGHS's dual bound
-    and the relative gap. ``psd`` projects Omega first (CLADO's smoothing); off by default, the MILP does
-    not need it, and ``objective`` is then measured on the projected matrix.
+    The MILP is the RLT linearisation (one variable per cross entry: tight; Glover's compact one had so weak
+    a bound that HiGHS often proved nothing within the limit, and was removed). A local search
+    (``heuristic_seconds``, default min(5 s, 10% of the limit)) runs first; the better of its and HiGHS's
+    incumbents is returned with HiGHS's dual bound
+    and the relative gap. Omega need not be PSD: the MILP is exact on indefinite matrices.
     """
-    if method not in MODELS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     t0 = time.perf_counter()
     cands = _as_candidates(cands)
     _check_budget(cands, budget)
-    S = _objective_matrix(psd_project(Omega) if psd else Omega, cands)
+    S = _objective_matrix(Omega, cands)
     scale = float(np.abs(S).max()) or 1.0  # HiGHS's absolute tolerances assume O(1) objective entries
     S = S / scale
     h_sec = min(5.0, 0.1 * time_limit) if heuristic_seconds is None else heuristic_seconds
     start = _run_milp(np.diag(S).copy(), [], cands, budget, min(1.0, h_sec), 1e-6).choice
     incumbent = local_search(S, cands, budget, [] if start is None else [start], seconds=h_sec, seed=seed)
-    c, rows = MODELS[method](S, cands)
+    c, rows = rlt_model(S, cands)
     res = _run_milp(c, rows, cands, budget, time_limit - (time.perf_counter() - t0), mip_rel_gap, disp)
-    return _finish(S, cands, scale, incumbent, res, t0, method)
+    return _finish(S, cands, scale, incumbent, res, t0)
 
 
 def allocate_diagonal(
@@ -638,4 +580,4 @@ def allocate_diagonal(
     S = np.diag(diag / scale)
     res = _run_milp(np.diag(S).copy(), [], cands, budget, time_limit, 1e-9)
     incumbent = res.choice if res.choice is not None else local_search(S, cands, budget, seconds=1.0)
-    return _finish(S, cands, scale, incumbent, res, t0, "diagonal")
+    return _finish(S, cands, scale, incumbent, res, t0)

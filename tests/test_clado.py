@@ -18,14 +18,21 @@ from onnxq.passes.clado import (
     evaluation_plan,
     fisher_cross,
     fisher_sensitivity,
-    measure_sensitivity,
-    psd_project,
     quadratic_value,
     sensitivity_matrix,
     with_diagonal,
 )
 
 BITS = (2, 3, 4, 8)
+
+
+def measure_sensitivity(cands: Candidates, loss, max_distance: int | None = None,
+                        skip_max_bits: bool = False) -> np.ndarray:
+    """Omega from an oracle ``loss({layer: bits, ...})``, the way mixed.measure_omega drives the pass."""
+    plan = evaluation_plan(cands, max_distance, skip_max_bits)
+    single = {k: loss({k[0]: k[1]}) for k in plan.singles}
+    pair = {(a, b): loss({a[0]: a[1], b[0]: b[1]}) for a, b in plan.pairs}
+    return sensitivity_matrix(cands, loss({}), single, pair, skip_max_bits)
 
 
 def brute_force(Omega: np.ndarray, cands: Candidates, budget: float) -> float:
@@ -54,10 +61,10 @@ def instances(draw: st.DrawFn) -> tuple[np.ndarray, Candidates, float]:
 
 
 @settings(max_examples=100, deadline=None)
-@given(instances(), st.sampled_from(clado.METHODS))
-def test_allocate_matches_brute_force(problem: tuple, method: str) -> None:
+@given(instances())
+def test_allocate_matches_brute_force(problem: tuple) -> None:
     Omega, cands, budget = problem
-    res = allocate(Omega, cands, budget, time_limit=20, method=method)
+    res = allocate(Omega, cands, budget, time_limit=20)
     best = brute_force(Omega, cands, budget)
     assert res.status == "optimal"
     assert res.cost <= budget
@@ -68,13 +75,13 @@ def test_allocate_matches_brute_force(problem: tuple, method: str) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(instances(), st.sampled_from(clado.METHODS))
-def test_milp_alone_is_exact(problem: tuple, method: str) -> None:
+@given(instances())
+def test_milp_alone_is_exact(problem: tuple) -> None:
     """The linearised MILP by itself (no local-search incumbent) reaches the brute-force optimum."""
     Omega, cands, budget = problem
     S = clado._objective_matrix(Omega, cands)
     scale = np.abs(S).max()
-    c, rows = clado.MODELS[method](S / scale, cands)
+    c, rows = clado.rlt_model(S / scale, cands)
     res = clado._run_milp(c, rows, cands, budget, time_limit=20, rel_gap=1e-9)
     best = brute_force(Omega, cands, budget)
     assert res.proven and cands.total_cost(res.choice) <= budget
@@ -92,17 +99,16 @@ def test_allocate_diagonal_is_the_knapsack_optimum(problem: tuple) -> None:
     assert allocate_diagonal(np.diag(Omega), cands, budget).objective == pytest.approx(res.objective)
 
 
-@pytest.mark.parametrize("method", clado.METHODS)
-def test_budget_at_minimum_cost(method: str) -> None:
+def test_budget_at_minimum_cost() -> None:
     """HiGHS 1.12's presolve called these RLT models infeasible (tied cheapest widths, budget = minimum)."""
     cands = Candidates(((2, 3, 4, 8), (2, 3, 8), (2, 3, 8)), ((26, 5, 15, 19), (13, 29, 19), (23, 25, 23)))
     M = np.random.default_rng(0).normal(size=(cands.n, cands.n))
     Omega = M + M.T
     assert cands.min_cost == 41
     S = clado._objective_matrix(Omega, cands)
-    c, rows = clado.MODELS[method](S, cands)
+    c, rows = clado.rlt_model(S, cands)
     assert clado._run_milp(c, rows, cands, 41.0, time_limit=10, rel_gap=1e-9).proven
-    res = allocate(Omega, cands, 41.0, method=method)
+    res = allocate(Omega, cands, 41.0)
     assert res.status == "optimal" and res.cost == 41
     assert res.objective == pytest.approx(brute_force(Omega, cands, 41.0))
 
@@ -129,8 +135,6 @@ def test_infeasible_budget_names_the_minimum() -> None:
 def test_costs_only_and_bad_inputs() -> None:
     res = allocate(np.diag([3.0, 1.0, 2.0, 0.0]), [[1, 2], [1, 2]], budget=4)
     assert res.cost == 4 and res.objective == pytest.approx(1.0) and res.choice.tolist() == [1, 1]
-    with pytest.raises(ValueError, match="unknown method"):
-        allocate(np.eye(4), [[1, 2], [1, 2]], budget=3, method="cplex")
     with pytest.raises(ValueError, match="expected"):
         allocate(np.eye(3), [[1, 2], [1, 2]], budget=3)
     with pytest.raises(ValueError, match="costs"):
@@ -238,17 +242,6 @@ def test_fisher_quadratic_form_is_second_order_kl() -> None:
     q = np.exp(z + d) / np.exp(z + d).sum(1, keepdims=True)
     kl = np.mean((p * np.log(p / q)).sum(1))
     assert fisher_cross(d, d, p) == pytest.approx(kl, rel=1e-2)
-
-
-def test_psd_projection() -> None:
-    rng = np.random.default_rng(6)
-    M = rng.normal(size=(12, 12))
-    P = psd_project(M + M.T)
-    assert np.allclose(P, P.T) and np.linalg.eigvalsh(P).min() > -1e-10
-    assert np.allclose(psd_project(P), P)
-    cands = Candidates.uniform((2, 4, 8), [[2, 4, 8]] * 4)
-    res = allocate(M + M.T, cands, budget=16, psd=True)
-    assert res.objective == pytest.approx(quadratic_value(P, cands, res.choice))
 
 
 # ------------------------------------------------------------------------------------------ scale
