@@ -32,7 +32,7 @@ def run(name: str, stats: Path, x, y, **options) -> dict:
         start = time.perf_counter()
         result = onnxq.quantize(model_path(name), CALIB, out, stats=stats, preprocessing=MODELS[name], **options)
         seconds = time.perf_counter() - start
-        plan = result.extra.get("mixed")
+        plan = result.mixed
         return {"top1": top1(out, x, y), "size_mb": out.stat().st_size / 1e6, "seconds": round(seconds, 1),
                 "avg_stored_bits": round(result.average_bits(stored=True), 3),
                 "avg_logical_bits": round(result.average_bits(stored=False), 3),

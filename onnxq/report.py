@@ -47,7 +47,7 @@ def summary(result: QuantizationResult) -> str:
         if result.top1_agreement is not None:
             check += f", top-1 agreement with the float model {100 * result.top1_agreement:.1f} %"
         lines.append(check)
-    plan = result.extra.get("mixed")
+    plan = result.mixed
     if plan is not None:
         lines.append(f"mixed precision ({plan.estimator} sensitivities, {plan.evaluations} forward passes, "
                      f"{plan.seconds.get('sensitivity', 0):.0f} s): predicted loss increase {plan.predicted_loss:.4g}, "
