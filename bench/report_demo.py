@@ -62,8 +62,8 @@ def scorer(shared: bool) -> Callable[[Path], dict]:
 
 def quantize(out: Path, calib: Path, stats: Path, omega: Path, **options) -> onnxq.pipeline.QuantizationResult:
     start = time.perf_counter()
-    result = onnxq.quantize(MODEL, calib, out, stats=stats, preprocessing=PREP, sensitivity_cache=omega,
-                            clado_time_limit=120, **options)
+    mixed = {"sensitivity_cache": omega, "clado_time_limit": 120} if "budget" in options else {}
+    result = onnxq.quantize(MODEL, calib, out, stats=stats, preprocessing=PREP, **mixed, **options)
     print(f"{out.name}: {result.average_bits(stored=True):.2f} stored bits, {out.stat().st_size / 1e6:.3f} MB, "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     return result
