@@ -130,7 +130,6 @@ class Options:
     bits_json: Path | None = None
 
 
-
 def options_from(config: Config) -> Options:
     """The pipeline's flat view of a validated config (a fresh copy per run: the caller's config is never
     changed), with the defaults that depend on other options resolved."""

@@ -200,6 +200,15 @@ def test_missing_bits_json_without_a_budget_is_an_error(tmp_path, cnn_path, cnn_
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_everything_the_readme_shows_is_importable_from_onnxq():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    names = set(re.findall(r"\bonnxq\.([A-Za-z_]\w*)\(", readme))
+    for imported in re.findall(r"^from onnxq import (.+)$", readme, re.MULTILINE):
+        names |= {n.strip() for n in imported.split(",")}
+    assert {"quantize", "Config", "MixedPrecision", "Budget"} <= names
+    assert all(hasattr(onnxq, name) for name in names), sorted(n for n in names if not hasattr(onnxq, n))
+
+
 HEAVY = ("onnxruntime", "scipy", "matplotlib")
 
 
