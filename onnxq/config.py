@@ -429,6 +429,11 @@ def _conflicts(config: Config) -> Iterator[str]:
         yield "--accuracy-level needs --matmul-nbits (it is the MatMulNBits kernel's setting): add --matmul-nbits"
     if export.matmul_nbits and "MatMul" not in layers.op_types_to_quantize:
         yield "--matmul-nbits writes MatMul layers, but --op-types-to-quantize leaves them out: add MatMul"
+    fixed_widths = {layers.bits or DEFAULT_BITS, layers.first_last_bits or layers.bits or DEFAULT_BITS}
+    if export.matmul_nbits and mixed is None and not layers.bits_per_layer and layers.bits_json is None \
+            and not fixed_widths & {3, 4}:
+        yield (f"--matmul-nbits writes MatMul layers with 3- or 4-bit codes, and --bits {layers.bits} gives none: "
+               "drop --matmul-nbits or use --bits 4")
     if rounding.block_size is not None and set(layers.op_types_to_quantize) <= {"Conv"}:
         yield "--block-size applies to MatMul and Gemm weights (Conv stays per channel): add them or drop it"
     if rounding.symmetric is False and acts is not None:

@@ -61,7 +61,7 @@ def summary(result: QuantizationResult) -> str:
                          "layers (W8A8, integer kernels); the rest run weight-only in float")
     for reason in result.skipped:
         lines.append(f"not quantized: {reason}")
-    lines.append(f"wrote {result.output}")
+    lines.append(f"wrote {result.output}" if result.output else "the quantized model is in result.model")
     return "\n".join(lines)
 
 

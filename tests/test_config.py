@@ -63,6 +63,7 @@ INVALID = [
     (["--act-bits", "8", "--asymmetric"], "drop --asymmetric"),
     (["--matmul-nbits", "--op-types-to-quantize", "Conv,Gemm"], "add MatMul"),
     (["--block-size", "32", "--op-types-to-quantize", "Conv"], "--block-size applies to MatMul and Gemm"),
+    (["--matmul-nbits", "--bits", "8"], "--matmul-nbits writes MatMul layers with 3- or 4-bit codes"),
     (["--avg-bits", "-1"], "--avg-bits must be positive"),
     (["--avg-bits", "nan"], "--avg-bits takes a finite number"),
     (["--size-ratio", "inf"], "--size-ratio takes a finite number"),
