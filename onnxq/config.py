@@ -250,11 +250,6 @@ def _specs() -> dict[str, Spec]:
 OPTIONS: dict[str, Spec] = _specs()  # flat name -> spec, in the order --help lists them
 
 
-def flag_of(section: str, attr: str) -> str:
-    """The flag (or keyword) that sets ``section.attr``, for error messages."""
-    return next(s.label for s in OPTIONS.values() if s.section == section and s.attr == attr)
-
-
 @dataclass(frozen=True)
 class Config:
     """Everything a run can be told; ``mixed`` and ``activations`` are None unless asked for.
@@ -442,7 +437,8 @@ def _conflicts(config: Config) -> Iterator[str]:
 
 
 def described(config: Config) -> dict[str, Any]:
-    """The options that differ from the defaults, by flat name: what a run was told, for logs and tests."""
+    """The options that differ from the defaults, by flat name: what a run was told, and the inverse of
+    :meth:`Config.from_options` (``Config.from_options(**described(c)) == c``)."""
     defaults = Config()
     out = {}
     for spec, value in config._values():
@@ -453,4 +449,4 @@ def described(config: Config) -> dict[str, Any]:
 
 
 __all__ = ["Activations", "Config", "Data", "Export", "Layers", "MixedPrecision", "OPTIONS", "Rounding", "Spec",
-           "described", "flag_of"]
+           "described"]

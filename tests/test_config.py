@@ -127,6 +127,7 @@ def test_round_trip_every_flag_reaches_its_config_field(spec):
     described = cfg.described(config)
     assert described[spec.name] == expected  # and only what was asked differs from the defaults
     assert set(described) <= {spec.name, *(n for n in OPTIONS if n in {"avg_bits", "act_bits", "matmul_nbits"})}
+    assert Config.from_options(**described) == config
 
 
 def test_round_trip_a_full_command_line():
