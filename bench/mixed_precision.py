@@ -32,7 +32,7 @@ def run(name: str, stats: Path, x, y, **options) -> dict:
         start = time.perf_counter()
         result = onnxq.quantize(model_path(name), CALIB, out, stats=stats, preprocessing=MODELS[name], **options)
         seconds = time.perf_counter() - start
-        plan = result.extra.get("mixed")
+        plan = result.mixed
         return {"top1": top1(out, x, y), "size_mb": out.stat().st_size / 1e6, "seconds": round(seconds, 1),
                 "avg_stored_bits": round(result.average_bits(stored=True), 3),
                 "avg_logical_bits": round(result.average_bits(stored=False), 3),
@@ -102,7 +102,7 @@ def main(models: str, budgets: str, method: str, clado_samples: int, exact_model
         fp32[name] = top1(model_path(name), x, y)
         stats, _ = calibration_stats(name, 256)
         for bits in (2, 3, 4):
-            row = run(name, stats, x, y, bits=bits, method=method, sequential=sequential)
+            row = run(name, None if sequential else stats, x, y, bits=bits, method=method, sequential=sequential)
             rows.append({"model": name, "strategy": "uniform", "budget": f"W{bits}", **row})
             click.echo(json.dumps(rows[-1]), err=True)
         strategies = [("diagonal", "diagonal", clado_samples), ("clado-fast", "fast", clado_samples)]
@@ -114,7 +114,7 @@ def main(models: str, budgets: str, method: str, clado_samples: int, exact_model
                 sens_cache = cache / f"omega_{name}_{method}_{shared}_{samples}.npz"
                 row = run(name, stats, x, y, method=method, budget=Budget(avg_bits=budget), sensitivity=estimator,
                           clado_samples=samples, sensitivity_cache=sens_cache, clado_time_limit=120,
-                          verify_samples=verify_samples, sequential=sequential)
+                          verify_samples=0 if estimator == "diagonal" else verify_samples, sequential=sequential)
                 rows.append({"model": name, "strategy": strategy, "budget": f"avg {budget:g}", **row})
                 click.echo(json.dumps(rows[-1]), err=True)
     table = markdown(rows, fp32)

@@ -62,7 +62,7 @@ def main(models: str, avg_bits: float, choices: str, repeats: int) -> None:
             "W4 weight-only (first/last 8)": dict(bits=4, first_last_bits=8),
             f"mixed avg {avg_bits:g}, --prefer size": dict(budget=Budget(avg_bits=avg_bits), bit_choices=bit_choices),
             f"mixed avg {avg_bits:g}, --prefer speed": dict(budget=Budget(avg_bits=avg_bits), bit_choices=bit_choices,
-                                                             prefer="speed"),
+                                                             act_bits=8, prefer="speed"),
         }
         with tempfile.TemporaryDirectory() as tmp:
             paths = {"FP32": model_path(name)}
@@ -75,7 +75,7 @@ def main(models: str, avg_bits: float, choices: str, repeats: int) -> None:
             timings = {batch: compare_latency(paths, batch, repeats) for batch in (1, 32)}
             for label, path in paths.items():
                 result = results.get(label)
-                plan = result.extra.get("mixed") if result else None
+                plan = result.mixed if result else None
                 rows.append({"model": name, "config": label, "top1": top1(path, x, y),
                              "size_mb": Path(path).stat().st_size / 1e6,
                              "avg_stored_bits": round(result.average_bits(stored=True), 3) if result else "",

@@ -62,8 +62,8 @@ def scorer(shared: bool) -> Callable[[Path], dict]:
 
 def quantize(out: Path, calib: Path, stats: Path, omega: Path, **options) -> onnxq.pipeline.QuantizationResult:
     start = time.perf_counter()
-    result = onnxq.quantize(MODEL, calib, out, stats=stats, preprocessing=PREP, sensitivity_cache=omega,
-                            clado_time_limit=120, **options)
+    mixed = {"sensitivity_cache": omega, "clado_time_limit": 120} if "budget" in options else {}
+    result = onnxq.quantize(MODEL, calib, out, stats=stats, preprocessing=PREP, **mixed, **options)
     print(f"{out.name}: {result.average_bits(stored=True):.2f} stored bits, {out.stat().st_size / 1e6:.3f} MB, "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     return result
@@ -112,9 +112,9 @@ def main(budgets: list[float], uniform: list[int], samples: int) -> None:
         evaluation = evaluate(main_model, MODEL, data, PREP).as_dict()
         print(f"eval: {evaluation}", flush=True)
         layers = diagnostics_on_data(main_model, MODEL, data, PREP, samples, grams=gram_matrices(stats),
-                                     plan=result.extra["mixed"])
+                                     plan=result.mixed)
         points = curve(Path(tmp), calib, stats, omega, budgets, uniform, score)
-        context = report_context(main_model, MODEL, layers, evaluation, result.extra["mixed"], points)
+        context = report_context(main_model, MODEL, layers, evaluation, result.mixed, points)
     context.update(title="onnxq report: SqueezeNet 1.1 at 3 bits per weight (CLADO)",
                    quantized="squeezenet1.1 at --avg-bits 3 (not kept)", reference="models/squeezenet1.1.onnx",
                    description=describe(shared, samples))

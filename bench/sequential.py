@@ -31,7 +31,8 @@ def run_one(name: str, bits: int, sequential: bool, stats: Path | None, x, y, re
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
         start = time.perf_counter()
-        onnxq.quantize(model_path(name), calib, out, bits=bits, first_last_bits=8, stats=stats,
+        onnxq.quantize(model_path(name), calib, out, bits=bits, first_last_bits=8,
+                       stats=None if sequential else stats,  # sequential captures stage by stage
                        calib_size=calib_size, preprocessing=MODELS[name], sequential=sequential)
         seconds = time.perf_counter() - start
         return {"model": name, "bits": bits, "sequential": sequential, **scores(out, x, y, reference),

@@ -1,8 +1,51 @@
-"""onnxq: post-training low-bit weight quantization (COMQ, GPTQ, CLADO mixed precision) for ONNX models."""
+"""onnxq: post-training low-bit weight quantization (COMQ, GPTQ, CLADO mixed precision) for ONNX models.
+
+The API names load on first use (PEP 562), so ``import onnxq`` and ``onnxq --help`` stay light: neither
+onnxruntime nor scipy is imported until a run needs them.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.util import find_spec
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .api import quantize  # noqa: E402
+from .config import Activations, Config, Data, Export, Layers, MixedPrecision, Rounding  # noqa: E402
 from .errors import OnnxqError  # noqa: E402
 
-__all__ = ["OnnxqError", "quantize", "__version__"]
+_LAZY = {  # public name -> the module that defines it
+    "quantize": "api",
+    "QuantizationResult": "pipeline",
+    "LayerReport": "pipeline",
+    "MixedPlan": "mixed",
+    "Budget": "mixed",
+    "ImagePreprocessing": "images",
+}
+
+if TYPE_CHECKING:
+    from .api import quantize
+    from .images import ImagePreprocessing
+    from .mixed import Budget, MixedPlan
+    from .pipeline import LayerReport, QuantizationResult
+
+
+def __getattr__(name: str) -> Any:
+    """Load an API name, or a submodule (``onnxq.pipeline``), on first access."""
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    elif not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None:
+        value = import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'onnxq' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+__all__ = ["Activations", "Budget", "Config", "Data", "Export", "ImagePreprocessing", "LayerReport", "Layers",
+           "MixedPlan", "MixedPrecision", "OnnxqError", "QuantizationResult", "Rounding", "__version__", "quantize"]

@@ -1,4 +1,8 @@
-"""The ``onnxq`` command line: ``onnxq MODEL --calib DATA -o OUT`` (the ``quantize`` subcommand is implied)."""
+"""The ``onnxq`` command line: ``onnxq MODEL --calib DATA -o OUT`` (the ``quantize`` subcommand is implied).
+
+The quantize command's options are generated from :mod:`onnxq.config`; heavy modules (onnxruntime, scipy)
+are imported inside the commands, so ``onnxq --help`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,17 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
+from .config import OPTIONS, TRIGGERS, Config, Spec
 from .errors import OnnxqError
-from .evaluate import evaluate
-from .images import ImagePreprocessing
-from .layers import QUANTIZABLE_OPS
-from .mixed import Budget
-from .passes import DEFAULT_METHOD, ROUNDING_PASSES, SUPPORTED_BITS
-from .pipeline import Options, quantize_model
 from .progress import progress_factory
-from .report import eval_summary, kernel_table, layer_table, summary
+
+if TYPE_CHECKING:
+    from .images import ImagePreprocessing
 
 
 class DefaultToQuantize(click.Group):
@@ -56,30 +58,18 @@ def parse_size(text: str | None) -> tuple[int, int] | int | None:
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
-def parse_bit_choices(text: str) -> tuple[int, ...]:
-    """``2,3,4,8`` -> (2, 3, 4, 8), each a supported width."""
+def parse_widths(text: str, flag: str) -> tuple[int, ...]:
+    """``2,3,4,8`` -> (2, 3, 4, 8); the config checks that each is a supported width."""
     try:
-        widths = tuple(sorted({int(v) for v in text.replace(",", " ").split()}))
+        return tuple(sorted({int(v) for v in text.replace(",", " ").split()}))
     except ValueError as err:
-        raise click.BadParameter("--bit-choices takes widths such as 2,3,4,8") from err
-    if not widths or any(b not in SUPPORTED_BITS for b in widths):
-        raise click.BadParameter(f"--bit-choices must be among {', '.join(map(str, SUPPORTED_BITS))}")
-    return widths
-
-
-def budget_from_flags(avg_bits: float | None, size_mb: float | None, size_ratio: float | None) -> Budget:
-    """At most one budget flag, and a positive one."""
-    given = {k: v for k, v in (("--avg-bits", avg_bits), ("--size-mb", size_mb), ("--size-ratio", size_ratio))
-             if v is not None}
-    if len(given) > 1:
-        raise click.UsageError(f"give one budget, not {' and '.join(given)}")
-    if any(v <= 0 for v in given.values()):
-        raise click.BadParameter("a budget must be positive")
-    return Budget(avg_bits, size_mb, size_ratio)
+        raise click.BadParameter(f"{flag} takes widths such as 2,3,4,8") from err
 
 
 def image_preprocessing(image_size, resize, mean, std, scale, channel_order) -> ImagePreprocessing | None:
     """Build the preprocessing from the flags, leaving unset fields at their defaults."""
+    from .images import ImagePreprocessing
+
     fields = {}
     size = parse_size(image_size)
     if size is not None:
@@ -110,6 +100,9 @@ PREPROCESSING_OPTIONS = [
 ]
 
 
+PREPROCESSING_NAMES = ("image_size", "resize", "mean", "std", "scale", "channel_order")
+
+
 def preprocessing_options(command):
     """Add the image preprocessing flags shared by ``quantize`` and ``eval``."""
     for option in reversed(PREPROCESSING_OPTIONS):
@@ -127,136 +120,122 @@ def cli() -> None:
     """
 
 
-@cli.command("quantize")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--calib", "calib", required=True, type=click.Path(path_type=Path),
-              help="Calibration data: a folder of images, *.npy files, <input_name>/*.npy folders, .npz files "
-                   "keyed by input name, or onnxruntime's test_data_set_*/input_*.pb layout.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="Where to write the quantized model (never the input file).")
-@click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True,
-              help="Weight width for every layer. 3-bit codes are stored in INT4 with the range [-4, 3].")
-@click.option("--method", type=click.Choice(sorted(ROUNDING_PASSES)), default=DEFAULT_METHOD,
-              show_default=True,
-              help="Rounding pass: comq (coordinate descent, best), gptq, or rtn (round to nearest).")
-@click.option("--symmetric/--asymmetric", default=False, show_default=True,
-              help="Symmetric grids (zero point 0, as onnxruntime's default) or asymmetric (more accurate).")
-@click.option("--clip/--no-clip", default=True, show_default=True,
-              help="Search a per-channel clipping range that minimises the weight MSE before rounding.")
-@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
-              help="Round against the centred input statistics and fold each layer's mean output error into "
-                   "its bias (Conv/Gemm, or the Add after a MatMul).")
-@click.option("--shrinkage/--no-shrinkage", default=True, show_default=True,
-              help="Shrink input statistics estimated from few rows (e.g. a classifier after global pooling: one "
-                   "row per image) towards their diagonal (OAS), so rounding does not overfit the calibration set.")
-@click.option("--sequential/--no-sequential", default=False, show_default=True,
-              help="Round layer after layer on the inputs the already-quantized layers feed it, towards the float "
-                   "model's outputs, so each layer compensates the error before it (one capture pass per stage, "
-                   "slower; --stats is not used). With a budget, CLADO allocates on float-input statistics, and the "
-                   "allocations it verifies, and the one it keeps, are rounded sequentially.")
-@click.option("--block-size", "--block_size", type=click.Choice(["32", "64", "128"]), default=None,
-              help="Block-wise scales: one scale and zero point per block of this many inputs of each MatMul/Gemm "
-                   "weight (Conv layers stay per channel). More accurate at 3-4 bits, for about 1 extra bit per "
-                   "weight at block 32. Default: one per output channel.")
-@click.option("--matmul-nbits", is_flag=True,
-              help="Write MatMul layers with 4-bit (or 3-bit) codes as onnxruntime's com.microsoft.MatMulNBits "
-                   "(packed 4-bit blocks, computed in float; onnxruntime only); other layers keep DequantizeLinear. "
-                   "Faster than float where one row at a time meets a large weight (token-by-token decoding: 2x "
-                   "on a 4096x4096 MatMul); slower at 20 rows, and only 4% faster on all-MiniLM-L6-v2 at batch 1. "
-                   "onnxruntime also fuses the default 4-bit DequantizeLinear export into this kernel, computing "
-                   "with int8 activations (4x on that MatMul; 1.2x on MiniLM).")
-@click.option("--accuracy-level", "--accuracy_level", type=click.IntRange(0, 4), default=0, show_default=True,
-              help="With --matmul-nbits: the MatMulNBits accuracy_level. 0 computes in float, as the file says; 4 "
-                   "lets onnxruntime quantize activations to int8 (all-MiniLM-L6-v2 batch 1: 1.18x vs 1.04x).")
-@click.option("--first-last-bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=None,
-              help="Width of the first and last quantized layers (they are the most sensitive), e.g. 8.")
-@click.option("--nodes_to_exclude", "--nodes-to-exclude", multiple=True,
-              help="Node names or regular expressions to keep in float (repeat or separate with commas).")
-@click.option("--op_types_to_quantize", "--op-types-to-quantize", multiple=True,
-              help=f"Op types to quantize (default: {', '.join(QUANTIZABLE_OPS)}).")
-@click.option("--calib-size", type=click.IntRange(min=0), default=256, show_default=True,
-              help="Use at most this many calibration samples (0: all); from a folder they are spread over the "
-                   "sorted file names (256 of 1000: every 4th), so a class-sorted folder is not cut to its first "
-                   "classes.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Samples per onnxruntime batch; memory is bounded by one batch.")
-@click.option("--stats", type=click.Path(path_type=Path), default=None,
-              help="Cache file for calibration statistics: reused when it matches the model's weights, "
-                   "written otherwise. Lets a second run with other bits skip calibration.")
-@click.option("--bit-choices", default="2,3,4,8", show_default=True,
-              help="Mixed precision: the widths CLADO may give each layer (used with a budget).")
-@click.option("--avg-bits", type=float, default=None,
-              help="Mixed precision budget: average stored bits per weight (3-bit counts as 4, as stored).")
-@click.option("--size-mb", type=float, default=None, help="Mixed precision budget: output file size in MB.")
-@click.option("--size-ratio", type=float, default=None,
-              help="Mixed precision budget: output size as a fraction of the float file, e.g. 0.12.")
-@click.option("--sensitivity", type=click.Choice(["fast", "exact", "diagonal"]), default="fast", show_default=True,
-              help="Layer-interaction estimate: fast (single-layer runs + Fisher cross terms), exact (every "
-                   "pair measured, slow), or diagonal (layers independent, as other tools do).")
-@click.option("--clado-samples", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Samples the sensitivity losses are measured on: those after the --calib-size "
-                   "calibrated on when the data has them (held out), else the first ones.")
-@click.option("--verify-samples", type=click.IntRange(min=0), default=512, show_default=True,
-              help="Held-out samples on which the solver's allocation, the diagonal-only one and the widest uniform "
-                   "width that fits are measured (one forward pass each); the lowest loss is kept. 0: no check.")
-@click.option("--clado-time-limit", type=float, default=60.0, show_default=True,
-              help="Seconds for the exact integer program; the optimality gap is reported if it stops early.")
-@click.option("--sensitivity-cache", type=click.Path(path_type=Path), default=None,
-              help="Cache file for the sensitivity matrix, so another budget skips the measurement.")
-@click.option("--bits-json", type=click.Path(path_type=Path), default=None,
-              help="With a budget: write the chosen widths here (also in TensorQuantOverrides form). "
-                   "Without: read per-layer widths from this file and apply them.")
-@click.option("--act-bits", type=click.Choice(["8"]), default=None,
-              help="Also quantize activations to uint8 (opt-in). 8-bit layers become W8A8 with symmetric weights and "
-                   "run as QLinearConv/QGemm integer kernels; lower-bit layers become WnA8 (small, not faster).")
-@click.option("--prefer", type=click.Choice(["size", "speed"]), default="size", show_default=True,
-              help="speed: 8-bit layers become W8A8 (integer kernels) and the others stay weight-only in float; with "
-                   "a budget, CLADO also favours 8 bits for the layers doing most of the multiply-adds. Implies "
-                   "--act-bits 8. size: every layer's activations follow --act-bits, CLADO minimises the loss only.")
-@click.option("--calibration_method", "--act-method", "act_method", type=click.Choice(["mse", "percentile", "minmax"]),
-              default="mse", show_default=True, help="How activation ranges are chosen (with --act-bits).")
-@click.option("--kernel-report", is_flag=True,
-              help="After writing, list the onnxruntime kernel each layer runs as and time float vs quantized "
-                   "(median latency at batch 1 and 32).")
-@preprocessing_options
-@click.option("--external-data/--no-external-data", default=None,
-              help="Store weights in <output>.data (default: when the input model keeps its weights in external "
-                   "data, or the output exceeds 2 GB).")
-@click.option("--allow-empty", is_flag=True, help="Write the model unchanged if it has nothing to quantize.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or tables, only errors.")
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def quantize_command(model, calib, output, bits, method, symmetric, clip, bias_correction, shrinkage, sequential,
-                     block_size,
-                     matmul_nbits, accuracy_level,
-                     first_last_bits, nodes_to_exclude,
-                     op_types_to_quantize, calib_size, batch_size, stats, bit_choices, avg_bits, size_mb, size_ratio,
-                     sensitivity, clado_samples, verify_samples, clado_time_limit, sensitivity_cache, bits_json,
-                     act_bits, prefer, act_method, kernel_report, image_size, resize,
-                     mean, std, scale, channel_order, external_data, allow_empty, quiet, debug) -> None:
-    """Quantize MODEL's Conv/Gemm/MatMul weights to 2, 3, 4 or 8 bits and write a QDQ ONNX model."""
-    options = Options(
-        bits=int(bits), method=method, symmetric=symmetric, clip=clip, bias_correction=bias_correction,
-        shrinkage=shrinkage, sequential=sequential,
-        block_size=int(block_size) if block_size else None, matmul_nbits=matmul_nbits,
-        accuracy_level=accuracy_level,
-        first_last_bits=int(first_last_bits) if first_last_bits else None,
-        nodes_to_exclude=split_list(nodes_to_exclude),
-        op_types_to_quantize=split_list(op_types_to_quantize) or QUANTIZABLE_OPS,
-        calib_size=calib_size or None, batch_size=batch_size, stats=stats,
-        preprocessing=image_preprocessing(image_size, resize, mean, std, scale, channel_order),
-        allow_empty=allow_empty, external_data=external_data,
-        budget=budget_from_flags(avg_bits, size_mb, size_ratio), bit_choices=parse_bit_choices(bit_choices),
-        sensitivity=sensitivity, clado_samples=clado_samples, clado_time_limit=clado_time_limit,
-        verify_samples=verify_samples,
-        sensitivity_cache=sensitivity_cache, bits_json=bits_json,
-        act_bits=int(act_bits) if act_bits else None, act_method=act_method, prefer=prefer)
-    result = quantize_model(model, calib, output, options,
-                            progress=progress_factory(not quiet))
+class AliasedOption(click.Option):
+    """An option whose ORT-style spellings (``--nodes_to_exclude``) work but are not listed in --help."""
+
+    def __init__(self, *args: Any, hidden_aliases: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hidden_aliases = hidden_aliases
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        shown = self.opts
+        self.opts = [name for name in shown if name not in self.hidden_aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
+
+
+def click_type(spec: Spec) -> click.ParamType:
+    """The click type that parses a flag's text; ranges and combinations are checked by the config."""
+    if spec.choices and spec.kind in ("int", "str"):
+        return click.Choice([str(c) for c in spec.choices], case_sensitive=spec.kind != "str")
+    return {"int": click.INT, "float": click.FLOAT, "path": click.Path(path_type=Path)}.get(spec.kind, click.STRING)
+
+
+def shown_default(spec: Spec) -> str | None:
+    """The default as --help words it (tuples as comma lists; conditional defaults in words)."""
+    if spec.shown is not None:
+        return spec.shown
+    if spec.default in (None, False, ()):
+        return None
+    if isinstance(spec.default, tuple):
+        return ",".join(map(str, spec.default))
+    return "on" if spec.default is True else str(spec.default)
+
+
+def config_option(spec: Spec) -> click.Option:
+    """The click option for one config field, from its metadata alone."""
+    flags = [f"{spec.flag}/{spec.off}"] if spec.off else [spec.flag]
+    asks_for_section = any(spec.name in names for names in TRIGGERS.values())
+    default = None if asks_for_section else shown_default(spec)  # --act-bits is off unless given
+    kwargs: dict[str, Any] = {"help": spec.help + (f"  [default: {default}]" if default else ""), "default": None}
+    if spec.kind == "bool":
+        kwargs["is_flag"] = True
+    else:
+        kwargs["type"] = click_type(spec)
+        kwargs["multiple"] = spec.kind == "names"
+        if spec.kind == "names" and spec.choices:
+            kwargs["metavar"] = "|".join(spec.choices)
+    return AliasedOption([spec.name, *flags, *spec.aliases], hidden_aliases=spec.aliases, **kwargs)
+
+
+def flag_value(spec: Spec, value: Any) -> Any:
+    """A parsed flag as the config field's value."""
+    if spec.kind == "names":
+        return split_list(value)
+    if spec.kind == "widths":
+        return parse_widths(value, spec.label)
+    if spec.kind == "int" and spec.choices:
+        return int(value)
+    return value
+
+
+def config_from_flags(ctx: click.Context) -> Config:
+    """The Config the command line asks for: only the flags given on it (the others keep the config's defaults,
+    so a flag that would be ignored is caught by the config's validation)."""
+    given = {name: flag_value(OPTIONS[name], value) for name, value in ctx.params.items()
+             if name in OPTIONS and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+    preprocessing = image_preprocessing(*(ctx.params[name] for name in PREPROCESSING_NAMES))
+    if preprocessing is not None:
+        given["preprocessing"] = preprocessing
+    return Config.from_options(**given)
+
+
+def run_quantize(model: Path, calib: Path, output: Path, kernel_report: bool, quiet: bool, debug: bool,
+                 **flags: Any) -> None:
+    """Quantize MODEL's Conv/Gemm/MatMul weights to 2, 3, 4 or 8 bits and write a QDQ ONNX model.
+
+    Flags that belong together are checked before any work: a flag that would be ignored, or would change
+    another one, is an error that says what to add or drop. README.md explains each stage and the measured
+    effect of each option (sections "What a run does", "Mixed precision (CLADO)", "Benchmarks").
+    """
+    config = config_from_flags(click.get_current_context())
+    from .api import quantize
+    from .report import kernel_table, layer_table, summary
+
+    result = quantize(model, calib, output, config, progress=progress_factory(not quiet))
     if not quiet:
         click.echo(layer_table(result))
         click.echo(summary(result))
     if kernel_report:
         click.echo(kernel_table(model, result.output))
+
+
+def quantize_command() -> click.Command:
+    """The ``quantize`` command: its options are generated from :mod:`onnxq.config`, one per config field."""
+    params: list[click.Parameter] = [
+        click.Argument(["model"], type=click.Path(path_type=Path)),
+        click.Option(["--calib"], required=True, type=click.Path(path_type=Path),
+                     help="Calibration data: a folder of images, *.npy files, <input_name>/*.npy folders, .npz "
+                          "files keyed by input name, or onnxruntime's test_data_set_*/input_*.pb layout."),
+        click.Option(["-o", "--output"], required=True, type=click.Path(path_type=Path),
+                     help="Where to write the quantized model (never the input file)."),
+        *(config_option(spec) for spec in OPTIONS.values() if spec.flag),
+    ]
+    command = click.Command("quantize", callback=run_quantize, params=params, help=run_quantize.__doc__,
+                            short_help="Quantize a model (the default command).")
+    for decorate in (*PREPROCESSING_OPTIONS,
+                     click.option("--kernel-report", is_flag=True,
+                                  help="After writing, list the onnxruntime kernel each layer runs as and time "
+                                       "float vs quantized (median latency at batch 1 and 32)."),
+                     click.option("-q", "--quiet", is_flag=True, help="No progress bars or tables, only errors."),
+                     click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")):
+        command = decorate(command)  # on a Command, click.option appends: the order above is the --help order
+    return command
+
+
+cli.add_command(quantize_command())
 
 
 @cli.command("eval")
@@ -283,7 +262,9 @@ def eval_command(quantized, reference, data, labels, limit, batch_size, as_json,
                  diagnostic_samples, image_size, resize, mean, std, scale, channel_order, quiet, debug) -> None:
     """Compare QUANTIZED with its float --reference on --data: agreement, KL, SQNR, and top-1/top-5."""
     from .diagnostics import diagnostics_on_data
+    from .evaluate import evaluate
     from .html_report import report_context, require_matplotlib, write_report, write_report_json
+    from .report import eval_summary
 
     if report:
         require_matplotlib()  # fail before the evaluation, not after it

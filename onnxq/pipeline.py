@@ -17,6 +17,7 @@ from .bias import BiasSlot, add_missing_biases, bias_slots, output_shift
 from .calibrate import LayerStats, calibrate, load_stats, save_stats
 from .calibration_set import CalibrationSet
 from .capture import make_session
+from .config import DEFAULT_ACCURACY_LEVEL, DEFAULT_BITS, DEFAULT_VERIFY_SAMPLES, Config
 from .errors import OnnxqError
 from .export import build_quantized_model, container_bits, layer_metadata, save_atomic, stored_weight_bits
 from .images import ImagePreprocessing
@@ -40,7 +41,6 @@ from .shrinkage import shrink_gram
 from .sources import Feed, feed_samples, model_inputs
 
 log = logging.getLogger("onnxq")
-PREFERENCES = ("size", "speed")
 METADATA_SLACK_BYTES = 512  # the mixed-precision summary written into the metadata
 
 
@@ -61,7 +61,7 @@ class LayerReport:
 class QuantizationResult:
     """What a run produced: the per-layer report, file sizes and a check of the output model."""
 
-    output: Path
+    output: Path | None
     method: str
     layers: list[LayerReport]
     skipped: list[str]
@@ -70,7 +70,8 @@ class QuantizationResult:
     calibration_samples: int
     output_sqnr_db: float | None = None
     top1_agreement: float | None = None
-    extra: dict = field(default_factory=dict)
+    mixed: MixedPlan | None = None  # the CLADO allocation, with a budget
+    model: onnx.ModelProto | None = None  # the quantized model, when onnxq.quantize was given no output path
     check_held_out: bool = False  # the check batch was held out from calibration (else a calibration batch)
 
     @property
@@ -86,7 +87,7 @@ class QuantizationResult:
 
 @dataclass
 class Options:
-    """Every knob of a run, with the CLI's defaults."""
+    """The pipeline's flat view of a :class:`onnxq.config.Config` (built by :func:`options_from`)."""
 
     bits: int = 4
     method: str = DEFAULT_METHOD
@@ -122,14 +123,29 @@ class Options:
     sensitivity_cache: Path | None = None
     bits_json: Path | None = None
 
-    def __post_init__(self) -> None:
-        for name in ("stats", "sensitivity_cache", "bits_json"):
-            if getattr(self, name) is not None:
-                setattr(self, name, Path(getattr(self, name)))
-        if self.prefer not in PREFERENCES:
-            raise OnnxqError(f"--prefer must be one of {', '.join(PREFERENCES)}, not {self.prefer!r}")
-        if self.prefer == "speed" and self.act_bits is None:
-            self.act_bits = 8  # speed comes from onnxruntime's integer kernels, which need 8-bit activations
+
+def options_from(config: Config) -> Options:
+    """The pipeline's flat view of a validated config (a fresh copy per run: the caller's config is never
+    changed), with the defaults that depend on other options resolved."""
+    layers, rounding, data, export = config.layers, config.rounding, config.data, config.export
+    mixed, acts = config.mixed, config.activations
+    flat = Options(
+        bits=layers.bits or DEFAULT_BITS, method=rounding.method, symmetric=bool(rounding.symmetric),
+        clip=rounding.clip, bias_correction=rounding.bias_correction, shrinkage=rounding.shrinkage,
+        sequential=rounding.sequential, block_size=rounding.block_size, matmul_nbits=export.matmul_nbits,
+        accuracy_level=export.accuracy_level or DEFAULT_ACCURACY_LEVEL, nodes_to_exclude=layers.nodes_to_exclude,
+        op_types_to_quantize=layers.op_types_to_quantize, first_last_bits=layers.first_last_bits,
+        bits_per_layer=dict(layers.bits_per_layer), calib_size=data.calib_size or None, batch_size=data.batch_size,
+        stats=data.stats, preprocessing=data.preprocessing, allow_empty=layers.allow_empty,
+        external_data=export.external_data, jobs=rounding.jobs, bits_json=layers.bits_json)
+    if acts is not None:
+        flat.act_bits, flat.act_method, flat.prefer = acts.bits, acts.method, acts.prefer
+    if mixed is not None:
+        flat.budget = Budget(mixed.avg_bits, mixed.size_mb, mixed.size_ratio)
+        flat.bit_choices, flat.sensitivity, flat.clado_samples = mixed.bit_choices, mixed.sensitivity, mixed.samples
+        flat.clado_time_limit, flat.sensitivity_cache = mixed.time_limit, mixed.sensitivity_cache
+        flat.verify_samples = DEFAULT_VERIFY_SAMPLES if mixed.verify_samples is None else mixed.verify_samples
+    return flat
 
 
 def check_output_path(model_path: Path, output: Path) -> None:
@@ -323,9 +339,10 @@ def check_batch(data: CalibrationSet) -> tuple[Feed | None, bool]:
         return None, False
 
 
-def quantize_model(model_path: str | Path, calib: object, output: str | Path, options: Options,
+def quantize_model(model_path: str | Path, calib: object, output: str | Path, config: Config,
                    progress: Callable | None = None) -> QuantizationResult:
-    """Quantize ``model_path`` with calibration data ``calib`` and write ``output``; see the CLI for options."""
+    """Quantize ``model_path`` with calibration data ``calib`` and write ``output``, as ``config`` says."""
+    options = options_from(config)
     model_path, output = Path(model_path), Path(output)
     check_output_path(model_path, output)
     original, external = load_model_and_layout(model_path)
@@ -389,10 +406,9 @@ def quantize_with(model: onnx.ModelProto, model_path: Path, external: bool, laye
     except BaseException:
         output.unlink(missing_ok=True)
         raise
-    extra = {"mixed": plan} if plan is not None else {}
     method = f"{options.method}, sequential" if sequential else options.method
     return QuantizationResult(output, method, layer_reports(layers, chosen), skipped,
-                              _file_size(model_path), _file_size(output), samples, sqnr, agreement, extra,
+                              _file_size(model_path), _file_size(output), samples, sqnr, agreement, plan,
                               check_held_out=held_out)
 
 

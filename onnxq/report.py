@@ -48,7 +48,7 @@ def summary(result: QuantizationResult) -> str:
         if result.top1_agreement is not None:
             check += f", top-1 agreement with the float model {100 * result.top1_agreement:.1f} %"
         lines.append(check)
-    plan = result.extra.get("mixed")
+    plan = result.mixed
     if plan is not None:
         lines.append(f"mixed precision ({plan.estimator} sensitivities, {plan.evaluations} forward passes, "
                      f"{plan.seconds.get('sensitivity', 0):.0f} s): predicted loss increase {plan.predicted_loss:.4g}, "
@@ -62,7 +62,7 @@ def summary(result: QuantizationResult) -> str:
                          "layers (W8A8, integer kernels); the rest run weight-only in float")
     for reason in result.skipped:
         lines.append(f"not quantized: {reason}")
-    lines.append(f"wrote {result.output}")
+    lines.append(f"wrote {result.output}" if result.output else "the quantized model is in result.model")
     return "\n".join(lines)
 
 

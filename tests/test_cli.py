@@ -94,8 +94,17 @@ def test_stats_are_reused(tmp_path, cnn_path, cnn_calib):
 def test_help_explains_flags():
     result = run("quantize", "--help")
     assert result.returncode == 0
-    for flag in ("--calib", "--bits", "--method", "--nodes_to_exclude", "--stats", "--calib-size", "--mean"):
+    for flag in ("--calib", "--bits", "--method", "--nodes-to-exclude", "--stats", "--calib-size", "--mean"):
         assert flag in result.stdout
+    assert "--nodes_to_exclude" not in result.stdout  # accepted (ORT's spelling) but not listed
+
+
+def test_invalid_combination_is_a_one_line_error_before_any_work(tmp_path, cnn_path, cnn_calib):
+    out = tmp_path / "q.onnx"
+    result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--accuracy-level", "4")
+    assert_clean_failure(result, out, "--accuracy-level needs --matmul-nbits")
+    result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--prefer", "speed")
+    assert_clean_failure(result, out, "--prefer needs --act-bits 8")
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "not_onnx_dir", "checker"])

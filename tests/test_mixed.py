@@ -32,7 +32,7 @@ def test_avg_bits_budget_is_met(tmp_path, cnn_path, cnn_calib, estimator):
     params = {r.name: r.params for r in result.layers}
     stored = stored_bits(out)
     assert sum(params[n] * b for n, b in stored.items()) <= 3.0 * sum(params.values())
-    assert result.extra["mixed"].status == "optimal"
+    assert result.mixed.status == "optimal"
     replay = tmp_path / "replay.onnx"
     onnxq.quantize(cnn_path, cnn_calib, replay, method="rtn", bits_json=tmp_path / "bits.json")
     assert stored_bits(replay) == stored
@@ -127,7 +127,7 @@ def test_verified_plan_is_reported_and_fits(tmp_path, cnn_path, cnn_calib, caplo
         result = onnxq.quantize(cnn_path, cnn_calib, out, method="rtn", budget=Budget(avg_bits=4.0),
                                 bit_choices=(2, 4, 8), clado_samples=8)
     assert caplog.text.count("held-out estimate") == 1  # all 20 samples calibrated: one warning for both oracles
-    plan = result.extra["mixed"]
+    plan = result.mixed
     assert plan.picked in plan.verified and plan.verified[plan.picked] == min(plan.verified.values())
     assert "uniform 4" in plan.verified and result.average_bits(stored=True) <= 4.0 + 1e-9
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}

@@ -22,7 +22,8 @@ def runs(path) -> dict[str, str]:
 
 def test_uniform_speed_makes_only_8_bit_layers_integer(tmp_path, cnn_path, cnn_calib):
     out = tmp_path / "speed.onnx"
-    onnxq.quantize(cnn_path, cnn_calib, out, bits=4, first_last_bits=8, method="rtn", prefer="speed")
+    onnxq.quantize(cnn_path, cnn_calib, out, bits=4, first_last_bits=8, method="rtn", act_bits=8,
+                   prefer="speed")
     kernels = runs(out)
     assert kernels["conv1"] == kernels["fc"] == "integer"
     assert kernels["conv2_grouped"] != "integer" and kernels["conv3_depthwise"] != "integer"
@@ -33,9 +34,10 @@ def test_mixed_speed_keeps_the_budget_and_favours_integer_layers(tmp_path, cnn_p
     for prefer in ("size", "speed"):
         out = tmp_path / f"{prefer}.onnx"
         result = onnxq.quantize(cnn_path, cnn_calib, out, method="rtn", budget=Budget(avg_bits=5.0),
-                                bit_choices=(2, 4, 8), sensitivity="diagonal", clado_samples=8, prefer=prefer)
+                                bit_choices=(2, 4, 8), sensitivity="diagonal", clado_samples=8,
+                                **({"act_bits": 8, "prefer": "speed"} if prefer == "speed" else {}))
         assert result.average_bits(stored=True) <= 5.0 + 1e-9
-        plans[prefer] = result.extra["mixed"]
+        plans[prefer] = result.mixed
         meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
         assert json.loads(meta["onnxq.mixed_precision"])["prefer"] == prefer
     speed = plans["speed"]
@@ -68,4 +70,4 @@ def test_speed_term_moves_the_compute_heavy_layer_to_8_bits():
 
 def test_prefer_must_be_known():
     with pytest.raises(OnnxqError, match="--prefer"):
-        onnxq.pipeline.Options(prefer="fast")
+        onnxq.Config.from_options(act_bits=8, prefer="fast")

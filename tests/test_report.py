@@ -117,7 +117,7 @@ def test_widths_errors_and_sizes(cnn_run):
 
 def test_sensitivity_is_omega_diagonal_at_chosen_width(mixed_run):
     reference, quantized, result = mixed_run
-    plan = result.extra["mixed"]
+    plan = result.mixed
     rows = layer_diagnostics(quantized, reference, cnn_feeds()[:1], plan=plan)
     diagonal = dict(zip(plan.keys, np.diag(plan.omega), strict=True))
     for row in rows:
@@ -127,12 +127,12 @@ def test_sensitivity_is_omega_diagonal_at_chosen_width(mixed_run):
 
 def full_context(mixed_run) -> dict:
     reference, quantized, result = mixed_run
-    rows = layer_diagnostics(quantized, reference, cnn_feeds()[:2], plan=result.extra["mixed"])
+    rows = layer_diagnostics(quantized, reference, cnn_feeds()[:2], plan=result.mixed)
     evaluation = {"samples": 8, "agreement": 87.5, "mean_kl": 0.0123, "sqnr_db": 17.25, "cosine": 0.99,
                   "max_error": 0.5, "top1": 61.0, "top5": 90.0, "reference_top1": 64.0, "reference_top5": 91.0}
     curve = [{"series": "CLADO", "label": f"{b} bits", "size_bytes": 1000 + 200 * b, "top1": 40.0 + 3 * b}
              for b in (2, 3, 4, 8)]
-    return report_context(quantized, reference, rows, evaluation, result.extra["mixed"], curve)
+    return report_context(quantized, reference, rows, evaluation, result.mixed, curve)
 
 
 def test_html_report_is_self_contained_with_every_section(tmp_path, mixed_run):

@@ -208,7 +208,7 @@ def test_a_budget_verifies_and_keeps_sequentially_rounded_allocations(tmp_path):
     x = np.random.default_rng(2).normal(size=(64, 16)).astype(np.float32)
     result = onnxq.quantize(tmp_path / "m.onnx", [{"x": x}], tmp_path / "q.onnx", budget=Budget(avg_bits=3.0),
                             bit_choices=(2, 4), sequential=True, verify_samples=64, clado_samples=32)
-    plan = result.extra["mixed"]
+    plan = result.mixed
     assert plan.verified and plan.verified[plan.picked] == min(plan.verified.values())
     assert {r.name: r.bits for r in result.layers} == plan.bits
     assert result.average_bits(stored=True) <= 3.0

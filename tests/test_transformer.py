@@ -15,7 +15,6 @@ from onnxq.layers import find_layers
 from onnxq.masking import attention_mask_name
 from onnxq.nbits import dequantize_nbits, pack_uint4, unpack_uint4
 from onnxq.passes import Grid, comq, rtn
-from onnxq.pipeline import Options, quantize_model
 from onnxq.prepare import prepare
 from onnxq.sources import batches, model_inputs
 
@@ -149,7 +148,8 @@ def test_multi_input_calibration_layouts_give_the_same_statistics(tmp_path, mode
     path = tmp_path / "m.onnx"
     onnx.save(transformer(), str(path))
     stats = tmp_path / "stats.npz"
-    quantize_model(path, tmp_path / "calib", out, Options(method="rtn", stats=stats, calib_size=None))
+    onnxq.quantize(path, tmp_path / "calib", out, onnxq.Config(onnxq.Rounding(method="rtn"),
+                                                               data=onnxq.Data(stats=stats, calib_size=None)))
     layers, _ = find_layers(model)
     expected = calibrate(model, layers, feeds)
     with np.load(stats) as cached:
