@@ -78,7 +78,8 @@ def check_label_range(labels: np.ndarray, output: np.ndarray, given: bool) -> No
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= classes:
         raise OnnxqError(f"the labels run from {low} to {high} but the model has {classes} classes (0 to "
-                         f"{classes - 1}); fix the labels file (0-based class indices in the model's order)")
+                         f"{classes - 1}); give 0-based class indices in the model's order (labels file or one "
+                         "folder per class)")
 
 
 def fixed_batch(spec: InputSpec) -> int | None:
