@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -286,13 +287,23 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    """Python warnings (numpy, Pillow, onnx) as one ``onnxq: warning:`` line, without source paths."""
+    text = str(message).strip()
+    logging.getLogger("onnxq").warning("%s", text.splitlines()[0][:200] if text else category.__name__)
+
+
 def main() -> None:
     """Entry point: one-line errors and a non-zero exit for every failure (tracebacks with --debug)."""
+    import numpy as np
+
     logging.basicConfig(format="onnxq: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
     signal.signal(signal.SIGTERM, _terminate)
+    warnings.showwarning = _show_warning
     debug = "--debug" in sys.argv
     try:
-        cli.main(standalone_mode=False)
+        with np.errstate(all="ignore"):  # results are checked for NaN/Inf where it matters, with our own message
+            cli.main(standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.ClickException as err:

@@ -44,11 +44,13 @@ class EvalResult:
 
 def read_labels(folder: Path, images: list[Path], labels_file: Path | None) -> np.ndarray | None:
     """Labels per image from a ``<file> <index>`` file, or from one sub-folder per class; else None."""
+    if labels_file is not None and not labels_file.is_file():
+        raise OnnxqError(f"labels file {labels_file} does not exist or is not a file; check the --labels path")
     candidates = [labels_file] if labels_file else [folder / name for name in LABEL_FILES]
     for file in candidates:
         if file and file.is_file():
             table = {}
-            for line in file.read_text().splitlines():
+            for line in file.read_text(errors="replace").splitlines():
                 parts = line.split()
                 if len(parts) >= 2 and parts[-1].lstrip("-").isdigit():
                     table[Path(parts[0]).name] = int(parts[-1])
@@ -64,26 +66,76 @@ def read_labels(folder: Path, images: list[Path], labels_file: Path | None) -> n
     return None
 
 
-def labelled_image_batches(folder: Path, spec: InputSpec, preprocessing: ImagePreprocessing,
-                           labels_file: Path | None, batch_size: int, limit: int | None
-                           ) -> tuple[Iterator[tuple[dict, np.ndarray | None]], int]:
+def check_label_range(labels: np.ndarray, output: np.ndarray, given: bool) -> None:
+    """Labels must index the model's classes (its output is [batch, classes]); else top-1 would read 0 %.
+    Labels a user ``given`` explicitly must also have a classifier to score."""
+    if output.ndim != 2 or output.shape[1] < 2:
+        if given:
+            raise OnnxqError(f"--labels was given but the model's output has shape {list(output.shape)}, not "
+                             "[batch, classes]; evaluate without --labels")
+        return
+    classes = output.shape[1]
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise OnnxqError(f"the labels run from {low} to {high} but the model has {classes} classes (0 to "
+                         f"{classes - 1}); give 0-based class indices in the model's order (labels file or one "
+                         "folder per class)")
+
+
+def fixed_batch(spec: InputSpec) -> int | None:
+    """The input's batch size when the model fixes it (e.g. [1, 3, 224, 224]), else None."""
+    return spec.shape[0] if spec.shape and spec.shape[0] is not None else None
+
+
+def labelled_image_batches(images: list[Path], spec: InputSpec, preprocessing: ImagePreprocessing,
+                           labels: np.ndarray | None, batch_size: int) -> Iterator[tuple[dict, np.ndarray | None]]:
     """Batches of preprocessed images with their labels (or None), in sorted file order."""
-    images = list_images(folder)[:limit]
-    labels = read_labels(folder, images, labels_file)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        arrays, keep = [], []
+        for offset, path in enumerate(chunk):
+            image = read_image(path, preprocessing)  # None, with a warning, for an unusable file
+            if image is not None:
+                arrays.append(image)
+                keep.append(start + offset)
+        if arrays:
+            yield {spec.name: np.concatenate(arrays)}, (labels[keep] if labels is not None else None)
 
-    def generate():
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            arrays, keep = [], []
-            for offset, path in enumerate(chunk):
-                image = read_image(path, preprocessing)
-                if image is not None:
-                    arrays.append(image)
-                    keep.append(start + offset)
-            if arrays:
-                yield {spec.name: np.concatenate(arrays)}, (labels[keep] if labels is not None else None)
 
-    return generate(), len(images)
+def run_fitted(session: ort.InferenceSession, feed: dict, batch: int | None) -> np.ndarray:
+    """The first output for ``feed``. A model with a fixed batch gets the feed in slices of that size, the last
+    one padded by repeating its last sample; the padding rows are dropped from the output."""
+    rows = feed_samples(feed)
+    if batch is None or rows == batch:
+        return session.run(None, feed)[0]
+    outputs = []
+    for start in range(0, rows, batch):
+        piece = {k: v[start:start + batch] for k, v in feed.items()}
+        short = batch - feed_samples(piece)
+        if short:
+            piece = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in piece.items()}
+        outputs.append(session.run(None, piece)[0][:batch - short])
+    return np.concatenate(outputs)
+
+
+def _check_same_inputs(reference: list[InputSpec], quantized: list[InputSpec], path: Path) -> None:
+    """Both models must take the same inputs, else the comparison is meaningless."""
+    def key(specs: list[InputSpec]) -> list[tuple]:
+        return sorted((s.name, str(s.dtype), len(s.shape)) for s in specs)
+
+    if key(reference) != key(quantized):
+        raise OnnxqError(f"{path} takes inputs {key(quantized)} but the reference takes {key(reference)}; pass "
+                         "the float model it was quantized from as --reference")
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types (not RuntimeError)
+        raise OnnxqError(f"onnxruntime cannot load {path} ({str(err).strip().splitlines()[0][:160]}); "
+                         "check that the model runs in onnxruntime") from err
 
 
 class _Accumulator:
@@ -132,25 +184,35 @@ def evaluate(quantized: Path, reference: Path, data: Path, preprocessing: ImageP
              progress: Callable | None = None) -> EvalResult:
     """Run both models on the data and compare them (and score them against labels when available)."""
     reference_model = load_model(reference)
-    load_model(quantized)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-                for p in (reference, quantized)]
     inputs = model_inputs(reference_model)
+    _check_same_inputs(inputs, model_inputs(load_model(quantized)), quantized)
+    sessions = [_session(p) for p in (reference, quantized)]
     prep = default_preprocessing(inputs, preprocessing)
+    batch = fixed_batch(inputs[0]) if len(inputs) == 1 else None  # several inputs: each feed as it comes
+    labels = None
     if len(inputs) == 1 and data.is_dir() and list_images(data):
-        stream, total = labelled_image_batches(data, inputs[0], prep, labels_file, batch_size, limit)
+        images = list_images(data)[:limit]
+        labels = read_labels(data, images, labels_file)
+        stream = labelled_image_batches(images, inputs[0], prep, labels, batch or batch_size)
+        total = len(images)
     else:
+        if labels_file is not None:
+            raise OnnxqError(f"--labels needs --data to be a folder of images, and {data} is not; "
+                             "drop --labels or pass the image folder")
         raw, total = feeds_from(data, inputs, prep)
         stream = ((feed, None) for feed in batches(raw, inputs, batch_size, limit))
     accumulator = _Accumulator()
     classifier = False
     with progress(total, "evaluating") if progress else NoProgress() as bar:
-        for feed, labels in stream:
-            ref, q = (s.run(None, feed)[0] for s in sessions)
+        for feed, batch_labels in stream:
+            ref, q = (run_fitted(s, feed, batch) for s in sessions)
+            if ref.shape != q.shape:
+                raise OnnxqError(f"{quantized}'s output has shape {list(q.shape)} but the reference's has "
+                                 f"{list(ref.shape)}; pass the float model it was quantized from as --reference")
+            if labels is not None and not accumulator.n:
+                check_label_range(labels, ref, labels_file is not None)
             classifier = ref.ndim == 2 and ref.shape[1] > 1
-            accumulator.add(ref, q, labels)
+            accumulator.add(ref, q, batch_labels)
             bar.update(feed_samples(feed))
     if not accumulator.n:
         raise OnnxqError(f"no evaluation samples could be read from {data}; check the folder")

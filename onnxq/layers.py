@@ -78,6 +78,15 @@ def name_nodes(model: onnx.ModelProto) -> None:
             seen.add(candidate)
 
 
+def _exclusion_pattern(text: str) -> re.Pattern:
+    """A --nodes_to_exclude entry as a compiled regular expression, or a one-line error saying why not."""
+    try:
+        return re.compile(text)
+    except re.error as err:
+        raise OnnxqError(f"--nodes_to_exclude {text!r} is not a valid regular expression ({err}); "
+                         "escape special characters, e.g. 'conv\\[1\\]' for a node named conv[1]") from err
+
+
 def find_layers(model: onnx.ModelProto, op_types: tuple[str, ...] = QUANTIZABLE_OPS,
                 exclude: tuple[str, ...] = ()) -> tuple[list[Layer], list[str]]:
     """Every quantizable layer in graph order, and human-readable reasons for what was skipped."""
@@ -87,7 +96,7 @@ def find_layers(model: onnx.ModelProto, op_types: tuple[str, ...] = QUANTIZABLE_
     name_nodes(model)
     inits = {t.name: t for t in model.graph.initializer}
     uses = Counter(name for n in model.graph.node for name in n.input)
-    patterns = [re.compile(p) for p in exclude]
+    patterns = [_exclusion_pattern(p) for p in exclude]
     layers, skipped = [], []
     for node in model.graph.node:
         if node.op_type not in op_types or len(node.input) < 2:

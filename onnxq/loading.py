@@ -25,14 +25,16 @@ def load_model_and_layout(path: str | Path) -> tuple[onnx.ModelProto, bool]:
         raise OnnxqError(f"model file {path} does not exist; check the path")
     if path.is_dir():
         raise OnnxqError(f"{path} is a folder; pass the path of an .onnx file")
+    if not path.is_file():  # a device (/dev/zero), FIFO or socket would be read forever
+        raise OnnxqError(f"{path} is not a regular file; pass the path of an .onnx file")
     try:
         model = onnx.load(str(path), load_external_data=False)
-        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-        if external:
-            onnx.load_external_data_for_model(model, str(path.parent))
-    except (DecodeError, RuntimeError, ValueError, OSError) as err:
+    except (DecodeError, RuntimeError, ValueError, OSError, MemoryError) as err:
         raise OnnxqError(f"{path} is not a readable ONNX model ({_first_line(err)}); "
                          "re-export it or check that the file is complete") from err
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if external:
+        _load_external_data(model, path)
     if not model.graph.node:
         raise OnnxqError(f"{path} is not a valid ONNX model (its graph has no nodes); re-export it")
     try:
@@ -40,6 +42,15 @@ def load_model_and_layout(path: str | Path) -> tuple[onnx.ModelProto, bool]:
     except (onnx.checker.ValidationError, ValueError) as err:
         raise OnnxqError(f"{path} fails the ONNX checker ({_first_line(err)}); fix or re-export the model") from err
     return model, external
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read the weights kept beside the model; onnx refuses locations outside the model's folder."""
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (onnx.checker.ValidationError, DecodeError, RuntimeError, ValueError, OSError, MemoryError) as err:
+        raise OnnxqError(f"cannot read the external weights of {path} ({_first_line(err)}); keep the .data file "
+                         "complete and inside the model's folder, named as the model references it") from err
 
 
 def proto_size(model: onnx.ModelProto) -> int:
