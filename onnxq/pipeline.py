@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +13,9 @@ import onnx
 
 from .act_qdq import quantize_activations
 from .bias import BiasSlot, add_missing_biases, bias_slots, output_shift
-from .calibrate import LayerStats, calibrate, load_stats, make_session, save_stats
+from .calibrate import LayerStats, calibrate, make_session
 from .errors import OnnxqError
-from .export import build_quantized_model, container_bits, layer_metadata, save_atomic, stored_weight_bits
+from .export import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
 from .images import ImagePreprocessing
 from .layers import QUANTIZABLE_OPS, Layer, find_layers
 from .loading import load_model_and_layout, proto_size, weights_fingerprint
@@ -29,6 +28,7 @@ from .mixed import (
     write_bits_json,
 )
 from .oracle import LossOracle
+from .outputs import check_outputs, model_files
 from .passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight
 from .prepare import prepare
 from .progress import NoProgress
@@ -45,6 +45,7 @@ from .sources import (
     held_out_batches,
     model_inputs,
 )
+from .stats_cache import load_stats, save_stats, statistics_key
 
 log = logging.getLogger("onnxq")
 PREFERENCES = ("size", "speed")
@@ -138,18 +139,6 @@ class Options:
             self.act_bits = 8  # speed comes from onnxruntime's integer kernels, which need 8-bit activations
 
 
-def check_output_path(model_path: Path, output: Path) -> None:
-    """Refuse outputs that would overwrite the input or cannot be written, before any work is done."""
-    if output.exists() and output.resolve() == model_path.resolve():
-        raise OnnxqError(f"output {output} is the input model; choose another output path")
-    if output.is_dir():
-        raise OnnxqError(f"output {output} is a folder; give a file name such as {output / 'model_q.onnx'}")
-    if not output.parent.is_dir():
-        raise OnnxqError(f"output folder {output.parent} does not exist; create it first")
-    if not os.access(output.parent, os.W_OK):
-        raise OnnxqError(f"output folder {output.parent} is not writable; choose another output path")
-
-
 def layer_bits(layers: list[Layer], options: Options) -> dict[str, int]:
     """The width of each layer: per-layer overrides, then first/last, then the global width."""
     chosen = {layer.name: options.bits for layer in layers}
@@ -165,13 +154,11 @@ def layer_bits(layers: list[Layer], options: Options) -> dict[str, int]:
 def collect_stats(model: onnx.ModelProto, layers: list[Layer], calib: object, inputs: list[InputSpec],
                   options: Options, progress: Callable | None) -> tuple[dict[str, LayerStats], Feed | None]:
     """Load cached statistics when they match the model, else calibrate (and cache if asked)."""
-    fingerprint = weights_fingerprint(model, [layer.weight for layer in layers])
-    if options.stats and options.stats.exists():
-        cached = load_stats(options.stats, fingerprint)
-        if cached is not None and set(cached) == {layer.name for layer in layers}:
-            log.info("reusing calibration statistics from %s", options.stats)
+    if options.stats:
+        key, calib = statistics_key(model, layers, calib, inputs, options, [options.stats])
+        cached = load_stats(options.stats, key, layers)
+        if cached is not None:
             return cached, first_batch(calib, inputs, options)
-        log.warning("statistics in %s are for another model or layer set; recalibrating", options.stats)
     preprocessing = default_preprocessing(inputs, options.preprocessing)
     raw, count = feeds_from(calib, inputs, preprocessing)
     limit = options.calib_size or None
@@ -188,7 +175,7 @@ def collect_stats(model: onnx.ModelProto, layers: list[Layer], calib: object, in
     with (progress(total, "calibrating") if progress else NoProgress()) as bar:
         stats = calibrate(model, layers, stream, on_batch=bar.update)
     if options.stats:
-        save_stats(options.stats, stats, fingerprint)
+        save_stats(options.stats, stats, key)
     return stats, (first[0] if first else None)
 
 
@@ -345,7 +332,8 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
                    progress: Callable | None = None) -> QuantizationResult:
     """Quantize ``model_path`` with calibration data ``calib`` and write ``output``; see the CLI for options."""
     model_path, output = Path(model_path), Path(output)
-    check_output_path(model_path, output)
+    check_outputs(model_path, {"-o": output, "--stats": options.stats, "--sensitivity-cache": options.sensitivity_cache,
+                               "--bits-json": options.bits_json if options.budget.is_set() else None})
     original, external = load_model_and_layout(model_path)
     model = prepare(original)
     del original  # a >2 GB model is held in memory several times over; drop the copies as soon as they are done
@@ -389,12 +377,9 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     if options.act_bits is not None and layers:
         quantized = with_activations(model, quantized, layers, calib, inputs, options,
                                      activation_layers(layers, results, options))
-    save_atomic(quantized, output, external if options.external_data is None and external else options.external_data)
-    try:
-        sqnr, agreement = verify(output, model, first_feed or first_batch(calib, inputs, options))
-    except BaseException:
-        output.unlink(missing_ok=True)
-        raise
+    layout = external if options.external_data is None and external else options.external_data
+    with staged_model(quantized, output, layout) as (staged, _):  # checked under its temporary name
+        sqnr, agreement = verify(staged, model, first_feed or first_batch(calib, inputs, options))
     extra = {"mixed": plan} if plan is not None else {}
     method = f"{options.method}, sequential" if sequential else options.method
     return QuantizationResult(output, method, layer_reports(layers, chosen), skipped,
@@ -490,5 +475,5 @@ def layer_macs(layers: list[Layer], stats: dict[str, LayerStats]) -> dict[str, f
 
 
 def _file_size(path: Path) -> int:
-    data = path.parent / f"{path.name}.data"
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """Bytes of a model file and the external data it references."""
+    return sum(f.stat().st_size for f in model_files(path))
