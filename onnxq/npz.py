@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import OnnxqError
+
 NPZ_MAGIC = b"PK\x03\x04"
 HEADER_MEMBER = "header.npy"
 MAX_HEADER_BYTES = 1 << 24
@@ -86,3 +88,35 @@ def _kind_names(kinds: str) -> str:
 def _reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:160] if text else type(err).__name__
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """A calibration array from an ``.npy`` file, or a one-line OnnxqError naming the file and the fix. The file is
+    memory-mapped first, so a header claiming more data than the file holds fails before anything is allocated."""
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = np.array(mapped) if isinstance(mapped, np.ndarray) else mapped
+    except Exception as err:  # noqa: BLE001 - numpy raises ValueError, EOFError, OSError, TypeError... for bad files
+        raise OnnxqError(f"calibration file {path} is not a readable .npy array ({_reason(err)}); save the sample "
+                         "with numpy.save") from err
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise OnnxqError(f"calibration file {path} is an .npz archive, not an .npy array; rename it to .npz")
+    return _numeric(array, path)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a calibration ``.npz`` file by name, or a one-line OnnxqError naming the file and the fix."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception as err:  # noqa: BLE001 - zipfile and numpy raise many types for damaged archives
+        raise OnnxqError(f"calibration file {path} is not a readable .npz archive ({_reason(err)}); save the "
+                         "sample with numpy.savez") from err
+    return {key: _numeric(array, path) for key, array in arrays.items()}
+
+
+def _numeric(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.dtype.kind not in "fiub":
+        raise OnnxqError(f"calibration file {path} holds {array.dtype} values, not numbers; save numeric arrays")
+    return array

@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from .errors import OnnxqError
 from .images import ImagePreprocessing, list_images, read_image
+from .npz import load_npy, load_npz
 
 log = logging.getLogger("onnxq")
 Feed = dict[str, np.ndarray]
@@ -113,7 +114,7 @@ def _feeds_from_path(path: Path, inputs: list[InputSpec], preprocessing: ImagePr
         if path.suffix == ".npz":
             return _npz_feeds([path], names), 1
         if path.suffix == ".npy" and len(names) == 1:
-            return iter([{names[0]: np.load(path)}]), 1
+            return iter([{names[0]: load_npy(path)}]), 1
         raise OnnxqError(f"calibration file {path} is not .npz or .npy; pass a folder or an .npz keyed by input name")
     pb_sets = _spread(sorted(path.glob("test_data_set_*")))
     if pb_sets:
@@ -128,7 +129,7 @@ def _feeds_from_path(path: Path, inputs: list[InputSpec], preprocessing: ImagePr
         if len(names) != 1:
             raise OnnxqError(f"{path} holds .npy files but the model has {len(names)} inputs; use one folder "
                              f"per input ({', '.join(names)}) or .npz files keyed by input name")
-        return ({names[0]: np.load(f)} for f in npy), len(npy)
+        return ({names[0]: load_npy(f)} for f in npy), len(npy)
     images = _spread(list_images(path))
     if images:
         return _image_feeds(images, inputs, preprocessing or ImagePreprocessing()), len(images)
@@ -138,8 +139,7 @@ def _feeds_from_path(path: Path, inputs: list[InputSpec], preprocessing: ImagePr
 
 def _npz_feeds(files: list[Path], names: list[str]) -> Iterator[Feed]:
     for file in files:
-        with np.load(file) as arrays:
-            yield {key: arrays[key] for key in arrays.files}
+        yield load_npz(file)
 
 
 def _per_input_npy_feeds(folders: list[Path], names: list[str]) -> Iterator[Feed]:
@@ -148,7 +148,7 @@ def _per_input_npy_feeds(folders: list[Path], names: list[str]) -> Iterator[Feed
         missing = [str(folder / stem) for folder in folders if not (folder / stem).exists()]
         if missing:
             raise OnnxqError(f"calibration sample {missing[0]} is missing; every input folder needs the same files")
-        yield {name: np.load(folder / stem) for name, folder in zip(names, folders, strict=True)}
+        yield {name: load_npy(folder / stem) for name, folder in zip(names, folders, strict=True)}
 
 
 def _pb_feeds(sets: list[Path], names: list[str]) -> Iterator[Feed]:
