@@ -181,8 +181,9 @@ def cli() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Samples per onnxruntime batch; memory is bounded by one batch.")
 @click.option("--stats", type=click.Path(path_type=Path), default=None,
-              help="Cache file for calibration statistics: reused when it matches the model's weights, "
-                   "written otherwise. Lets a second run with other bits skip calibration.")
+              help="Cache file for calibration statistics: reused when the model, the calibration data, the "
+                   "preprocessing and --calib-size match, written otherwise. Lets a second run with other bits "
+                   "skip calibration.")
 @click.option("--bit-choices", default="2,3,4,8", show_default=True,
               help="Mixed precision: the widths CLADO may give each layer (used with a budget).")
 @click.option("--avg-bits", type=float, default=None,

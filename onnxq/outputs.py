@@ -12,6 +12,8 @@ import onnx
 from .atomic import check_target
 from .errors import OnnxqError
 
+DATA_FLAG = "-o's data file"
+
 
 def data_file(output: Path) -> Path:
     """The external-data file the export writes next to ``output``."""
@@ -50,7 +52,7 @@ def check_outputs(model_path: Path, outputs: dict[str, Path | None]) -> None:
     written = {flag: Path(path) for flag, path in outputs.items() if path is not None}
     output = written.get("-o")
     if output is not None:
-        written[f"-o's data file {data_file(output).name}"] = data_file(output)
+        written[DATA_FLAG] = data_file(output)
         check_target(output)
     for flag, path in written.items():
         if flag != "-o":
@@ -67,10 +69,11 @@ def check_outputs(model_path: Path, outputs: dict[str, Path | None]) -> None:
 
 
 def _overlap(flag: str, path: Path, read: Path, model_path: Path) -> str:
+    if flag == DATA_FLAG:
+        return f"-o would write its weights to {path}, a file {model_path.name} reads; choose another output name"
     if _same_file(read, model_path):
         return f"{flag} {path} is the input model; choose another path"
-    return (f"{flag} {path} is {read.name}, which {model_path.name} reads its weights from; writing it would "
-            "destroy the input; choose another output name")
+    return f"{flag} {path} is {read.name}, which {model_path.name} reads its weights from; choose another path"
 
 
 def _check_kind(path: Path, flag: str) -> None:

@@ -18,7 +18,7 @@ from .errors import OnnxqError
 from .export import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
 from .images import ImagePreprocessing
 from .layers import QUANTIZABLE_OPS, Layer, find_layers
-from .loading import load_model_and_layout, proto_size, weights_fingerprint
+from .loading import load_model_and_layout, proto_size
 from .mixed import (
     Budget,
     MixedPlan,
@@ -45,7 +45,7 @@ from .sources import (
     held_out_batches,
     model_inputs,
 )
-from .stats_cache import load_stats, save_stats, statistics_key
+from .stats_cache import load_stats, save_stats, sensitivity_fingerprint, statistics_key
 
 log = logging.getLogger("onnxq")
 PREFERENCES = ("size", "speed")
@@ -418,7 +418,7 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
 
     float_bytes = _file_size(model_path)
     fixed_bytes = unquantized_bytes(model, layers, {name: candidates[(name, w[0])][0] for name, w in widths.items()})
-    fingerprint = weights_fingerprint(model, [layer.weight for layer in layers])
+    fingerprint = sensitivity_fingerprint(model, layers, calib, inputs, options) if options.sensitivity_cache else ""
     per_layer = [widths[layer.name] for layer in layers]
     method = options.method + ("+bias_correction" if slots else "") + ("+shrinkage" if options.shrinkage else "")
     method += "+held_out"  # sensitivities on samples the statistics did not use

@@ -21,6 +21,7 @@ import onnx
 
 from .atomic import write_with
 from .calibrate import LayerStats
+from .errors import OnnxqError
 from .layers import Layer
 from .npz import BadCache, CacheReader, looks_like_cache
 from .sources import InputSpec, default_preprocessing, feeds_from
@@ -50,6 +51,16 @@ def statistics_key(model: onnx.ModelProto, layers: list[Layer], calib: object, i
     return key, calib
 
 
+def sensitivity_fingerprint(model: onnx.ModelProto, layers: list[Layer], calib: object, inputs: list[InputSpec],
+                            options: object) -> str:
+    """What a cached sensitivity matrix depends on beyond the widths, method and estimator in its own key: the
+    statistics' key (model, data, preprocessing, --calib-size), which also fixes the held-out samples the losses
+    are measured on, and the grid options that change the candidates."""
+    key, _ = statistics_key(model, layers, calib, inputs, options)
+    grid = [getattr(options, name, None) for name in ("symmetric", "clip", "block_size", "act_bits", "prefer")]
+    return hashlib.sha256(json.dumps([key, grid], default=str).encode()).hexdigest()[:32]
+
+
 def model_fingerprint(model: onnx.ModelProto) -> str:
     """A hash of the graph and every initializer (each serialized alone, so a model over 2 GB is fine)."""
     digest = hashlib.sha256()
@@ -68,6 +79,8 @@ def data_identity(calib: object, ignore: list[Path] = ()) -> dict:
     digest = hashlib.sha256()
     if isinstance(calib, str | Path):
         root = Path(calib)
+        if not root.exists():
+            raise OnnxqError(f"calibration path {root} does not exist; pass a folder of images or arrays")
         files = _data_files(root, {os.path.abspath(p) for p in ignore})
         for file in files:
             relative = file.name if file == root else file.relative_to(root).as_posix()

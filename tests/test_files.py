@@ -66,7 +66,7 @@ def test_output_whose_data_file_is_the_inputs_weights_is_refused(tmp_path, cnn_c
     onnx.save(tiny.cnn_model(), str(model), save_as_external_data=True, location="b.onnx.data", size_threshold=0)
     before = snapshot(tmp_path)
     for output in (tmp_path / "b.onnx", tmp_path / "b.onnx.data", model):
-        with pytest.raises(OnnxqError, match="input|reads its weights"):
+        with pytest.raises(OnnxqError, match="input model|a file a.onnx reads|a.onnx reads its weights"):
             onnxq.quantize(model, cnn_calib, output, **RTN)
     result = cli(model, "--calib", cnn_calib, "-o", tmp_path / "b.onnx", "--method", "rtn")
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "b.onnx.data" in result.stderr
@@ -536,3 +536,27 @@ def test_damaged_files_give_a_model_or_one_line(tmp_path_factory, fuzz_base, cas
     assert isinstance(result.exception, OnnxqError), f"{type(result.exception).__name__}: {result.exception}"
     assert "\n" not in str(result.exception)
     assert (folder / "out.onnx").read_bytes() == previous
+
+
+def test_a_sensitivity_cache_from_other_data_is_measured_again(tmp_path, cnn_path, cnn_calib, caplog):
+    cache = tmp_path / "omega.npz"
+    options = {"budget": Budget(avg_bits=3.0), "clado_samples": 4, "verify_samples": 0, "sensitivity_cache": cache}
+    onnxq.quantize(cnn_path, cnn_calib, tmp_path / "a.onnx", **RTN, **options)
+    with caplog.at_level(logging.WARNING, logger="onnxq"):
+        onnxq.quantize(cnn_path, other_calib(tmp_path), tmp_path / "b.onnx", **RTN, **options)
+    assert "measured for another model, data or options" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="onnxq"):
+        onnxq.quantize(cnn_path, cnn_calib, tmp_path / "c.onnx", symmetric=True, **RTN, **options)
+    assert "measured for another model, data or options" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="onnxq"):
+        onnxq.quantize(cnn_path, cnn_calib, tmp_path / "d.onnx", symmetric=True, **RTN, **options)
+    assert "reusing the sensitivity matrix" in caplog.text
+
+
+def test_a_missing_calibration_path_with_a_cache_is_one_error(tmp_path, cnn_path, cnn_calib):
+    stats = tmp_path / "stats.npz"
+    onnxq.quantize(cnn_path, cnn_calib, tmp_path / "a.onnx", stats=stats, **RTN)
+    result = cli(cnn_path, "--calib", tmp_path / "missing", "-o", tmp_path / "b.onnx", "--stats", stats)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "does not exist" in result.stderr
