@@ -93,10 +93,11 @@ class Staging:
                     done.append((target, self._backup(target, index)))
                     os.replace(self.path(target), target)
             except BaseException as err:
-                for target, backup in reversed(done):
-                    _restore(target, backup)
+                failed = done[-1][0] if done else self.targets[-1]
+                for renamed, backup in reversed(done):
+                    _restore(renamed, backup)
                 if isinstance(err, OSError):
-                    raise OnnxqError(f"cannot write {target} ({err.strerror}); the previous file is unchanged; "
+                    raise OnnxqError(f"cannot write {failed} ({err.strerror}); the previous file is unchanged; "
                                      "check the folder's permissions and free space") from err
                 raise
             _sync_folder(self.folder)
@@ -181,8 +182,10 @@ def _deferred_signals() -> Iterator[None]:
     received: list[tuple[int, object]] = []
     previous = {}
     for signum in DEFERRED_SIGNALS:
-        previous[signum] = signal.getsignal(signum)
-        signal.signal(signum, lambda number, frame: received.append((number, frame)))
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: a handler set outside Python, which cannot be put back; leave it
+            previous[signum] = handler
+            signal.signal(signum, lambda number, frame: received.append((number, frame)))
     try:
         yield
     finally:

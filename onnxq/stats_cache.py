@@ -91,6 +91,9 @@ def data_identity(calib: object, ignore: list[Path] = ()) -> dict:
         return {"files": len(files), "bytes": sum(f.stat().st_size for f in files), "hash": digest.hexdigest()[:32]}
     feeds = [calib] if isinstance(calib, dict) else calib
     for feed in feeds:
+        if not isinstance(feed, dict):  # not a sample: calibration reports it, with the expected input names
+            digest.update(type(feed).__name__.encode())
+            continue
         for name in sorted(feed):
             array = np.ascontiguousarray(feed[name])
             digest.update(json.dumps([name, array.dtype.str, array.shape]).encode())
