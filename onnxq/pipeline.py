@@ -380,6 +380,8 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
     layout = external if options.external_data is None and external else options.external_data
     with staged_model(quantized, output, layout) as (staged, _):  # checked under its temporary name
         sqnr, agreement = verify(staged, model, first_feed or first_batch(calib, inputs, options))
+    if plan is not None and options.bits_json:  # a result like the model: written once the model passed its check
+        write_bits_json(options.bits_json, layers, plan.bits)
     extra = {"mixed": plan} if plan is not None else {}
     method = f"{options.method}, sequential" if sequential else options.method
     return QuantizationResult(output, method, layer_reports(layers, chosen), skipped,
@@ -442,8 +444,6 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
                                       (lambda: oracle(options.verify_samples)) if options.verify_samples else None,
                                       (lambda bits: {n: qw for n, (qw, _) in sequential_weights(bits).items()})
                                       if options.sequential else None)
-    if options.bits_json:
-        write_bits_json(options.bits_json, layers, plan.bits)
     if options.sequential:
         return plan, sequential_weights(plan.bits)
     return plan, {name: candidates[(name, b)] for name, b in plan.bits.items()}

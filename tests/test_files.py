@@ -203,6 +203,10 @@ def test_a_failing_check_leaves_the_previous_output_unchanged(previous, cnn_path
     with pytest.raises(type(failure)):
         onnxq.quantize(cnn_path, cnn_calib, out, bits=2, external_data=True, **RTN)
     assert checked and snapshot(out.parent) == before and not leftovers(out.parent)
+    with pytest.raises(type(failure)):  # with a budget, the bits JSON is a result too: not written either
+        onnxq.quantize(cnn_path, cnn_calib, out, budget=Budget(avg_bits=3.0), clado_samples=4, verify_samples=0,
+                       bits_json=out.parent / "bits.json", external_data=True, **RTN)
+    assert snapshot(out.parent) == before and not leftovers(out.parent)
 
 
 def test_a_real_sigterm_during_the_check_leaves_the_previous_output(previous, cnn_path, cnn_calib, monkeypatch):
