@@ -26,14 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CALIB, MODELS, RESULTS, ROOT, SHARED, VAL, top1, val_set  # noqa: E402
 
 import onnxq  # noqa: E402
-from onnxq.calibrate import load_stats  # noqa: E402
 from onnxq.diagnostics import diagnostics_on_data  # noqa: E402
 from onnxq.evaluate import evaluate  # noqa: E402
 from onnxq.html_report import report_context, write_report, write_report_json  # noqa: E402
 from onnxq.layers import find_layers  # noqa: E402
-from onnxq.loading import load_model, weights_fingerprint  # noqa: E402
+from onnxq.loading import load_model  # noqa: E402
 from onnxq.mixed import Budget  # noqa: E402
 from onnxq.prepare import prepare  # noqa: E402
+from onnxq.stats_cache import cached_stats  # noqa: E402
 
 MODEL = ROOT / "models" / "squeezenet1.1.onnx"
 DEMO_CALIB = ROOT / "models" / "demo_calib"
@@ -48,7 +48,7 @@ def gram_matrices(stats: Path) -> dict[str, np.ndarray]:
     layer has a bias, so the run rounds against the centred matrix and corrects the bias)."""
     model = prepare(load_model(MODEL))
     layers, _ = find_layers(model)
-    loaded = load_stats(stats, weights_fingerprint(model, [layer.weight for layer in layers])) or {}
+    loaded = cached_stats(stats, layers)
     return {name: s.centred_gram for name, s in loaded.items()}
 
 

@@ -32,14 +32,14 @@ from onnxruntime.quantization import (
 
 from onnxq.act_qdq import default_act_layers, insert_activation_qdq, plan_qdq
 from onnxq.activations import METHODS, activation_histograms, ranges_from
-from onnxq.calibrate import load_stats
 from onnxq.export import build_quantized_model, save_atomic
 from onnxq.kernels import compare_latency, kernel_report, kernel_summary
 from onnxq.layers import Layer, find_layers
-from onnxq.loading import load_model, weights_fingerprint
+from onnxq.loading import load_model
 from onnxq.passes import Grid, QuantWeight
 from onnxq.pipeline import Options, corrected_layers, round_candidates
 from onnxq.prepare import prepare
+from onnxq.stats_cache import cached_stats
 
 CALIB_SIZE, CALIB_BATCH = 256, 32
 DEFAULT_METHOD = "mse"
@@ -79,9 +79,8 @@ def onnxq_models(name: str, folder: Path, feeds: list[dict]) -> dict[str, tuple[
     """Write every onnxq variant; returns label -> (path, seconds to produce it)."""
     model = prepare(load_model(model_path(name)))
     layers, _ = find_layers(model)
-    stats = load_stats(RESULTS / "cache" / f"stats_{name}_{CALIB_SIZE}.npz",
-                       weights_fingerprint(model, [layer.weight for layer in layers]))
-    if stats is None:
+    stats = cached_stats(RESULTS / "cache" / f"stats_{name}_{CALIB_SIZE}.npz", layers)
+    if not stats:
         raise SystemExit(f"no cached statistics for {name}; run bench/methods.py first")
     slots = corrected_layers(model, layers, Options())
     out = {}

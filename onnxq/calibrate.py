@@ -9,18 +9,13 @@ are left out of every (batch, tokens, features) layer input (``masking.py``).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .capture import capture, capture_model, make_session  # noqa: F401 - capture_model, make_session re-exported
-from .errors import OnnxqError
 from .layers import Layer
 from .masking import attention_mask_name, batch_mask, token_rows
 from .sources import Feed, model_inputs
@@ -30,7 +25,6 @@ UNFOLD_CHUNK_ELEMENTS = 1 << 23  # unfolded values processed at once: bounds the
 # Each block's X^T X is a float32 GEMM (2.5x faster than float64 here) over at most this many rows, so its
 # rounding error stays near 1e-6 relative; the blocks are summed into H in float64.
 GRAM_BLOCK_ROWS = 8192
-STATS_FORMAT = 3  # 2: row sums next to the Grams; 3: folder samples in spread order (older files: recalibrated)
 
 
 @dataclass
@@ -141,39 +135,3 @@ def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Fee
     observer = GramObserver(layers, attention_mask_name(model_inputs(model)))
     capture(model, batches, [observer], on_batch)
     return observer.stats
-
-
-def save_stats(path: Path, stats: dict[str, LayerStats], fingerprint: str) -> None:
-    """Write statistics atomically (temporary file, then rename) so an interrupted run leaves nothing."""
-    arrays = {"header": np.frombuffer(json.dumps(
-        {"fingerprint": fingerprint, "format": STATS_FORMAT, "layers": list(stats)}).encode(), dtype=np.uint8)}
-    for index, item in enumerate(stats.values()):
-        arrays[f"gram_{index}"] = item.gram
-        arrays[f"rowsum_{index}"] = item.row_sum
-        arrays[f"info_{index}"] = np.array([item.rows, item.act_min, item.act_max, item.samples])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_stats(path: Path, fingerprint: str) -> dict[str, LayerStats] | None:
-    """Statistics saved for the same layers and weights, or None when the file is for another model."""
-    try:
-        with np.load(path) as data:
-            header = json.loads(data["header"].tobytes().decode())
-            if header.get("fingerprint") != fingerprint or header.get("format", 1) < STATS_FORMAT:
-                return None
-            stats = {}
-            for index, name in enumerate(header["layers"]):
-                rows, lo, hi, samples = data[f"info_{index}"]
-                stats[name] = LayerStats(data[f"gram_{index}"], int(rows), float(lo), float(hi), int(samples),
-                                         data[f"rowsum_{index}"])
-            return stats
-    except (OSError, ValueError, KeyError) as err:
-        raise OnnxqError(f"cannot read statistics file {path} ({err}); delete it to recalibrate") from err

@@ -145,6 +145,14 @@ class CalibrationSet:
             return held[0], True
         return next(self.calibration(), None), False
 
+    def identity(self) -> object:
+        """What identifies the data to the caches: a path as given (its files are hashed), else the decoded
+        batches (the source itself may be a reader that can be drained only once)."""
+        if isinstance(self.source, str | Path):
+            return self.source
+        self._loaded()
+        return [self._feed(batch) for batch in self._calibration + self._held_out]
+
     def close(self) -> None:
         self.store.close()
 

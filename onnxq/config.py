@@ -178,8 +178,9 @@ class Data(_Section):
                                     kind="int", minimum=0, nullable=True)  # None, as 0: all
     batch_size: int = option(16, "Samples per onnxruntime batch; memory is bounded by one batch.", "--batch-size",
                              kind="int", minimum=1)
-    stats: Path | None = option(None, "Cache file for calibration statistics: reused when it matches the model's "
-                                "weights, written otherwise, so a second run with other bits skips calibration.",
+    stats: Path | None = option(None, "Cache file for calibration statistics: reused when the model, the "
+                                "calibration data, the preprocessing and --calib-size match, written otherwise, so a "
+                                "second run with other bits skips calibration.",
                                 "--stats", kind="path")
     preprocessing: ImagePreprocessing | None = option(None, "Image preprocessing (the CLI's --image-size, "
                                                       "--resize, --mean, --std, --scale, --channel-order).",

@@ -12,9 +12,8 @@ as INT8, INT4 (opset 21) or INT2 (opset 25); 3-bit codes live in INT4 with the r
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ml_dtypes
@@ -23,6 +22,7 @@ import onnx
 from onnx import TensorProto, numpy_helper, version_converter
 
 from . import __version__
+from .atomic import Staging
 from .bias import apply_bias_shifts
 from .errors import OnnxqError
 from .layers import Layer
@@ -201,20 +201,35 @@ def _layer_entry(layer: Layer, qw: QuantWeight) -> dict:
     return entry | ({"block_size": qw.grid.block_size} if qw.grid.block_size else {})
 
 
-def save_atomic(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:
-    """Write the model (and its external data) to a temporary name, then rename: no partial file, ever."""
+def save_atomic(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> list[Path]:
+    """Write the model (and its external data) atomically; returns the files written."""
+    with staged_model(model, path, external_data) as (_, written):
+        pass
+    return written
+
+
+@contextmanager
+def staged_model(model: onnx.ModelProto, path: Path, external_data: bool | None = None
+                 ) -> Iterator[tuple[Path, list[Path]]]:
+    """Write the model, with its weights in ``<path>.data`` when ``external_data`` (default: over 2 GB), under a
+    private temporary name and yield ``(staged model path, files)``; the block can load and check it there. When
+    the block ends, the model and its data replace the previous ones together (``atomic.py``); if it raises,
+    nothing changes. ``files`` lists the paths written, filled in at the commit."""
     external = proto_size(model) > PROTOBUF_LIMIT if external_data is None else external_data
     path = Path(path)
+    data = path.parent / f"{path.name}.data"
+    written: list[Path] = []
+    staging = Staging([data, path])
     try:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    except OSError as err:
-        raise OnnxqError(f"cannot write to {path.parent} ({err.strerror}); choose another output path") from err
-    try:
-        data_name = f"{path.name}.data"
-        onnx.save(model, str(tmp / path.name), save_as_external_data=external, location=data_name,
-                  all_tensors_to_one_file=True, size_threshold=0 if external_data else 1024)
-        if (tmp / data_name).exists():  # tensors under 1 KB stay inline even with external data
-            os.replace(tmp / data_name, path.parent / data_name)
-        os.replace(tmp / path.name, path)
+        try:
+            with staging.open(path):  # created exclusively: onnx then writes into the file we own
+                pass
+            onnx.save(model, str(staging.path(path)), save_as_external_data=external, location=data.name,
+                      all_tensors_to_one_file=True, size_threshold=0 if external_data else 1024)
+        except OSError as err:
+            raise OnnxqError(f"cannot write {path} ({err.strerror or err}); check the folder's free space and "
+                             "permissions") from err
+        yield staging.path(path), written
+        written.extend(staging.commit())
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staging.discard()

@@ -15,7 +15,6 @@ import html
 import io
 import json
 import math
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import onnx
 
 from . import __version__
+from .atomic import write_text
 from .diagnostics import file_size
 from .errors import OnnxqError
 from .mixed import MixedPlan
@@ -68,7 +68,7 @@ def report_context(quantized: str | Path, reference: str | Path, layers: list[di
 
 def write_report_json(path: str | Path, context: dict) -> None:
     """The report's numbers as JSON (non-finite values as null), written atomically."""
-    _write_atomic(Path(path), json.dumps(_plain(context), indent=1, allow_nan=False))
+    write_text(Path(path), json.dumps(_plain(context), indent=1, allow_nan=False), "report")
 
 
 def write_report(path: str | Path, context: dict) -> None:
@@ -82,7 +82,7 @@ def write_report(path: str | Path, context: dict) -> None:
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{CSS}</style></head>\n"
             f"<body><main>\n<h1>{title}</h1>\n<p class=\"sub\">{_header_line(context)}</p>\n{description}"
             + "\n".join(sections) + "\n</main></body></html>\n")
-    _write_atomic(Path(path), page)
+    write_text(Path(path), page, "report")
 
 
 def require_matplotlib() -> None:
@@ -342,17 +342,3 @@ def _plain(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a partial report."""
-    if not path.parent.is_dir():
-        raise OnnxqError(f"report folder {path.parent} does not exist; create it first")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_text, write_with
 from .errors import OnnxqError
 from .export import stored_weight_bits
 from .layers import Layer
+from .npz import BadCache, CacheReader, looks_like_cache
 from .oracle import LossOracle
 from .passes import QuantWeight, clado
 from .progress import NoProgress
@@ -106,21 +108,38 @@ def cache_key(fingerprint: str, choices: list[tuple[int, ...]], method: str, est
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_omega(path: Path | None, key: str) -> np.ndarray | None:
+def load_omega(path: Path | None, key: str, size: int) -> np.ndarray | None:
+    """The cached sensitivity matrix when the file holds one for ``key`` that is ``size`` x ``size``, finite and
+    symmetric; else None, with a warning saying why (the caller measures it again)."""
     if path is None or not path.exists():
         return None
-    with np.load(path) as data:
-        if str(data["key"]) == key:
-            log.info("reusing the sensitivity matrix from %s", path)
-            return data["omega"]
-    return None
+    try:
+        with CacheReader(path) as reader:
+            stored = str(reader.array("key", (), "U"))
+            if stored != key:
+                log.warning("not reusing %s: it was measured for another model, data or options; measuring "
+                            "sensitivities again", path)
+                return None
+            omega = reader.array("omega", (size, size)).astype(np.float64)
+    except BadCache as err:
+        log.warning("not reusing %s: %s; measuring sensitivities again", path, err)
+        return None
+    if not np.allclose(omega, omega.T, rtol=1e-6, atol=1e-12):
+        log.warning("not reusing %s: its sensitivity matrix is not symmetric; measuring sensitivities again", path)
+        return None
+    log.warning("reusing the sensitivity matrix from %s", path)
+    return omega
 
 
 def save_omega(path: Path | None, key: str, omega: np.ndarray) -> None:
-    if path is not None:
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, key=np.array(key), omega=omega)
-        tmp.replace(path)
+    """Cache Omega with its key, atomically; never over a file that is not an onnxq cache."""
+    if path is None:
+        return
+    if path.exists() and not looks_like_cache(path, "key.npy"):
+        log.warning("not caching the sensitivities in %s: it exists and is not an onnxq cache; delete it or "
+                    "choose another --sensitivity-cache path", path)
+        return
+    write_with(path, lambda handle: np.savez(handle, key=np.array(key), omega=omega), "--sensitivity-cache")
 
 
 def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidates,
@@ -247,7 +266,7 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
     blocks = {name: qw.grid.block_size for (name, _), qw in candidates.items()}
     check_budget(candidates_for(layers, choices, blocks if is_size else None), limit, layers, is_size, fixed_bytes)
     start = time.perf_counter()
-    omega = load_omega(cache, key)
+    omega = load_omega(cache, key, sum(len(c) for c in choices))
     evaluations = 0
     if omega is None:
         oracle = oracle_factory()
@@ -281,9 +300,7 @@ def write_bits_json(path: Path, layers: list[Layer], bits: dict[str, int]) -> No
     overrides = {layer.weight: [{"quant_type": "QInt8" if bits[layer.name] == 8 else "QInt4",
                                  "axis": layer.channel_axis}] for layer in layers if layer.name in bits}
     text = json.dumps({"bits": bits, "tensor_quant_overrides": overrides}, indent=1)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text(path, text, "--bits-json")
 
 
 def read_bits_json(path: Path, layers: list[Layer]) -> dict[str, int]:

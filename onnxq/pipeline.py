@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +13,15 @@ import onnx
 
 from .act_qdq import quantize_activations
 from .bias import BiasSlot, add_missing_biases, bias_slots, output_shift
-from .calibrate import LayerStats, calibrate, load_stats, save_stats
+from .calibrate import LayerStats, calibrate
 from .calibration_set import CalibrationSet
 from .capture import make_session
 from .config import DEFAULT_ACCURACY_LEVEL, DEFAULT_BITS, DEFAULT_VERIFY_SAMPLES, Config
 from .errors import OnnxqError
-from .export import build_quantized_model, container_bits, layer_metadata, save_atomic, stored_weight_bits
+from .export import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
 from .images import ImagePreprocessing
 from .layers import QUANTIZABLE_OPS, Layer, find_layers
-from .loading import load_model_and_layout, proto_size, weights_fingerprint
+from .loading import load_model_and_layout, proto_size
 from .mixed import (
     Budget,
     MixedPlan,
@@ -32,6 +31,7 @@ from .mixed import (
     write_bits_json,
 )
 from .oracle import LossOracle
+from .outputs import check_outputs, model_files
 from .passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight
 from .prepare import prepare
 from .progress import NoProgress
@@ -39,6 +39,7 @@ from .rounding import RoundingTask, round_all
 from .sequential import round_sequentially
 from .shrinkage import shrink_gram
 from .sources import Feed, feed_samples, model_inputs
+from .stats_cache import load_stats, save_stats, sensitivity_fingerprint, statistics_key
 
 log = logging.getLogger("onnxq")
 METADATA_SLACK_BYTES = 512  # the mixed-precision summary written into the metadata
@@ -148,18 +149,6 @@ def options_from(config: Config) -> Options:
     return flat
 
 
-def check_output_path(model_path: Path, output: Path) -> None:
-    """Refuse outputs that would overwrite the input or cannot be written, before any work is done."""
-    if output.exists() and output.resolve() == model_path.resolve():
-        raise OnnxqError(f"output {output} is the input model; choose another output path")
-    if output.is_dir():
-        raise OnnxqError(f"output {output} is a folder; give a file name such as {output / 'model_q.onnx'}")
-    if not output.parent.is_dir():
-        raise OnnxqError(f"output folder {output.parent} does not exist; create it first")
-    if not os.access(output.parent, os.W_OK):
-        raise OnnxqError(f"output folder {output.parent} is not writable; choose another output path")
-
-
 def layer_bits(layers: list[Layer], options: Options) -> dict[str, int]:
     """The width of each layer: per-layer overrides, then first/last, then the global width."""
     chosen = {layer.name: options.bits for layer in layers}
@@ -174,18 +163,17 @@ def layer_bits(layers: list[Layer], options: Options) -> dict[str, int]:
 
 def collect_stats(model: onnx.ModelProto, layers: list[Layer], data: CalibrationSet, options: Options,
                   progress: Callable | None) -> dict[str, LayerStats]:
-    """Load cached statistics when they match the model, else calibrate on the calibration split (and cache)."""
-    fingerprint = weights_fingerprint(model, [layer.weight for layer in layers])
-    if options.stats and options.stats.exists():
-        cached = load_stats(options.stats, fingerprint)
-        if cached is not None and set(cached) == {layer.name for layer in layers}:
-            log.info("reusing calibration statistics from %s", options.stats)
+    """Load cached statistics when their key (model, data, preprocessing, sizes) matches, else calibrate on the
+    calibration split (and cache if asked)."""
+    if options.stats:
+        key, _ = statistics_key(model, layers, data.identity(), data.inputs, options, [options.stats])
+        cached = load_stats(options.stats, key, layers)
+        if cached is not None:
             return cached
-        log.warning("statistics in %s are for another model or layer set; recalibrating", options.stats)
     with (progress(data.samples, "calibrating") if progress else NoProgress()) as bar:
         stats = calibrate(model, layers, data.calibration(), on_batch=bar.update)
     if options.stats:
-        save_stats(options.stats, stats, fingerprint)
+        save_stats(options.stats, stats, key)
     return stats
 
 
@@ -344,7 +332,8 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, co
     """Quantize ``model_path`` with calibration data ``calib`` and write ``output``, as ``config`` says."""
     options = options_from(config)
     model_path, output = Path(model_path), Path(output)
-    check_output_path(model_path, output)
+    check_outputs(model_path, {"-o": output, "--stats": options.stats, "--sensitivity-cache": options.sensitivity_cache,
+                               "--bits-json": options.bits_json if options.budget.is_set() else None})
     original, external = load_model_and_layout(model_path)
     model = prepare(original)
     del original  # a >2 GB model is held in memory several times over; drop the copies as soon as they are done
@@ -400,12 +389,11 @@ def quantize_with(model: onnx.ModelProto, model_path: Path, external: bool, laye
         quantized = with_activations(model, quantized, layers, data, options,
                                      activation_layers(layers, results, options))
     check_feed, held_out = check_batch(data)
-    save_atomic(quantized, output, external if options.external_data is None and external else options.external_data)
-    try:
-        sqnr, agreement = verify(output, model, check_feed)
-    except BaseException:
-        output.unlink(missing_ok=True)
-        raise
+    layout = external if options.external_data is None and external else options.external_data
+    with staged_model(quantized, output, layout) as (staged, _):  # checked under its temporary name
+        sqnr, agreement = verify(staged, model, check_feed)
+    if plan is not None and options.bits_json:  # a result like the model: written once the model passed its check
+        write_bits_json(options.bits_json, layers, plan.bits)
     method = f"{options.method}, sequential" if sequential else options.method
     return QuantizationResult(output, method, layer_reports(layers, chosen), skipped,
                               _file_size(model_path), _file_size(output), samples, sqnr, agreement, plan,
@@ -442,7 +430,8 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
 
     float_bytes = _file_size(model_path)
     fixed_bytes = unquantized_bytes(model, layers, {name: candidates[(name, w[0])][0] for name, w in widths.items()})
-    fingerprint = weights_fingerprint(model, [layer.weight for layer in layers])
+    fingerprint = (sensitivity_fingerprint(model, layers, data.identity(), data.inputs, options)
+                   if options.sensitivity_cache else "")
     per_layer = [widths[layer.name] for layer in layers]
     method = options.method + ("+bias_correction" if slots else "") + ("+shrinkage" if options.shrinkage else "")
     method += "+held_out"  # sensitivities on samples the statistics did not use
@@ -466,8 +455,6 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
                                       (lambda: oracle(options.verify_samples)) if options.verify_samples else None,
                                       (lambda bits: {n: qw for n, (qw, _) in sequential_weights(bits).items()})
                                       if options.sequential else None)
-    if options.bits_json:
-        write_bits_json(options.bits_json, layers, plan.bits)
     if options.sequential:
         return plan, sequential_weights(plan.bits)
     return plan, {name: candidates[(name, b)] for name, b in plan.bits.items()}
@@ -492,5 +479,5 @@ def layer_macs(layers: list[Layer], stats: dict[str, LayerStats]) -> dict[str, f
 
 
 def _file_size(path: Path) -> int:
-    data = path.parent / f"{path.name}.data"
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """Bytes of a model file and the external data it references."""
+    return sum(f.stat().st_size for f in model_files(path))

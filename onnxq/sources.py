@@ -9,8 +9,6 @@ onnxruntime's ``test_data_set_*/input_*.pb``. In Python: any ``CalibrationDataRe
 from __future__ import annotations
 
 import logging
-import zipfile
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,8 +18,9 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from .errors import OnnxqError
+from .errors import OnnxqError, first_line
 from .images import ImagePreprocessing, list_images, read_image
+from .npz import load_npy, load_npz
 
 log = logging.getLogger("onnxq")
 Feed = dict[str, np.ndarray]
@@ -116,7 +115,7 @@ def _feeds_from_path(path: Path, inputs: list[InputSpec], preprocessing: ImagePr
         if path.suffix == ".npz":
             return _npz_feeds([path], names), 1
         if path.suffix == ".npy" and len(names) == 1:
-            return iter([{names[0]: load_array(path)}]), 1
+            return iter([{names[0]: load_npy(path)}]), 1
         raise OnnxqError(f"calibration file {path} is not .npz or .npy; pass a folder or an .npz keyed by input name")
     pb_sets = _spread(sorted(path.glob("test_data_set_*")))
     if pb_sets:
@@ -131,7 +130,7 @@ def _feeds_from_path(path: Path, inputs: list[InputSpec], preprocessing: ImagePr
         if len(names) != 1:
             raise OnnxqError(f"{path} holds .npy files but the model has {len(names)} inputs; use one folder "
                              f"per input ({', '.join(names)}) or .npz files keyed by input name")
-        return ({names[0]: load_array(f)} for f in npy), len(npy)
+        return ({names[0]: load_npy(f)} for f in npy), len(npy)
     images = _spread(list_images(path))
     if images:
         return _image_feeds(images, inputs, preprocessing or ImagePreprocessing()), len(images)
@@ -139,44 +138,9 @@ def _feeds_from_path(path: Path, inputs: list[InputSpec], preprocessing: ImagePr
                      "or test_data_set_*/input_*.pb files")
 
 
-def load_array(path: Path) -> np.ndarray:
-    """One ``.npy`` array, or a one-line error for anything else (object arrays, truncated or empty files).
-
-    Memory-mapped first, so a header that claims more data than the file holds fails before allocating."""
-    try:
-        with np.errstate(all="ignore"):
-            mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-            if not isinstance(mapped, np.ndarray):
-                raise ValueError("it holds an .npz archive, not one array")
-            return np.array(mapped)
-    except (ValueError, OSError, EOFError, MemoryError, TypeError, SyntaxError) as err:
-        raise OnnxqError(f"calibration file {path} is not a readable .npy array ({_reason(err)}); "
-                         "save numeric arrays with numpy.save") from err
-
-
-def load_archive(path: Path) -> Feed:
-    """Every array of one ``.npz`` file, or a one-line error when it is not a readable numpy archive."""
-    if not zipfile.is_zipfile(path):
-        raise OnnxqError(f"calibration file {path} is not an .npz archive (not a zip file); save it with "
-                         "numpy.savez keyed by input name")
-    try:
-        with np.errstate(all="ignore"), np.load(path, allow_pickle=False) as arrays:
-            return {key: arrays[key] for key in arrays.files}
-    except (ValueError, OSError, EOFError, MemoryError, TypeError, SyntaxError, KeyError,
-            zipfile.BadZipFile, zlib.error, NotImplementedError) as err:
-        raise OnnxqError(f"calibration file {path} is not a readable .npz archive ({_reason(err)}); "
-                         "save numeric arrays with numpy.savez keyed by input name") from err
-
-
-def _reason(err: BaseException) -> str:
-    """The first line of an exception's message, for a one-line error."""
-    text = str(err).strip()
-    return text.splitlines()[0][:160] if text else type(err).__name__
-
-
 def _npz_feeds(files: list[Path], names: list[str]) -> Iterator[Feed]:
     for file in files:
-        yield load_archive(file)
+        yield load_npz(file)
 
 
 def _per_input_npy_feeds(folders: list[Path], names: list[str]) -> Iterator[Feed]:
@@ -185,7 +149,7 @@ def _per_input_npy_feeds(folders: list[Path], names: list[str]) -> Iterator[Feed
         missing = [str(folder / stem) for folder in folders if not (folder / stem).exists()]
         if missing:
             raise OnnxqError(f"calibration sample {missing[0]} is missing; every input folder needs the same files")
-        yield {name: load_array(folder / stem) for name, folder in zip(names, folders, strict=True)}
+        yield {name: load_npy(folder / stem) for name, folder in zip(names, folders, strict=True)}
 
 
 def _pb_feeds(sets: list[Path], names: list[str]) -> Iterator[Feed]:
@@ -205,7 +169,7 @@ def _read_tensor(file: Path) -> onnx.TensorProto:
     try:
         tensor.ParseFromString(file.read_bytes())
     except (DecodeError, OSError, MemoryError, ValueError) as err:
-        raise OnnxqError(f"calibration file {file} is not a serialized ONNX TensorProto ({_reason(err)}); "
+        raise OnnxqError(f"calibration file {file} is not a serialized ONNX TensorProto ({first_line(err)}); "
                          "write it with onnx.numpy_helper.from_array(...).SerializeToString()") from err
     return tensor
 
@@ -214,7 +178,7 @@ def _tensor_array(tensor: onnx.TensorProto, file: Path) -> np.ndarray:
     try:
         return numpy_helper.to_array(tensor)
     except (ValueError, TypeError, KeyError, MemoryError, AssertionError) as err:
-        raise OnnxqError(f"calibration file {file} holds a TensorProto numpy cannot read ({_reason(err)}); "
+        raise OnnxqError(f"calibration file {file} holds a TensorProto numpy cannot read ({first_line(err)}); "
                          "write it with onnx.numpy_helper.from_array(...).SerializeToString()") from err
 
 

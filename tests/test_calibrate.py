@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import tiny
 
-from onnxq.calibrate import calibrate, capture_model, load_stats, make_session, save_stats
+from onnxq.calibrate import calibrate, capture_model, make_session
 from onnxq.layers import find_layers
 from onnxq.prepare import prepare
 from onnxq.sources import batches, model_inputs
@@ -45,19 +45,3 @@ def test_calib_size_limits_samples():
     x = np.zeros((7, 3, 16, 16), np.float32)
     stats = calibrate(model, layers, batches([{"x": x}], model_inputs(model), batch_size=4, limit=5))
     assert stats["fc"].samples == 5
-
-
-def test_stats_round_trip(tmp_path):
-    model = prepare(tiny.cnn_model())
-    layers, _ = find_layers(model)
-    x = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
-    stats = calibrate(model, layers, [{"x": x}])
-    path = tmp_path / "stats.npz"
-    save_stats(path, stats, "abc")
-    loaded = load_stats(path, "abc")
-    assert list(loaded) == list(stats)
-    for name in stats:
-        np.testing.assert_array_equal(loaded[name].gram, stats[name].gram)
-        assert loaded[name].samples == 4
-    assert load_stats(path, "other model") is None
-    assert not list(tmp_path.glob("*.tmp"))

@@ -86,9 +86,10 @@ def test_stats_are_reused(tmp_path, cnn_path, cnn_calib):
     stats = tmp_path / "stats.npz"
     first = run(cnn_path, "--calib", cnn_calib, "-o", tmp_path / "a.onnx", "--stats", stats, "--method", "rtn")
     assert first.returncode == 0 and stats.exists()
-    second = run(cnn_path, "--calib", tmp_path / "missing", "-o", tmp_path / "b.onnx", "--stats", stats,
+    second = run(cnn_path, "--calib", cnn_calib, "-o", tmp_path / "b.onnx", "--stats", stats,
                  "--method", "rtn", "--bits", "2")
     assert second.returncode == 0, second.stderr
+    assert "reusing calibration statistics" in second.stderr
 
 
 def test_help_explains_flags():

@@ -30,7 +30,7 @@ from onnxq.errors import OnnxqError
 from onnxq.evaluate import evaluate
 from onnxq.images import ImagePreprocessing, read_image
 from onnxq.loading import load_model
-from onnxq.sources import load_archive, load_array
+from onnxq.npz import load_npy, load_npz
 
 
 def run_main(monkeypatch, capsys, *args: object) -> tuple[int, str, str]:
@@ -141,7 +141,7 @@ def test_random_calibration_bytes_load_or_fail_cleanly(tmp_path, data, cut, head
     """Random bytes, truncations and random bodies behind a real .npy header: an array or an OnnxqError."""
     valid = npy_bytes(np.arange(24, dtype=np.float32).reshape(2, 12))
     content = valid[:cut] + data if header else data
-    for name, loader in (("x.npy", load_array), ("x.npz", load_archive)):
+    for name, loader in (("x.npy", load_npy), ("x.npz", load_npz)):
         path = tmp_path / name
         path.write_bytes(content)
         try:
