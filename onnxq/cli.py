@@ -73,8 +73,13 @@ def budget_from_flags(avg_bits: float | None, size_mb: float | None, size_ratio:
              if v is not None}
     if len(given) > 1:
         raise click.UsageError(f"give one budget, not {' and '.join(given)}")
-    if any(v <= 0 for v in given.values()):
-        raise click.BadParameter("a budget must be positive")
+    for flag, value in given.items():
+        if value != value:  # NaN is the only value unequal to itself
+            raise click.BadParameter(f"{flag} nan is not a number; give a positive number such as 3.5")
+        if abs(value) == float("inf"):
+            raise click.BadParameter(f"{flag} {value} is not a finite number; give a positive number such as 3.5")
+        if value <= 0:
+            raise click.BadParameter(f"{flag} must be positive, not {value}")
     return Budget(avg_bits, size_mb, size_ratio)
 
 
