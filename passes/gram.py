@@ -70,19 +70,24 @@ def psd_part(H: np.ndarray) -> np.ndarray:
 
 
 def scaled_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` as a float32 GEMM (fast) returned in float64, without overflow: when the operands are so
-    large that a product or a sum of ``k`` products could pass float32's range (activations near 1e19 and
-    up), both are scaled by powers of two first (exact) and the result scaled back in float64."""
+    """``a @ b`` as a float32 GEMM (fast), to be added into a float64 sum, without overflow: when the operands
+    are so large that a product or a sum of ``k`` products could pass float32's range (values near 1e17 and
+    up), both are scaled by powers of two first (exact) and the result is scaled back in float64. Otherwise
+    the plain product is returned as it is (float32: the caller's float64 ``+=`` widens it, with no copy)."""
     k = a.shape[-1]
-    top_a = float(np.max(np.abs(a), initial=0.0))
-    top_b = float(np.max(np.abs(b), initial=0.0))
+    top_a, top_b = _largest_magnitude(a), _largest_magnitude(b)
     if not (np.isfinite(top_a) and np.isfinite(top_b)):
         with np.errstate(invalid="ignore", over="ignore"):  # Inf activations: the caller reports the layer
-            return np.matmul(a, b).astype(np.float64, copy=False)
+            return np.matmul(a, b)
     if top_a * top_b * k < 2.0**FLOAT32_EXPONENT_LIMIT:
-        return np.matmul(a, b).astype(np.float64, copy=False)
+        return np.matmul(a, b)
     room = (FLOAT32_EXPONENT_LIMIT - int(np.ceil(np.log2(k)))) // 2  # each operand at most 2**room after scaling
     shift_a = max(int(np.ceil(np.log2(top_a))) - room, 0)
     shift_b = max(int(np.ceil(np.log2(top_b))) - room, 0)
     product = np.matmul(np.ldexp(a, -shift_a).astype(a.dtype), np.ldexp(b, -shift_b).astype(b.dtype))
     return np.ldexp(product.astype(np.float64), shift_a + shift_b)
+
+
+def _largest_magnitude(x: np.ndarray) -> float:
+    """max |x| by two reductions (no |x| temporary the size of a calibration block); 0 for an empty array."""
+    return max(float(x.max(initial=0.0)), -float(x.min(initial=0.0)))
