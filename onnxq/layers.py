@@ -113,7 +113,18 @@ def find_layers(model: onnx.ModelProto, op_types: tuple[str, ...] = QUANTIZABLE_
             skipped.append(f"{node.name}: {reason}")
             continue
         layers.append(_make_layer(node, weight))
+    refuse_non_finite(layers, inits)
     return layers, skipped
+
+
+def refuse_non_finite(layers: list[Layer], inits: dict[str, onnx.TensorProto]) -> None:
+    """One error naming every layer whose weight holds NaN or Inf (a model to fix, not to quantize)."""
+    bad = [f"weight {layer.weight} of {layer.name}" for layer in layers
+           if not np.isfinite(numpy_helper.to_array(inits[layer.weight])).all()]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise OnnxqError(f"{', '.join(bad[:3])}{more} contain{'s' if len(bad) == 1 else ''} NaN or Inf; "
+                         "fix the float model first")
 
 
 def grouped_reasons(skipped: list[str], names_shown: int = 4) -> list[str]:
@@ -165,9 +176,6 @@ def _unsupported(node: onnx.NodeProto, weight: onnx.TensorProto, consumers: dict
         return f"{dims - 2}-D Conv is not supported (1-D and 2-D are)"
     if node.op_type in ("Gemm", "MatMul") and dims != 2:
         return f"weight has {dims} dimensions (a 2-D weight is needed)"
-    values = numpy_helper.to_array(weight)
-    if not np.isfinite(values).all():
-        raise OnnxqError(f"weight {weight.name} of {node.name} contains NaN or Inf; fix the float model first")
     return None
 
 

@@ -212,3 +212,10 @@ def test_float_model_that_overflows_is_refused_naming_the_layer(tmp_path, cnn_ca
     with pytest.raises(OnnxqError, match=r"conv3_depthwise \(its input is Inf or NaN on the calibration data\)"):
         onnxq.quantize(path, cnn_calib, tmp_path / "o.onnx", sequential=sequential)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_every_non_finite_weight_is_named(tmp_path, cnn_calib):
+    model = cnn_with({"c2_w": np.inf, "fc_w": np.nan})
+    with pytest.raises(OnnxqError, match=r"weight c2_w of conv2_grouped, weight fc_w of fc contain NaN or Inf"):
+        onnxq.quantize(save(model, tmp_path / "bad.onnx"), cnn_calib, tmp_path / "o.onnx")
+    assert not (tmp_path / "o.onnx").exists()
