@@ -20,6 +20,8 @@ from .layers import Layer
 from .passes import QuantWeight
 from .passes.grid import group_of_rows
 
+FLOAT_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+
 
 @dataclass(frozen=True)
 class BiasSlot:
@@ -32,12 +34,14 @@ class BiasSlot:
 def add_missing_biases(model: onnx.ModelProto, layers: list[Layer]) -> None:
     """Give Conv and Gemm layers without a bias a zero one (in place), so their error mean can be corrected."""
     nodes = {n.name: n for n in model.graph.node}
+    weight_types = {t.name: t.data_type for t in model.graph.initializer}
     for layer in layers:
         node = nodes[layer.name]
         if layer.op_type not in ("Conv", "Gemm") or (len(node.input) > 2 and node.input[2]):
             continue
         name = f"{layer.weight}_bias"
-        model.graph.initializer.append(numpy_helper.from_array(np.zeros(layer.out_channels, np.float32), name))
+        dtype = FLOAT_DTYPES[weight_types[layer.weight]]  # the weight's type: float16 models get a float16 bias
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(layer.out_channels, dtype), name))
         inputs = list(node.input)[:2] + [name]
         del node.input[:]
         node.input.extend(inputs)
@@ -78,9 +82,9 @@ def _slot(node: onnx.NodeProto, layer: Layer, consumers: dict[str, list[onnx.Nod
 
 
 def _is_channel_vector(tensor: onnx.TensorProto, layer: Layer) -> bool:
-    """A float bias with one value per output channel ((out,) or (1, out))."""
+    """A float (or float16) bias with one value per output channel ((out,) or (1, out))."""
     dims = [int(d) for d in tensor.dims]
-    return (tensor.data_type == onnx.TensorProto.FLOAT and bool(dims) and dims[-1] == layer.out_channels
+    return (tensor.data_type in FLOAT_DTYPES and bool(dims) and dims[-1] == layer.out_channels
             and int(np.prod(dims)) == layer.out_channels)
 
 
@@ -91,16 +95,18 @@ def output_shift(W: np.ndarray, Q: np.ndarray, mean: np.ndarray) -> np.ndarray:
 
 
 def corrected_bias(model_bias: np.ndarray, qw: QuantWeight, slot: BiasSlot) -> np.ndarray:
-    """The bias initializer with the layer's error mean added back (float32, its original shape)."""
+    """The bias initializer with the layer's error mean added back (its original shape and float type)."""
     shift = qw.bias_shift.reshape(model_bias.shape) * slot.factor
-    return (model_bias.astype(np.float64) + shift).astype(np.float32)
+    with np.errstate(over="ignore"):  # only a float model whose own outputs overflow gets here; it is refused later
+        return (model_bias.astype(np.float64) + shift).astype(model_bias.dtype)
 
 
 def replacement_tensors(layer: Layer, qw: QuantWeight, slots: dict[str, BiasSlot],
                         float_tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The float tensors that put one quantized layer into the model: its dequantized weight and, where its bias
-    absorbs the error mean, the corrected bias (``float_tensors`` holds the float biases)."""
-    tensors = {layer.weight: layer.tensor(qw.dequantize())}
+    absorbs the error mean, the corrected bias (``float_tensors`` holds the float tensors, whose types they keep:
+    a float16 weight is the float32 dequantized one rounded to float16, as the exported Cast does)."""
+    tensors = {layer.weight: layer.tensor(qw.dequantize()).astype(float_tensors[layer.weight].dtype)}
     slot = slots.get(layer.name)
     if slot is not None and qw.bias_shift is not None:
         tensors[slot.tensor] = corrected_bias(float_tensors[slot.tensor], qw, slot)

@@ -18,6 +18,7 @@ import onnx
 from .capture import capture, capture_model, make_session  # noqa: F401 - capture_model, make_session re-exported
 from .layers import Layer
 from .masking import attention_mask_name, batch_mask, token_rows
+from .passes.gram import centred_gram, scaled_matmul
 from .sources import Feed, model_inputs
 from .unfold import unfold
 
@@ -58,7 +59,7 @@ class LayerStats:
             rows = unfold(layer, chunk)
             for start in range(0, rows.shape[1], GRAM_BLOCK_ROWS):
                 block = rows[:, start:start + GRAM_BLOCK_ROWS]
-                self.gram += np.matmul(block.transpose(0, 2, 1), block)
+                self.gram += scaled_matmul(block.transpose(0, 2, 1), block)
                 self.row_sum += block.sum(axis=1, dtype=np.float64)
             self.rows += rows.shape[1]
 
@@ -68,7 +69,7 @@ class LayerStats:
         for sample in pixels:
             for start in range(0, sample.shape[1], GRAM_BLOCK_ROWS):
                 block = sample[:, start:start + GRAM_BLOCK_ROWS]
-                self.gram[0] += block @ block.T
+                self.gram[0] += scaled_matmul(block, block.T)
                 self.row_sum[0] += block.sum(axis=1, dtype=np.float64)
         self.rows += pixels.shape[0] * pixels.shape[2]
 
@@ -85,8 +86,7 @@ class LayerStats:
     @property
     def centred_gram(self) -> np.ndarray:
         """``E[x x^T] - mean mean^T``: the error left once the bias absorbs the error's mean (bias correction)."""
-        mean = self.mean
-        return self.normalised_gram - mean[:, :, None] * mean[:, None, :]
+        return centred_gram(self.normalised_gram, self.mean)
 
 
 def is_pointwise(layer: Layer) -> bool:

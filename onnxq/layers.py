@@ -7,7 +7,6 @@ A layer is one constant float weight feeding a Conv, Gemm or MatMul. Passes see 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +16,7 @@ from onnx import numpy_helper
 from .errors import OnnxqError
 
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # float16 weights are rounded in float64
 
 
 @dataclass
@@ -95,40 +95,96 @@ def find_layers(model: onnx.ModelProto, op_types: tuple[str, ...] = QUANTIZABLE_
         raise OnnxqError(f"cannot quantize op types {sorted(unknown)}; choose from {', '.join(QUANTIZABLE_OPS)}")
     name_nodes(model)
     inits = {t.name: t for t in model.graph.initializer}
-    uses = Counter(name for n in model.graph.node for name in n.input)
+    consumers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n.name)
+    producers = {out: n for n in model.graph.node for out in n.output}
     patterns = [_exclusion_pattern(p) for p in exclude]
     layers, skipped = [], []
     for node in model.graph.node:
-        if node.op_type not in op_types or len(node.input) < 2:
+        if node.op_type not in QUANTIZABLE_OPS or len(node.input) < 2:
+            continue
+        if node.op_type not in op_types:
+            skipped.append(f"{node.name}: {node.op_type} is not in --op_types_to_quantize ({', '.join(op_types)})")
             continue
         if any(p.fullmatch(node.name) for p in patterns):
             skipped.append(f"{node.name}: excluded by --nodes_to_exclude")
             continue
         weight = inits.get(node.input[1])
         if weight is None:
-            continue  # activation x activation (attention) or a computed weight: not ours
-        reason = _unsupported(node, weight, uses)
+            reason = _no_constant_weight(node, inits, producers)
+            if reason:
+                skipped.append(f"{node.name}: {reason}")
+            continue  # otherwise activation x activation (attention): not a layer
+        reason = _unsupported(node, weight, consumers)
         if reason:
             skipped.append(f"{node.name}: {reason}")
             continue
         layers.append(_make_layer(node, weight))
+    refuse_non_finite(layers, inits)
     return layers, skipped
 
 
-def _unsupported(node: onnx.NodeProto, weight: onnx.TensorProto, uses: Counter) -> str | None:
+def refuse_non_finite(layers: list[Layer], inits: dict[str, onnx.TensorProto]) -> None:
+    """One error naming every layer whose weight holds NaN or Inf (a model to fix, not to quantize)."""
+    bad = [f"weight {layer.weight} of {layer.name}" for layer in layers
+           if not np.isfinite(numpy_helper.to_array(inits[layer.weight])).all()]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise OnnxqError(f"{', '.join(bad[:3])}{more} contain{'s' if len(bad) == 1 else ''} NaN or Inf; "
+                         "fix the float model first")
+
+
+def grouped_reasons(skipped: list[str], names_shown: int = 4) -> list[str]:
+    """``"name: reason"`` lines merged per reason (``"a, b and 3 more: reason"``), in first-seen order."""
+    groups: dict[str, list[str]] = {}
+    for line in skipped:
+        name, _, reason = line.partition(": ")
+        groups.setdefault(reason, []).append(name)
+    merged = []
+    for reason, names in groups.items():
+        more = len(names) - names_shown
+        merged.append(", ".join(names[:names_shown]) + (f" and {more} more" if more > 0 else "") + f": {reason}")
+    return merged
+
+
+def nothing_to_quantize(skipped: list[str]) -> OnnxqError:
+    """The error for a model without a quantizable layer: the reason for each candidate, when there are some."""
+    if not skipped:
+        return OnnxqError("the model has no Conv, Gemm or MatMul with a constant float weight to quantize; "
+                          "pass --allow-empty to write it unchanged")
+    reasons = grouped_reasons(skipped)
+    shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} other reasons" if len(reasons) > 3 else "")
+    return OnnxqError(f"no layer can be quantized ({len(skipped)} candidate(s) skipped: {shown}); "
+                      "pass --allow-empty to write the model unchanged")
+
+
+def _no_constant_weight(node: onnx.NodeProto, inits: dict, producers: dict) -> str | None:
+    """Why a Conv/Gemm/MatMul whose second input is not an initializer is no layer (None: activation x activation)."""
+    if node.op_type == "MatMul" and node.input[0] in inits:
+        return (f"its constant {node.input[0]} is the first input (W @ x); only x @ W with the weight second is "
+                "supported (rewrite it as x^T @ W^T or Gemm)")
+    source = producers.get(node.input[1])
+    if node.op_type != "MatMul" and source is not None:
+        return f"its weight {node.input[1]} is computed in the graph (by a {source.op_type} node), not stored"
+    return None
+
+
+def _unsupported(node: onnx.NodeProto, weight: onnx.TensorProto, consumers: dict[str, list[str]]) -> str | None:
     """Why a candidate node cannot be quantized, or None."""
-    if weight.data_type != onnx.TensorProto.FLOAT:
-        return f"weight {weight.name} is {onnx.TensorProto.DataType.Name(weight.data_type)}, not FLOAT"
-    if uses[weight.name] > 1:
-        return f"weight {weight.name} is shared by several nodes"
+    if weight.data_type not in FLOAT_TYPES:
+        kind = onnx.TensorProto.DataType.Name(weight.data_type)
+        return f"weight {weight.name} is {kind}, not FLOAT or FLOAT16"
+    users = consumers.get(weight.name, [])
+    if len(users) > 1:
+        return (f"weight {weight.name} is shared by {len(users)} uses ({', '.join(dict.fromkeys(users))}); "
+                "tied weights stay in float")
     dims = len(weight.dims)
     if node.op_type == "Conv" and dims not in (3, 4):
         return f"{dims - 2}-D Conv is not supported (1-D and 2-D are)"
     if node.op_type in ("Gemm", "MatMul") and dims != 2:
         return f"weight has {dims} dimensions (a 2-D weight is needed)"
-    values = numpy_helper.to_array(weight)
-    if not np.isfinite(values).all():
-        raise OnnxqError(f"weight {weight.name} of {node.name} contains NaN or Inf; fix the float model first")
     return None
 
 

@@ -17,10 +17,12 @@ from .calibrate import LayerStats, calibrate
 from .calibration_set import CalibrationSet
 from .capture import make_session
 from .config import DEFAULT_ACCURACY_LEVEL, DEFAULT_BITS, DEFAULT_VERIFY_SAMPLES, Config
+from .degenerate import check_rounding_inputs
 from .errors import OnnxqError
 from .export import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
+from .float16 import refuse_float16_activations, without_inserted_casts
 from .images import ImagePreprocessing
-from .layers import QUANTIZABLE_OPS, Layer, find_layers
+from .layers import QUANTIZABLE_OPS, Layer, find_layers, nothing_to_quantize
 from .loading import load_model_and_layout, proto_size
 from .mixed import (
     Budget,
@@ -256,6 +258,7 @@ def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[st
         tasks += [RoundingTask((layer.name, b), W, H, Grid(b, weight_symmetric(b, options), block),
                                {"clip": options.clip}, None if H is measured else measured)
                   for b in widths[layer.name]]
+    check_rounding_inputs(tasks)
     with (progress(len(tasks), f"{options.method} rounding") if progress else NoProgress()) as bar:
         rounded = round_all(tasks, options.method, options.jobs, on_done=lambda: bar.update(1))
     for (name, _), (qw, _) in rounded.items():
@@ -285,6 +288,7 @@ def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str
             tasks.append(RoundingTask(layer.name, target, H, Grid(b, weight_symmetric(b, options),
                                       layer_block_size(layer, options)), {"clip": options.clip},
                                       S if rho else None))
+        check_rounding_inputs(tasks)
         return round_all(tasks, options.method, options.jobs)
 
     with (progress(len(layers), f"sequential {options.method} rounding") if progress else NoProgress()) as bar:
@@ -335,12 +339,12 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, co
     check_outputs(model_path, {"-o": output, "--stats": options.stats, "--sensitivity-cache": options.sensitivity_cache,
                                "--bits-json": options.bits_json if options.budget.is_set() else None})
     original, external = load_model_and_layout(model_path)
-    model = prepare(original)
+    model = without_inserted_casts(prepare(original))
     del original  # a >2 GB model is held in memory several times over; drop the copies as soon as they are done
     layers, skipped = find_layers(model, tuple(options.op_types_to_quantize), tuple(options.nodes_to_exclude))
+    refuse_float16_activations(model, options.act_bits)
     if not layers and not options.allow_empty:
-        raise OnnxqError("the model has no Conv, Gemm or MatMul with a constant float weight to quantize; "
-                         "pass --allow-empty to write it unchanged")
+        raise nothing_to_quantize(skipped)
     mixed = options.budget.is_set()
     if options.bits_json and not mixed and options.bits_json.exists():
         options.bits_per_layer = {**read_bits_json(options.bits_json, layers), **options.bits_per_layer}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .evaluate import EvalResult
 from .kernels import kernel_report, latency
+from .layers import grouped_reasons
 from .pipeline import QuantizationResult
 
 
@@ -60,7 +61,7 @@ def summary(result: QuantizationResult) -> str:
         if plan.integer_mac_share is not None:
             lines.append(f"--prefer speed: {100 * plan.integer_mac_share:.1f} % of the multiply-adds are in 8-bit "
                          "layers (W8A8, integer kernels); the rest run weight-only in float")
-    for reason in result.skipped:
+    for reason in grouped_reasons(result.skipped):
         lines.append(f"not quantized: {reason}")
     lines.append(f"wrote {result.output}" if result.output else "the quantized model is in result.model")
     return "\n".join(lines)

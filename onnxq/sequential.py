@@ -28,6 +28,7 @@ from .calibrate import GRAM_BLOCK_ROWS, batch_chunks, capture_model, is_pointwis
 from .layers import Layer
 from .masking import attention_mask_name, batch_mask, token_rows
 from .oracle import weights_as_inputs
+from .passes.gram import centred_gram, scaled_matmul
 from .sources import Feed, model_inputs
 from .unfold import unfold
 
@@ -74,7 +75,7 @@ class PairedStats:
         for start in range(0, columns_q.shape[2], GRAM_BLOCK_ROWS):
             block_q = columns_q[:, :, start:start + GRAM_BLOCK_ROWS]
             block_f = columns_f[:, :, start:start + GRAM_BLOCK_ROWS]
-            both = np.matmul(block_q, np.concatenate([block_q, block_f], axis=1).transpose(0, 2, 1))
+            both = scaled_matmul(block_q, np.concatenate([block_q, block_f], axis=1).transpose(0, 2, 1))
             self.gram += both[:, :, :d]
             self.cross += both[:, :, d:]
             self.sum_quantized += block_q.sum(axis=2, dtype=np.float64)
@@ -118,7 +119,7 @@ class PairedStats:
         S, C = self.gram / n, self.cross / n
         if centred:
             mq, mf = self.mean_quantized, self.mean_float
-            S = S - mq[:, :, None] * mq[:, None, :]
+            S = centred_gram(S, mq)
             C = C - mq[:, :, None] * mf[:, None, :]
         return S, C
 

@@ -13,18 +13,12 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
+from .gram import dead_inputs, psd_part
 from .grid import Grid, QuantWeight, as_grouped, group_of_rows, per_weight
 from .rtn import initial_grid
 
-DEAD_RTOL = 1e-12  # an input whose H_jj is below this fraction of the group's largest H_jj never varies
 BATCHED_MAX_DIM = 64  # groups with fan-in up to this are factorised in one batched numpy call
 DAMP_RETRIES = 6  # a failed Cholesky is retried with ten times more damping, this many times
-
-
-def dead_inputs(H: np.ndarray) -> np.ndarray:
-    """(G, d) mask of inputs with no signal in the calibration data (H_jj ~ 0): rounding is free there."""
-    diag = np.diagonal(H, axis1=1, axis2=2)
-    return diag <= DEAD_RTOL * diag.max(axis=1, keepdims=True)
 
 
 def stacked(W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,6 +173,12 @@ def unpermute_columns(X: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return out
 
 
+def _factorised(H: np.ndarray, percdamp: float, act_order: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The (G, d) reversed visiting order and the lower Cholesky factors of the prepared, permuted H."""
+    rev = column_order(damped_diagonal(H, percdamp)[0], act_order)[:, ::-1]  # last visited first
+    return rev, cholesky_stack(prepared_gram(H, rev, percdamp))
+
+
 def quantize(
     W: np.ndarray,
     H: np.ndarray,
@@ -194,8 +194,10 @@ def quantize(
     Ws, Hs = stacked(W, H)
     scale32, zero_point = initial_grid(W, grid, clip)
     G, r, _ = Ws.shape
-    rev = column_order(damped_diagonal(Hs, percdamp)[0], act_order)[:, ::-1]  # last visited first
-    L = cholesky_stack(prepared_gram(Hs, rev, percdamp))
+    try:
+        rev, L = _factorised(Hs, percdamp, act_order)
+    except np.linalg.LinAlgError:  # noise made H indefinite beyond any damping: round against its PSD part
+        rev, L = _factorised(psd_part(Hs), percdamp, act_order)
     Wp = np.take_along_axis(Ws, rev[:, None, :], axis=2)
     s_cols, z_cols = column_params(scale32, zero_point.astype(np.float64), grid, (G, r, d), rev)
     codes = gptq_columns(Wp, L, s_cols, z_cols, grid, max(block, 1))

@@ -113,9 +113,24 @@ def objective(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
 
 
 def relative_error(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
-    """``tr((W-Q) H (W-Q)^T) / tr(W H W^T)``: 0 is exact, 1 is as bad as zeroing the layer."""
+    """``tr((W-Q) H (W-Q)^T) / tr(W H W^T)``: 0 is exact, 1 is as bad as zeroing the layer.
+
+    Computed on W and Q divided by max |W| (the ratio does not change), so huge weights cannot overflow it.
+    When the data sees none of the layer's inputs (H = 0), the passes minimised the weight MSE, and that is
+    what is reported (``||W-Q||^2 / ||W||^2``). NaN when W, Q or H is not finite: never a silent 0.
+    """
+    W, Q, H = np.asarray(W, dtype=np.float64), np.asarray(Q, dtype=np.float64), np.asarray(H, dtype=np.float64)
+    if not (np.isfinite(W).all() and np.isfinite(Q).all() and np.isfinite(H).all()):
+        return float("nan")
+    top = float(np.abs(W).max(initial=0.0))
+    if top == 0.0:
+        return 0.0 if not Q.any() else float("inf")
+    W, Q = W / top, Q / top
+    if not H.any():
+        H = np.eye(W.shape[1])
     reference = float(row_quadratic(W, H).sum())
-    return objective(W, Q, H) / reference if reference > 0 else 0.0
+    error = objective(W, Q, H)
+    return error / reference if reference > 0 else (0.0 if error <= 0 else float("inf"))
 
 
 def minmax_params(lo: np.ndarray, hi: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
