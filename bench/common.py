@@ -88,8 +88,14 @@ def calib_files(count: int) -> list[Path]:
     return [files[i] for i in spread_order(len(files))[:count]]
 
 
-def save_results(tag: str, fp32: dict[str, float], rows: list[dict], table: str) -> None:
-    """Write bench/results/<tag>.json (FP32 top-1 and every row) and <tag>.md (the table the README quotes)."""
+def calib_arrays(name: str, count: int) -> list[np.ndarray]:
+    """The ``count`` calibration images of ``calib_files`` preprocessed for a shared model, one (1, C, H, W) each."""
+    return [MODELS[name].load(file) for file in calib_files(count)]
+
+
+def save_results(tag: str, fp32: dict[str, float], rows: list[dict], table: str, extra: dict | None = None) -> None:
+    """Write bench/results/<tag>.json (FP32 top-1, every row and any ``extra`` entries) and <tag>.md (the table
+    the README quotes)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{tag}.json").write_text(json.dumps({"fp32": fp32, "rows": rows}, indent=1))
+    (RESULTS / f"{tag}.json").write_text(json.dumps({"fp32": fp32, "rows": rows, **(extra or {})}, indent=1))
     (RESULTS / f"{tag}.md").write_text(table)

@@ -21,6 +21,7 @@ python bench/clado_agreement.py --model squeezenet1.1 --pairs 300
   python bench/one_layer.py --model mobilenet_v1_0.75_224 --layer conv_preds --bits 2 --no-shrinkage
   python bench/one_layer.py --model squeezenet1.1 --layer conv10 --bits 2; } | tee bench/results/one_layer.txt
 python bench/calib_memory.py
+python bench/speed.py  # needs: pip install -e '.[bench,peers]'; alone on a quiet machine (ratios to onnxruntime)
 python bench/w8a8.py
 python bench/prefer.py
 python bench/big_model.py  # writes a 2.4 GB model to a temporary folder; ~15 GB peak memory
