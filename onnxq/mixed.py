@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from .npz import BadCache, CacheReader, looks_like_cache
 from .oracle import LossOracle
 from .passes import QuantWeight, clado
 from .progress import NoProgress
+from .suffix import SuffixProbes
 
 log = logging.getLogger("onnxq")
 ESTIMATORS = ("fast", "exact", "diagonal")
@@ -154,8 +155,7 @@ def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidat
     single, deltas, pair = {}, {}, {}
     reference_loss = oracle.loss_of_outputs(oracle.reference)
     with (progress(total, "sensitivity") if progress else NoProgress()) as bar:
-        for key in plan.singles:
-            outputs = oracle.outputs(tensors[key])
+        for key, outputs in single_outputs(oracle, layers, tensors):
             single[key] = oracle.loss_of_outputs(outputs)
             if estimator == "fast" and oracle.classifier:
                 deltas[key] = (outputs - oracle.reference).astype(np.float32)
@@ -167,6 +167,23 @@ def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidat
     if estimator == "fast" and deltas:
         omega = clado.with_diagonal(clado.fisher_sensitivity(cands, deltas, oracle.probabilities), np.diag(omega))
     return omega
+
+
+def single_outputs(oracle: LossOracle, layers: list[Layer], tensors: dict[tuple[int, int], dict[str, np.ndarray]]
+                   ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+    """The model's output with each single candidate in place: on the layer's suffix only (``suffix.py``) where
+    the graph allows it, else by a whole-model pass of the oracle."""
+    if not SuffixProbes.applies(oracle.model):
+        for key, replaced in tensors.items():
+            yield key, oracle.outputs(replaced)
+        return
+    probes: dict[str, list] = {}
+    for (i, b), replaced in tensors.items():
+        probes.setdefault(layers[i].name, []).append(((i, b), replaced))
+    suffixes = SuffixProbes(oracle.model, layers, oracle.feeds, oracle.reference, oracle.float_weights)
+    for key, outputs in suffixes.outputs(probes):
+        oracle.evaluations += 1
+        yield key, outputs
 
 
 def float_mac_share(layers: list[Layer], choices: list[tuple[int, ...]], macs: dict[str, float]) -> np.ndarray:

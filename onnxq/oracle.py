@@ -46,6 +46,7 @@ class LossOracle:
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], feeds: list[Feed],
                  labels: np.ndarray | None = None, slots: dict[str, BiasSlot] | None = None) -> None:
         inits = {t.name: t for t in model.graph.initializer}
+        self.model = model
         self.slots = slots or {}
         names = [layer.weight for layer in layers] + [slot.tensor for slot in self.slots.values()]
         self.float_weights = {name: numpy_helper.to_array(inits[name]) for name in names}

@@ -1,0 +1,78 @@
+"""Suffix probes give the whole model's output with one layer replaced, on graphs with branches and skips."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import tiny
+from test_sequential import branching_model, residual_model
+from test_transformer import sample, transformer
+
+from onnxq.bias import add_missing_biases, bias_slots, output_shift
+from onnxq.layers import find_layers
+from onnxq.oracle import LossOracle
+from onnxq.passes import Grid, rtn
+from onnxq.prepare import prepare
+from onnxq.sources import model_inputs
+from onnxq.suffix import SuffixProbes, downstream_nodes, suffix_of
+
+
+def random_feeds(model: onnx.ModelProto, rng: np.random.Generator, batches: int = 3) -> list[dict]:
+    feeds = []
+    for _ in range(batches):
+        feed = {}
+        for spec in model_inputs(model):
+            shape = [4 if d is None else d for d in spec.shape]
+            feed[spec.name] = rng.normal(size=shape).astype(spec.dtype)
+        feeds.append(feed)
+    return feeds
+
+
+MODELS = {
+    "cnn": (lambda: tiny.cnn_model(), None),
+    "mlp": (lambda: tiny.mlp_model(), None),
+    "two inputs": (lambda: tiny.two_input_model(), None),
+    "residual": (residual_model, None),
+    "branching": (branching_model, None),
+    "masked encoder": (transformer, lambda rng: [sample(rng, 3, 7) for _ in range(2)]),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_probe_equals_the_whole_model_with_that_layer_replaced(name):
+    build, make_feeds = MODELS[name]
+    model = prepare(build())
+    layers, _ = find_layers(model)
+    add_missing_biases(model, layers)
+    slots = bias_slots(model, layers)
+    rng = np.random.default_rng(0)
+    feeds = make_feeds(rng) if make_feeds else random_feeds(model, rng)
+    oracle = LossOracle(model, layers, feeds, slots=slots)
+    probes, expected = {}, {}
+    for layer in layers:
+        W = layer.matrix(oracle.float_weights[layer.weight]).astype(np.float64)
+        qw = rtn.quantize(W, np.eye(W.shape[-1]), Grid(2, False, None))
+        if layer.name in slots:
+            qw.bias_shift = output_shift(W, qw.dequantize(), rng.normal(size=(layer.groups, W.shape[1])))
+        replaced = oracle.replacement(layer, qw)
+        probes[layer.name] = [((layer.name, 2), replaced)]
+        expected[(layer.name, 2)] = oracle.outputs(replaced)
+    got = dict(SuffixProbes(model, layers, feeds, oracle.reference, oracle.float_weights).outputs(probes))
+    assert set(got) == set(expected)
+    for key, outputs in expected.items():
+        assert not np.allclose(outputs, oracle.reference, rtol=1e-4, atol=1e-5)  # the probe really changes them
+        np.testing.assert_allclose(got[key], outputs, rtol=1e-4, atol=1e-5 * np.abs(outputs).max())
+
+
+def test_suffix_holds_only_the_downstream_nodes_and_feeds_the_replaced_weight():
+    model = prepare(branching_model())
+    layers, _ = find_layers(model)
+    last = layers[-1]
+    suffix = suffix_of(model, last, {last.weight})
+    names = [n.name for n in suffix.model.graph.node]
+    index = [n.name for n in model.graph.node].index(last.name)
+    assert names == [model.graph.node[i].name for i in downstream_nodes(model, index)]
+    assert names[0] == last.name and suffix.fed == [last.weight]
+    assert last.weight not in {t.name for t in suffix.model.graph.initializer}
+    assert last.activation in suffix.boundary
