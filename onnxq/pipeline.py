@@ -18,7 +18,7 @@ from .calibration_set import CalibrationSet
 from .capture import make_session
 from .config import DEFAULT_ACCURACY_LEVEL, DEFAULT_BITS, DEFAULT_VERIFY_SAMPLES, Config
 from .degenerate import check_rounding_inputs
-from .errors import OnnxqError
+from .errors import OnnxqError, first_line
 from .export import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
 from .float16 import refuse_float16_activations, without_inserted_casts
 from .images import ImagePreprocessing
@@ -172,7 +172,9 @@ def collect_stats(model: onnx.ModelProto, layers: list[Layer], data: Calibration
         cached = load_stats(options.stats, key, layers)
         if cached is not None:
             return cached
-    with (progress(data.samples, "calibrating") if progress else NoProgress()) as bar:
+    with progress(None, "reading calibration data") if progress else NoProgress():
+        samples = data.samples  # decoded and validated once, here
+    with (progress(samples, "calibrating") if progress else NoProgress()) as bar:
         stats = calibrate(model, layers, data.calibration(), on_batch=bar.update)
     if options.stats:
         save_stats(options.stats, stats, key)
@@ -306,10 +308,12 @@ def verify(path: Path, reference: onnx.ModelProto, feed: Feed | None) -> tuple[f
     """Load the written model in onnxruntime and run it; return output SQNR (dB) and top-1 agreement."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # onnxruntime's own warnings are coloured multi-line text; errors come here
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:
-        raise OnnxqError(f"the written model does not load in onnxruntime ({str(err).splitlines()[0][:160]}); "
+        raise OnnxqError(f"the written model does not load in onnxruntime ({first_line(err)}); "
                          "please report this") from err
     if feed is None:
         return None, None
@@ -394,8 +398,9 @@ def quantize_with(model: onnx.ModelProto, model_path: Path, external: bool, laye
                                      activation_layers(layers, results, options))
     check_feed, held_out = check_batch(data)
     layout = external if options.external_data is None and external else options.external_data
-    with staged_model(quantized, output, layout) as (staged, _):  # checked under its temporary name
-        sqnr, agreement = verify(staged, model, check_feed)
+    with progress(None, "writing and checking the model") if progress else NoProgress():
+        with staged_model(quantized, output, layout) as (staged, _):  # checked under its temporary name
+            sqnr, agreement = verify(staged, model, check_feed)
     if plan is not None and options.bits_json:  # a result like the model: written once the model passed its check
         write_bits_json(options.bits_json, layers, plan.bits)
     method = f"{options.method}, sequential" if sequential else options.method

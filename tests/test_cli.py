@@ -12,6 +12,8 @@ import pytest
 import tiny
 from conftest import save
 
+from onnxq.progress import without_progress
+
 
 def run(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onnxq", *map(str, args)], capture_output=True, text=True,
@@ -20,7 +22,7 @@ def run(*args: object) -> subprocess.CompletedProcess:
 
 def assert_clean_failure(result: subprocess.CompletedProcess, output: Path, message: str) -> None:
     assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
+    lines = without_progress(result.stderr)
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr and message in lines[0], lines[0]
     assert not output.exists()

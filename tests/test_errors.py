@@ -31,6 +31,7 @@ from onnxq.evaluate import evaluate
 from onnxq.images import ImagePreprocessing, read_image
 from onnxq.loading import load_model
 from onnxq.npz import load_npy, load_npz
+from onnxq.progress import without_progress
 
 
 def run_main(monkeypatch, capsys, *args: object) -> tuple[int, str, str]:
@@ -51,7 +52,7 @@ def run_main(monkeypatch, capsys, *args: object) -> tuple[int, str, str]:
 
 def assert_user_error(code: int, err: str, *needles: str) -> None:
     """A non-zero exit with exactly one ``onnxq: error:`` line that names the problem."""
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = without_progress(err)
     assert code not in (0, None), err
     assert len(lines) == 1 and lines[0].startswith("onnxq: error: "), err
     assert "Traceback" not in err and "internal error" not in err
@@ -198,7 +199,7 @@ def test_quantize_skips_a_bomb_and_stderr_stays_clean(tmp_path):
     run = subprocess.run([sys.executable, "-m", "onnxq", *map(str, quantize_args(model, calib, out))],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    lines = run.stderr.splitlines()
+    lines = without_progress(run.stderr)
     assert any("skipping" in line and "9_bomb.png" in line for line in lines), run.stderr
     assert all(line.startswith("onnxq: warning: ") for line in lines), run.stderr
     assert "\x1b[" not in run.stderr and ".py:" not in run.stderr
