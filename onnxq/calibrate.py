@@ -21,16 +21,15 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxqError
+from .gram import COLUMN_CHUNK_ELEMENTS, add_columns, add_conv, add_pointwise
+from .gram import GRAM_BLOCK_ROWS as GRAM_BLOCK_ROWS  # re-exported for sequential.py
 from .layers import Layer
 from .loading import proto_size
 from .masking import attention_mask_name, batch_mask, token_rows
 from .sources import Feed, feed_samples, model_inputs
-from .unfold import unfold
+from .unfold import unfold_columns
 
-UNFOLD_CHUNK_ELEMENTS = 1 << 23  # unfolded values processed at once: bounds the im2col copy to ~32 MB
-# Each block's X^T X is a float32 GEMM (2.5x faster than float64 here) over at most this many rows, so its
-# rounding error stays near 1e-6 relative; the blocks are summed into H in float64.
-GRAM_BLOCK_ROWS = 8192
+UNFOLD_CHUNK_ELEMENTS = COLUMN_CHUNK_ELEMENTS  # unfolded values processed at once: bounds the im2col copy
 STATS_FORMAT = 3  # 2: row sums next to the Grams; 3: folder samples in spread order (older files: recalibrated)
 
 
@@ -59,25 +58,14 @@ class LayerStats:
         self.act_min = min(self.act_min, float(x.min()))
         self.act_max = max(self.act_max, float(x.max()))
         if is_pointwise(layer):
-            self._merge_pointwise(x)
-            return
-        for chunk in batch_chunks(x, layer):
-            rows = unfold(layer, chunk)
-            for start in range(0, rows.shape[1], GRAM_BLOCK_ROWS):
-                block = rows[:, start:start + GRAM_BLOCK_ROWS]
-                self.gram += np.matmul(block.transpose(0, 2, 1), block)
-                self.row_sum += block.sum(axis=1, dtype=np.float64)
-            self.rows += rows.shape[1]
-
-    def _merge_pointwise(self, x: np.ndarray) -> None:
-        """A 1x1 Conv's rows are its pixels: sum per-sample ``X_n X_n^T`` from NCHW, with no transposed copy."""
-        pixels = x.reshape(x.shape[0], x.shape[1], -1)
-        for sample in pixels:
-            for start in range(0, sample.shape[1], GRAM_BLOCK_ROWS):
-                block = sample[:, start:start + GRAM_BLOCK_ROWS]
-                self.gram[0] += block @ block.T
-                self.row_sum[0] += block.sum(axis=1, dtype=np.float64)
-        self.rows += pixels.shape[0] * pixels.shape[2]
+            add_pointwise(self.gram, self.row_sum, x)
+            self.rows += x.size // x.shape[1]
+        elif layer.op_type == "Conv":
+            self.rows += add_conv(self.gram, self.row_sum, x, layer.conv, layer.groups)
+        else:
+            columns = unfold_columns(layer, x)
+            add_columns(self.gram, self.row_sum, columns)
+            self.rows += columns.shape[2]
 
     @property
     def normalised_gram(self) -> np.ndarray:
