@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,15 +143,34 @@ def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Fee
     session = make_session(capture_model(model, captured)) if captured else None
     stats = {layer.name: empty_stats(layer) for layer in layers}
     mask_name = attention_mask_name(model_inputs(model))
-    for feed in batches:
+
+    def forward(feed: Feed) -> dict[str, np.ndarray]:
         values = dict(zip(captured, session.run(captured, feed), strict=True)) if session else {}
         values.update(feed)
+        return values
+
+    for feed, values in ahead(batches, forward):
         mask = batch_mask(feed, mask_name)
         for layer in layers:
             stats[layer.name].merge(np.asarray(values[layer.activation], dtype=np.float32), layer, mask)
         if on_batch:
             on_batch(feed_samples(feed))
     return stats
+
+
+def ahead(items: Iterable[Feed], work: Callable[[Feed], dict]) -> Iterator[tuple[Feed, dict]]:
+    """``(item, work(item))`` in order, the next item's work already running in a thread while the caller
+    handles this one: onnxruntime's forward pass of batch k+1 overlaps the Gram updates of batch k (both
+    release the GIL), at the cost of one more batch of layer inputs in memory."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for item in items:
+            submitted = (item, pool.submit(work, item))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = submitted
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 def save_stats(path: Path, stats: dict[str, LayerStats], fingerprint: str) -> None:
