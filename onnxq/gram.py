@@ -20,7 +20,7 @@ from .unfold import Window, padded_input, patch_columns, patch_rows
 GRAM_BLOCK_ROWS = 8192  # rows per float32 GEMM block (2.5x faster than float64; error ~1e-6 relative)
 COLUMN_CHUNK_ELEMENTS = 1 << 23  # unfolded values built at once: bounds the column copy to ~32 MB
 TILE_MAX_WINDOW = 81  # input values a tile's window may hold: the folded GEMM's size (81 for 7 x 7 tiles of 3x3)
-TILE_MIN_COLUMNS = 512  # tiles per chunk below which the window GEMM is too thin to beat the direct one
+TILE_MIN_COLUMNS = 300  # tiles per chunk below which the window GEMM is too thin to beat the direct one
 TILE_SIDES = (8, 7, 6, 5, 4, 3, 2)
 _ONES = np.ones(GRAM_BLOCK_ROWS, np.float32)
 
