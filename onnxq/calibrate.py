@@ -14,18 +14,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 
 from .capture import capture, capture_model, make_session  # noqa: F401 - capture_model, make_session re-exported
+from .gram import COLUMN_CHUNK_ELEMENTS, add_columns, add_conv, add_pointwise
+from .gram import GRAM_BLOCK_ROWS as GRAM_BLOCK_ROWS  # re-exported for sequential.py
 from .layers import Layer
 from .masking import attention_mask_name, batch_mask, token_rows
-from .passes.gram import centred_gram, scaled_matmul
+from .passes.gram import centred_gram, overflow_shift
 from .sources import Feed, model_inputs
-from .unfold import unfold
+from .unfold import unfold_columns
 
-UNFOLD_CHUNK_ELEMENTS = 1 << 23  # unfolded values processed at once: bounds the im2col copy to ~32 MB
-# Each block's X^T X is a float32 GEMM (2.5x faster than float64 here) over at most this many rows, so its
-# rounding error stays near 1e-6 relative; the blocks are summed into H in float64.
-GRAM_BLOCK_ROWS = 8192
+UNFOLD_CHUNK_ELEMENTS = COLUMN_CHUNK_ELEMENTS  # unfolded values processed at once: bounds the im2col copy
 
 
 @dataclass
@@ -53,25 +53,27 @@ class LayerStats:
         self.act_min = min(self.act_min, float(x.min()))
         self.act_max = max(self.act_max, float(x.max()))
         if is_pointwise(layer):
-            self._merge_pointwise(x)
-            return
-        for chunk in batch_chunks(x, layer):
-            rows = unfold(layer, chunk)
-            for start in range(0, rows.shape[1], GRAM_BLOCK_ROWS):
-                block = rows[:, start:start + GRAM_BLOCK_ROWS]
-                self.gram += scaled_matmul(block.transpose(0, 2, 1), block)
-                self.row_sum += block.sum(axis=1, dtype=np.float64)
-            self.rows += rows.shape[1]
+            rows = self._add(add_pointwise, x)
+        elif layer.op_type == "Conv":
+            rows = self._add(add_conv, x, layer.conv, layer.groups)
+        else:
+            rows = self._add(add_columns, unfold_columns(layer, x))
+        self.rows += rows
 
-    def _merge_pointwise(self, x: np.ndarray) -> None:
-        """A 1x1 Conv's rows are its pixels: sum per-sample ``X_n X_n^T`` from NCHW, with no transposed copy."""
-        pixels = x.reshape(x.shape[0], x.shape[1], -1)
-        for sample in pixels:
-            for start in range(0, sample.shape[1], GRAM_BLOCK_ROWS):
-                block = sample[:, start:start + GRAM_BLOCK_ROWS]
-                self.gram[0] += scaled_matmul(block, block.T)
-                self.row_sum[0] += block.sum(axis=1, dtype=np.float64)
-        self.rows += pixels.shape[0] * pixels.shape[2]
+    def _add(self, kernel: Callable, x: np.ndarray, *args: object) -> int:
+        """Run a float32 Gram kernel on ``x`` (pre-scaled by an exact power of two when its squares could overflow
+        float32's range: values near 1e15 and up) and return the rows it added."""
+        shift = overflow_shift(x)
+        if not shift:
+            with np.errstate(invalid="ignore", over="ignore"):  # Inf activations: reported per layer by the caller
+                rows = kernel(self.gram, self.row_sum, x, *args)
+            return x.size // x.shape[1] if rows is None else rows
+        gram, row_sum = np.zeros_like(self.gram), np.zeros_like(self.row_sum)
+        scaled = np.ldexp(x, -shift).astype(np.float32)
+        rows = kernel(gram, row_sum, scaled, *args)
+        self.gram += np.ldexp(gram, 2 * shift)
+        self.row_sum += np.ldexp(row_sum, shift)
+        return scaled.size // scaled.shape[1] if rows is None else rows
 
     @property
     def normalised_gram(self) -> np.ndarray:
@@ -133,5 +135,6 @@ def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Fee
               on_batch: Callable[[int], None] | None = None) -> dict[str, LayerStats]:
     """Stream the batches through the float model and return each layer's statistics."""
     observer = GramObserver(layers, attention_mask_name(model_inputs(model)))
-    capture(model, batches, [observer], on_batch)
+    with threadpool_limits(1):  # one BLAS thread: small GEMMs lose to thread hand-offs; forward uses the other core
+        capture(model, batches, [observer], on_batch)
     return observer.stats

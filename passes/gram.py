@@ -88,6 +88,16 @@ def scaled_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.ldexp(product.astype(np.float64), shift_a + shift_b)
 
 
+def overflow_shift(x: np.ndarray) -> int:
+    """The power of two to divide ``x`` by so that any sum of products of its values fits float32 (0 for
+    ordinary data: only values near 1e15 and up, or non-finite ones, are ever scaled)."""
+    top = _largest_magnitude(x)
+    if not np.isfinite(top) or top * top * max(x.size, 1) < 2.0**FLOAT32_EXPONENT_LIMIT:
+        return 0
+    room = (FLOAT32_EXPONENT_LIMIT - int(np.ceil(np.log2(max(x.size, 2))))) // 2
+    return max(int(np.ceil(np.log2(top))) - room, 0)
+
+
 def _largest_magnitude(x: np.ndarray) -> float:
     """max |x| by two reductions (no |x| temporary the size of a calibration block); 0 for an empty array."""
     return max(float(x.max(initial=0.0)), -float(x.min(initial=0.0)))

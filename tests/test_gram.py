@@ -1,0 +1,132 @@
+"""The Gram kernels must give X^T X and the row sums of the exact im2col rows, computed here independently in
+float64 by indexing the padded input tap by tap, for every Conv geometry, Gemm and MatMul."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnxq import gram
+from onnxq.calibrate import LayerStats, empty_stats
+from onnxq.layers import Layer
+from onnxq.unfold import Window
+
+
+def conv_layer(channels: int, groups: int, kernel: list[int], strides: list[int], dilations: list[int],
+               pads: list[int], auto_pad: str = "NOTSET") -> Layer:
+    conv = dict(kernel_shape=kernel, strides=strides, pads=pads, dilations=dilations, auto_pad=auto_pad)
+    return Layer("conv", "Conv", "w", "x", (2 * groups, channels // groups, *kernel), groups=groups, conv=conv)
+
+
+def reference_rows(x: np.ndarray, layer: Layer) -> np.ndarray:
+    """float64 im2col ``(groups, rows, fan_in)`` with explicit pads (NOTSET), built output pixel by pixel."""
+    conv, spatial = layer.conv, x.ndim - 2
+    pads = conv["pads"]
+    padded = np.pad(x.astype(np.float64), [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)])
+    kernel, strides, dilations = conv["kernel_shape"], conv["strides"], conv["dilations"]
+    out = [(padded.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(spatial)]
+    patches = []
+    for n in range(x.shape[0]):
+        for pixel in np.ndindex(*out):
+            taps = tuple(slice(p * s, p * s + (k - 1) * d + 1, d)
+                         for p, s, k, d in zip(pixel, strides, kernel, dilations, strict=True))
+            patches.append(padded[(n, slice(None), *taps)])
+    rows = np.array(patches).reshape(len(patches), layer.groups, -1)
+    return rows.transpose(1, 0, 2)
+
+
+def assert_matches(stats: LayerStats, rows: np.ndarray) -> None:
+    expected = np.einsum("gri,grj->gij", rows, rows)
+    scale = max(np.abs(expected).max(), 1e-30)
+    assert np.abs(stats.gram - expected).max() / scale < 2e-6
+    row_sum_scale = np.abs(rows).sum(axis=1) + 1e-30
+    assert (np.abs(stats.row_sum - rows.sum(axis=1)) / row_sum_scale).max() < 2e-6
+    assert stats.rows == rows.shape[1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(spatial=st.sampled_from([1, 2]), group_kind=st.sampled_from(["dense", "grouped", "depthwise"]),
+       kernel=st.integers(1, 5), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+       pads=st.lists(st.integers(0, 2), min_size=4, max_size=4), size=st.integers(5, 19), batch=st.integers(1, 3),
+       tile_min=st.sampled_from([1, 4, gram.TILE_MIN_COLUMNS]), block_rows=st.sampled_from([7, 64, 8192]),
+       chunk=st.sampled_from([200, 1 << 23]), seed=st.integers(0, 2**16))
+def test_conv_stats_match_exact_im2col(spatial, group_kind, kernel, stride, dilation, pads, size, batch, tile_min,
+                                       block_rows, chunk, seed):
+    channels = 4
+    groups = {"dense": 1, "grouped": 2, "depthwise": channels}[group_kind]
+    pads = pads[:spatial] + pads[2:2 + spatial]
+    if min(size + pads[i] + pads[i + spatial] for i in range(spatial)) <= (kernel - 1) * dilation:
+        return  # no output pixel: not a valid Conv
+    layer = conv_layer(channels, groups, [kernel] * spatial, [stride] * spatial, [dilation] * spatial, pads)
+    x = np.random.default_rng(seed).normal(1.0, 1.0, size=[batch, channels] + [size] * spatial).astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gram, "TILE_MIN_COLUMNS", tile_min)
+        patch.setattr(gram, "GRAM_BLOCK_ROWS", block_rows)
+        patch.setattr(gram, "COLUMN_CHUNK_ELEMENTS", chunk)
+        stats = empty_stats(layer)
+        stats.merge(x[:1], layer)
+        stats.merge(x[1:], layer)
+    assert_matches(stats, reference_rows(x, layer))
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_auto_pad_depthwise_tiled(auto_pad, monkeypatch):
+    """auto_pad resolves to the pads a NOTSET Conv with the same output states explicitly."""
+    monkeypatch.setattr(gram, "TILE_MIN_COLUMNS", 1)
+    x = np.random.default_rng(3).normal(size=(2, 3, 13, 12)).astype(np.float32)
+    layer = conv_layer(3, 3, [4, 3], [2, 1], [1, 1], [0, 0, 0, 0], auto_pad)
+    explicit = {"SAME_UPPER": [1, 1, 2, 1], "SAME_LOWER": [2, 1, 1, 1], "VALID": [0, 0, 0, 0]}[auto_pad]
+    stats = empty_stats(layer)
+    stats.merge(x, layer)
+    assert_matches(stats, reference_rows(x, conv_layer(3, 3, [4, 3], [2, 1], [1, 1], explicit)))
+
+
+def test_depthwise_mobilenet_geometry_is_tiled_and_exact():
+    """A 3x3 depthwise layer on a large map takes the tiled path (with left-over rows and columns) and still
+    matches the exact Gram matrix."""
+    layer = conv_layer(5, 5, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1])
+    x = np.random.default_rng(4).normal(size=(16, 5, 30, 33)).astype(np.float32)
+    window = Window((3, 3), (1, 1), (1, 1))
+    assert gram.tile_shape(window, (30, 33), 16, 5, 5) == (6, 6)  # 3 columns left over
+    assert gram.tile_shape(window, (112, 112), 16, 96, 96) == (7, 7)
+    assert gram.tile_shape(window, (7, 7), 16, 96, 96) is None  # too few tiles: direct GEMM
+    assert gram.tile_shape(window, (112, 112), 16, 96, 1) is None  # dense Conv: direct GEMM
+    stats = empty_stats(layer)
+    stats.merge(x, layer)
+    assert_matches(stats, reference_rows(x, layer))
+
+
+@pytest.mark.parametrize("pixels", [(3, 5), (40, 50)])
+def test_pointwise_stats(pixels, monkeypatch):
+    """1x1 Convs: small images are gathered several samples to a GEMM, large ones split into row blocks."""
+    monkeypatch.setattr(gram, "GRAM_BLOCK_ROWS", 64)
+    layer = conv_layer(6, 1, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0])
+    x = np.random.default_rng(5).normal(2.0, 1.0, size=(7, 6, *pixels)).astype(np.float32)
+    stats = empty_stats(layer)
+    stats.merge(x, layer)
+    assert_matches(stats, reference_rows(x, layer))
+
+
+@pytest.mark.parametrize("op_type, trans_a", [("MatMul", False), ("Gemm", False), ("Gemm", True)])
+def test_matrix_layer_stats(op_type, trans_a, monkeypatch):
+    monkeypatch.setattr(gram, "GRAM_BLOCK_ROWS", 10)
+    layer = Layer("fc", op_type, "w", "x", (6, 3), transposed=True, trans_a=trans_a)
+    rng = np.random.default_rng(6)
+    x = rng.normal(1.0, 1.0, size=(6, 37) if trans_a else (37, 6)).astype(np.float32)
+    stats = empty_stats(layer)
+    stats.merge(x, layer)
+    rows = (x.T if trans_a else x).astype(np.float64)[None]
+    assert_matches(stats, rows)
+
+
+def test_matmul_token_rows_drop_padding():
+    """A (batch, tokens, features) MatMul input keeps only the rows of real tokens under the attention mask."""
+    layer = Layer("fc", "MatMul", "w", "x", (5, 4), transposed=True)
+    x = np.random.default_rng(7).normal(size=(3, 6, 5)).astype(np.float32)
+    mask = np.arange(6)[None, :] < np.array([[6], [2], [4]])
+    stats = empty_stats(layer)
+    stats.merge(x, layer, mask)
+    assert_matches(stats, x[mask].astype(np.float64)[None])
+    assert stats.samples == 3
