@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,16 +282,43 @@ def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[st
     return rounded
 
 
-def calibration_feeds(calib: object, inputs: list[InputSpec], options: Options) -> list[Feed]:
-    """The calibration batches held in memory (sequential rounding reads them once per stage)."""
-    raw, _ = feeds_from(calib, inputs, default_preprocessing(inputs, options.preprocessing))
-    feeds = list(batches(raw, inputs, options.batch_size, options.calib_size or None))
-    if not feeds:
-        raise OnnxqError("the calibration data is empty; give at least one sample")
-    return feeds
+@dataclass
+class CalibrationFeeds:
+    """The calibration batches, read afresh on every pass (sequential rounding reads them once per rounding),
+    so memory does not grow with the calibration set; a one-shot iterator is kept in memory instead.
+    ``samples`` counts the last complete pass."""
+
+    calib: object
+    inputs: list[InputSpec]
+    options: Options
+    samples: int = 0
+    _kept: list[Feed] | None = None
+
+    def __iter__(self) -> Iterator[Feed]:
+        if self._kept is not None:
+            yield from self._kept
+            return
+        raw, _ = feeds_from(self.calib, self.inputs, default_preprocessing(self.inputs, self.options.preprocessing))
+        one_shot = isinstance(self.calib, Iterator) or (hasattr(self.calib, "get_next")
+                                                         and not hasattr(self.calib, "rewind"))
+        kept: list[Feed] = []
+        samples = 0
+        for feed in batches(raw, self.inputs, self.options.batch_size, self.options.calib_size or None):
+            samples += feed_samples(feed)
+            if one_shot:
+                kept.append(feed)
+            yield feed
+        self.samples = samples
+        if one_shot:
+            self._kept = kept
 
 
-def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str, int], feeds: list[Feed],
+def calibration_feeds(calib: object, inputs: list[InputSpec], options: Options) -> CalibrationFeeds:
+    """The calibration batches as a re-readable iterable (sequential rounding reads them once per rounding)."""
+    return CalibrationFeeds(calib, inputs, options)
+
+
+def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str, int], feeds: Iterable[Feed],
                      options: Options, progress: Callable | None,
                      slots: dict[str, BiasSlot]) -> dict[str, tuple[QuantWeight, float]]:
     """Round the layers stage by stage on the inputs of the model quantized so far (``sequential.py``);
@@ -370,8 +397,8 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, op
         plan, chosen = mixed_precision(model, model_path, layers, stats, calib, inputs, options, progress, slots)
     elif sequential:
         feeds = calibration_feeds(calib, inputs, options)
-        samples = sum(feed_samples(feed) for feed in feeds)
         chosen = round_sequential(model, layers, bits, feeds, options, progress, slots)
+        samples = feeds.samples
     else:
         rounded = round_candidates(model, layers, stats, {n: (b,) for n, b in bits.items()}, options, progress,
                                    slots)
@@ -440,14 +467,12 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     key = cache_key(fingerprint, per_layer, method, options.sensitivity, options.clado_samples)
     macs = layer_macs(layers, stats) if options.prefer == "speed" else None
     rounded_sequentially: dict[tuple, dict[str, tuple[QuantWeight, float]]] = {}
-    feeds: list[Feed] = []  # read once, on the first sequential rounding
+    feeds = calibration_feeds(calib, inputs, options)  # read on each sequential rounding
 
     def sequential_weights(bits: dict[str, int]) -> dict[str, tuple[QuantWeight, float]]:
         """One allocation rounded sequentially (what --sequential exports), remembered for the final choice."""
         key = tuple(sorted(bits.items()))
         if key not in rounded_sequentially:
-            if not feeds:
-                feeds.extend(calibration_feeds(calib, inputs, options))
             rounded_sequentially[key] = round_sequential(model, layers, bits, feeds, options, progress, slots)
         return rounded_sequentially[key]
 
