@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-STORE_BYTES = 128 << 20  # per store; a stream holds two (the boundary it reads and the one it writes)
+STORE_BYTES = 32 << 20  # per store; a stream holds two (the boundary it reads and the one it writes)
 
 
 @dataclass(frozen=True)
