@@ -16,9 +16,8 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from .capture import capture, capture_model, make_session  # noqa: F401 - capture_model, make_session re-exported
+from .capture import capture
 from .gram import COLUMN_CHUNK_ELEMENTS, add_columns, add_conv, add_pointwise
-from .gram import GRAM_BLOCK_ROWS as GRAM_BLOCK_ROWS  # re-exported for sequential.py
 from .layers import Layer
 from .masking import attention_mask_name, batch_mask, token_rows
 from .passes.gram import centred_gram, overflow_shift

@@ -11,8 +11,7 @@ so memory stays bounded whatever the number of samples.
 from __future__ import annotations
 
 import logging
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,70 +20,25 @@ import numpy as np
 from .errors import OnnxqError
 from .images import ImagePreprocessing
 from .sources import Feed, InputSpec, batches, default_preprocessing, feed_samples, feeds_from, is_mergeable
+from .spill import BatchStore
 
 log = logging.getLogger("onnxq")
 MEMORY_LIMIT_BYTES = 64 << 20  # batches beyond this many bytes are spilled to a temporary file
 
 
-class SpillStore:
-    """Arrays kept in memory up to a byte limit and appended to one temporary file beyond it.
+@dataclass
+class Reiterable:
+    """An iterable that calls ``make`` for every pass (a generator function can be iterated once only)."""
 
-    Spilled arrays are read back with one ``np.fromfile`` each, so they occupy memory only while a consumer
-    holds them (a memory map would keep every page it touched resident).
-    """
+    make: Callable[[], Iterator[Feed]]
 
-    def __init__(self, memory_limit: int = MEMORY_LIMIT_BYTES) -> None:
-        self.memory_limit = memory_limit
-        self.in_memory = 0
-        self.items: list[np.ndarray | tuple[int, np.dtype, tuple[int, ...]]] = []
-        self._folder: tempfile.TemporaryDirectory | None = None
-        self._file = None
-        self._offset = 0
-
-    def put(self, array: np.ndarray) -> int:
-        """Store a copy-free reference (in memory) or the bytes (spilled); returns the key to ``get`` it."""
-        array = np.ascontiguousarray(array)
-        if self.in_memory + array.nbytes <= self.memory_limit or array.dtype.hasobject:
-            self.in_memory += array.nbytes
-            self.items.append(array)
-        else:
-            handle = self._spill_file()
-            handle.write(array.tobytes())
-            self.items.append((self._offset, array.dtype, array.shape))
-            self._offset += array.nbytes
-        return len(self.items) - 1
-
-    def get(self, key: int) -> np.ndarray:
-        item = self.items[key]
-        if isinstance(item, np.ndarray):
-            return item
-        offset, dtype, shape = item
-        self._file.flush()
-        count = int(np.prod(shape, dtype=np.int64))
-        return np.fromfile(self._file.name, dtype=dtype, count=count, offset=offset).reshape(shape)
-
-    @property
-    def spilled_bytes(self) -> int:
-        return self._offset
-
-    def _spill_file(self):
-        if self._file is None:
-            self._folder = tempfile.TemporaryDirectory(prefix="onnxq-calib-")
-            self._file = open(Path(self._folder.name) / "batches.bin", "wb")  # noqa: SIM115 - closed in close()
-        return self._file
-
-    def close(self) -> None:
-        """Delete the spill file (also done when the store is garbage-collected)."""
-        if self._file is not None:
-            self._file.close()
-            self._folder.cleanup()
-            self._file = self._folder = None
-        self.items.clear()
+    def __iter__(self) -> Iterator[Feed]:
+        return self.make()
 
 
 @dataclass
 class _Batch:
-    keys: dict[str, int]
+    index: int  # in the store
     samples: int
 
 
@@ -107,7 +61,7 @@ class CalibrationSet:
         self.batch_size = batch_size
         self.calib_size = calib_size or None
         self.held_out_size = held_out
-        self.store = SpillStore(memory_limit)
+        self.store = BatchStore(None, memory_limit)
         self._calibration: list[_Batch] | None = None
         self._held_out: list[_Batch] = []
         self.reads = 0  # times the source was opened: one per run
@@ -126,6 +80,10 @@ class CalibrationSet:
     def calibration(self) -> Iterator[Feed]:
         """The calibration batches, in the order the source gave them."""
         return (self._feed(batch) for batch in self._loaded())
+
+    def calibration_batches(self) -> Iterable[Feed]:
+        """The calibration batches as an iterable that can be read many times (one batch in memory at a time)."""
+        return Reiterable(self.calibration)
 
     def held_out(self, samples: int | None = None) -> list[Feed]:
         """Up to ``samples`` held-out samples in batches (all kept ones when None)."""
@@ -187,10 +145,11 @@ class CalibrationSet:
                      self.store.in_memory / 2**20, self.store.spilled_bytes / 2**20)
 
     def _put(self, feed: Feed, samples: int) -> _Batch:
-        return _Batch({name: self.store.put(array) for name, array in feed.items()}, samples)
+        self.store.append(feed)
+        return _Batch(len(self.store) - 1, samples)
 
     def _feed(self, batch: _Batch) -> Feed:
-        return {name: self.store.get(key) for name, key in batch.keys.items()}
+        return self.store[batch.index]
 
     def _take(self, split: list[_Batch], samples: int | None) -> list[Feed]:
         """The first ``samples`` samples of a split, cutting the last batch when the inputs allow it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from .progress import NoProgress
 from .rounding import RoundingTask, round_all
 from .sequential import round_sequentially
 from .shrinkage import shrink_gram
-from .sources import Feed, feed_samples, model_inputs
+from .sources import Feed, model_inputs
 from .stats_cache import load_stats, save_stats, sensitivity_fingerprint, statistics_key
 
 log = logging.getLogger("onnxq")
@@ -269,12 +269,14 @@ def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[st
     return rounded
 
 
-def calibration_feeds(data: CalibrationSet) -> list[Feed]:
-    """The calibration batches (sequential rounding reads them once per stage)."""
-    return list(data.calibration())
+def calibration_feeds(data: CalibrationSet) -> Iterable[Feed]:
+    """The calibration batches as a re-iterable (sequential rounding reads them once per rounding): each pass
+    reads the batches back from the calibration set one at a time, so memory does not grow with the set."""
+    return data.calibration_batches()
 
 
-def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str, int], feeds: list[Feed],
+
+def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str, int], feeds: Iterable[Feed],
                      options: Options, progress: Callable | None,
                      slots: dict[str, BiasSlot]) -> dict[str, tuple[QuantWeight, float]]:
     """Round the layers stage by stage on the inputs of the model quantized so far (``sequential.py``);
@@ -377,8 +379,8 @@ def quantize_with(model: onnx.ModelProto, model_path: Path, external: bool, laye
         plan, chosen = mixed_precision(model, model_path, layers, stats, data, options, progress, slots)
     elif sequential:
         feeds = calibration_feeds(data)
-        samples = sum(feed_samples(feed) for feed in feeds)
         chosen = round_sequential(model, layers, bits, feeds, options, progress, slots)
+        samples = data.samples
     else:
         rounded = round_candidates(model, layers, stats, {n: (b,) for n, b in bits.items()}, options, progress,
                                    slots)
@@ -447,14 +449,12 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     key = cache_key(fingerprint, per_layer, method, options.sensitivity, options.clado_samples)
     macs = layer_macs(layers, stats) if options.prefer == "speed" else None
     rounded_sequentially: dict[tuple, dict[str, tuple[QuantWeight, float]]] = {}
-    feeds: list[Feed] = []  # read once, on the first sequential rounding
+    feeds = calibration_feeds(data)  # read back on each sequential rounding
 
     def sequential_weights(bits: dict[str, int]) -> dict[str, tuple[QuantWeight, float]]:
         """One allocation rounded sequentially (what --sequential exports), remembered for the final choice."""
         key = tuple(sorted(bits.items()))
         if key not in rounded_sequentially:
-            if not feeds:
-                feeds.extend(calibration_feeds(data))
             rounded_sequentially[key] = round_sequential(model, layers, bits, feeds, options, progress, slots)
         return rounded_sequentially[key]
 

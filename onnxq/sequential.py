@@ -17,19 +17,26 @@ stream is repaired where it is written, instead of drifting through every block.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 
 from .bias import BiasSlot, replacement_tensors
-from .calibrate import GRAM_BLOCK_ROWS, batch_chunks, capture_model, is_pointwise, make_session
+from .calibrate import batch_chunks, is_pointwise
+from .capture import make_session
+from .gram import GRAM_BLOCK_ROWS
 from .layers import Layer
 from .masking import attention_mask_name, batch_mask, token_rows
 from .oracle import weights_as_inputs
-from .passes.gram import centred_gram, scaled_matmul
-from .sources import Feed, model_inputs
+from .passes.gram import centred_gram, overflow_shift
+from .segments import Segment, plan_segments, segment_model
+from .sources import Feed, feed_samples, model_inputs
+from .spill import STORE_BYTES, BatchStore
 from .unfold import unfold
 
 TARGET_DAMP = 0.01  # ridge on S (fraction of its mean diagonal) when solving for W*: S is often rank-deficient
@@ -56,31 +63,66 @@ class PairedStats:
     def merge(self, x_quantized: np.ndarray, x_float: np.ndarray, layer: Layer, mask: np.ndarray | None,
               skip_error: np.ndarray | None = None) -> None:
         """Add one batch of the layer's input from both models (same samples, same order), and for a residual
-        layer the error of the skip its output is added to."""
+        layer the error of the skip its output is added to. Inputs so large that their float32 products could
+        overflow are summed scaled by an exact power of two (``passes.gram.overflow_shift``)."""
+        shift = max(overflow_shift(x_quantized), overflow_shift(x_float))
+        if not shift:
+            with np.errstate(invalid="ignore", over="ignore"):  # Inf activations: reported per layer later
+                self._merge(x_quantized, x_float, layer, mask, skip_error)
+            return
+        part = PairedStats.empty(layer)
+        scaled = [None if x is None else np.ldexp(x, -shift).astype(np.float32)
+                  for x in (x_quantized, x_float, skip_error)]
+        part._merge(scaled[0], scaled[1], layer, mask, scaled[2])
+        self.gram += np.ldexp(part.gram, 2 * shift)
+        self.cross += np.ldexp(part.cross, 2 * shift)
+        self.sum_quantized += np.ldexp(part.sum_quantized, shift)
+        self.sum_float += np.ldexp(part.sum_float, shift)
+        self.rows += part.rows
+        self.samples += part.samples
+        if part.skip_cross is not None:
+            if self.skip_cross is None:
+                self.skip_cross, self.skip_sum = np.zeros_like(part.skip_cross), np.zeros_like(part.skip_sum)
+            self.skip_cross += np.ldexp(part.skip_cross, 2 * shift)
+            self.skip_sum += np.ldexp(part.skip_sum, shift)
+
+    def _merge(self, x_quantized: np.ndarray, x_float: np.ndarray, layer: Layer, mask: np.ndarray | None,
+               skip_error: np.ndarray | None) -> None:
         self.samples += x_quantized.shape[0]
         xq, xf = token_rows(x_quantized, layer, mask), token_rows(x_float, layer, mask)
         if skip_error is not None:
             self._add_skip(xq, token_rows(skip_error, layer, mask), layer)
         if is_pointwise(layer):  # a 1x1 Conv's rows are its pixels: no im2col copy
-            for sample_q, sample_f in zip(xq, xf, strict=True):
-                channels = sample_q.shape[0]
-                self._add_columns(sample_q.reshape(1, channels, -1), sample_f.reshape(1, channels, -1))
+            self._add_pixels(xq.reshape(xq.shape[0], xq.shape[1], -1), xf.reshape(xf.shape[0], xf.shape[1], -1))
             return
         for chunk_q, chunk_f in zip(batch_chunks(xq, layer), batch_chunks(xf, layer), strict=True):
-            self._add_columns(unfold(layer, chunk_q).transpose(0, 2, 1), unfold(layer, chunk_f).transpose(0, 2, 1))
+            self._add_rows(unfold(layer, chunk_q), unfold(layer, chunk_f))
 
-    def _add_columns(self, columns_q: np.ndarray, columns_f: np.ndarray) -> None:
-        """Add rows given as columns (G, d, rows): one float32 GEMM per block gives both x~ x~^T and x~ x^T."""
-        d = columns_q.shape[1]
-        for start in range(0, columns_q.shape[2], GRAM_BLOCK_ROWS):
-            block_q = columns_q[:, :, start:start + GRAM_BLOCK_ROWS]
-            block_f = columns_f[:, :, start:start + GRAM_BLOCK_ROWS]
-            both = scaled_matmul(block_q, np.concatenate([block_q, block_f], axis=1).transpose(0, 2, 1))
-            self.gram += both[:, :, :d]
-            self.cross += both[:, :, d:]
-            self.sum_quantized += block_q.sum(axis=2, dtype=np.float64)
-            self.sum_float += block_f.sum(axis=2, dtype=np.float64)
-        self.rows += columns_q.shape[2]
+    def _add_rows(self, rows_q: np.ndarray, rows_f: np.ndarray) -> None:
+        """Add rows (G, rows, d) in blocks: ``x~^T x~`` (a float32 SYRK), ``x~^T x`` (a float32 GEMM) and the row
+        sums (float32 GEMVs, 8x faster than a float64 sum) per block, summed in float64."""
+        ones = np.ones(min(rows_q.shape[1], GRAM_BLOCK_ROWS), dtype=np.float32)
+        for start in range(0, rows_q.shape[1], GRAM_BLOCK_ROWS):
+            block_q = rows_q[:, start:start + GRAM_BLOCK_ROWS]
+            block_f = rows_f[:, start:start + GRAM_BLOCK_ROWS]
+            self.gram += np.matmul(block_q.transpose(0, 2, 1), block_q)
+            self.cross += np.matmul(block_q.transpose(0, 2, 1), block_f)
+            self.sum_quantized += np.matmul(ones[:block_q.shape[1]], block_q)
+            self.sum_float += np.matmul(ones[:block_f.shape[1]], block_f)
+        self.rows += rows_q.shape[1]
+
+    def _add_pixels(self, pixels_q: np.ndarray, pixels_f: np.ndarray) -> None:
+        """Add a pointwise Conv's pixels (N, d, pixels) straight from NCHW, sample by sample (no transposed copy)."""
+        ones = np.ones(min(pixels_q.shape[2], GRAM_BLOCK_ROWS), dtype=np.float32)
+        for sample_q, sample_f in zip(pixels_q, pixels_f, strict=True):
+            for start in range(0, sample_q.shape[1], GRAM_BLOCK_ROWS):
+                block_q = sample_q[:, start:start + GRAM_BLOCK_ROWS]
+                block_f = sample_f[:, start:start + GRAM_BLOCK_ROWS]
+                self.gram[0] += block_q @ block_q.T
+                self.cross[0] += block_q @ block_f.T
+                self.sum_quantized[0] += block_q @ ones[:block_q.shape[1]]
+                self.sum_float[0] += block_f @ ones[:block_f.shape[1]]
+        self.rows += pixels_q.shape[0] * pixels_q.shape[2]
 
     def _add_skip(self, xq: np.ndarray, error: np.ndarray, layer: Layer) -> None:
         """Add ``x~ e^T`` over rows that are the same pixels or tokens in the input and in the output."""
@@ -234,73 +276,123 @@ def _rows_align(layer: Layer, node: onnx.NodeProto) -> bool:
     return layer.op_type == "MatMul"
 
 
-def pruned(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """A copy whose outputs are ``outputs`` and whose nodes are only those they depend on (onnxruntime runs
-    every node of a session whatever is fetched, so an early stage would otherwise pay for the whole model).
-    Graph inputs are kept, so the same feeds work; a model with subgraphs is left whole."""
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
-           for a in n.attribute):
-        return capture_model(model, outputs)
-    producers = {out: index for index, node in enumerate(model.graph.node) for out in node.output}
-    needed, stack = set(), list(outputs)
-    while stack:
-        index = producers.get(stack.pop())
-        if index is not None and index not in needed:
-            needed.add(index)
-            stack.extend(model.graph.node[index].input)
-    used = {name for i in needed for name in model.graph.node[i].input}
-    result = capture_model(model, outputs)
-    kept = [node for i, node in enumerate(result.graph.node) if i in needed]
-    del result.graph.node[:]
-    result.graph.node.extend(kept)
-    initializers = [t for t in result.graph.initializer if t.name in used]
-    del result.graph.initializer[:]
-    result.graph.initializer.extend(initializers)
-    return result
-
-
 @dataclass
+class Stage:
+    """One stage: layers captured together, and the skips whose error is final when it is captured (every
+    layer a skip depends on is in an earlier stage) as ``{layer: skip tensor}``."""
+
+    layers: list[Layer]
+    skips: dict[str, str]
+
+    @property
+    def needs(self) -> list[str]:
+        """The tensors the stage reads: its layers' inputs, then the skips."""
+        return list(dict.fromkeys([layer.activation for layer in self.layers] + list(self.skips.values())))
+
+
+def stage_plan(model: onnx.ModelProto, layers: list[Layer]) -> list[Stage]:
+    """The stages in rounding order with their ready skips."""
+    skips, layers_above = residual_skips(model, layers), layer_ancestry(model, layers)
+    plan, rounded = [], set()
+    for group in stages(model, layers):
+        plan.append(Stage(group, {layer.name: skips[layer.name] for layer in group
+                                  if layer.name in skips and layers_above(skips[layer.name]) <= rounded}))
+        rounded |= {layer.name for layer in group}
+    return plan
+
+
 class StageCapture:
-    """Captures any layer inputs of the model with its weights and biases fed as inputs (float or quantized)."""
+    """Runs the model segment by segment (``segments.py``) on two streams of the same batches, the float model
+    and the model with the layers rounded so far, keeping each stream's cut between stages in a ``BatchStore``
+    (spilled under ``folder`` past its limit): every node runs once per stream, and memory stays bounded."""
 
-    model: onnx.ModelProto
-    replaced_names: list[str]
-    float_tensors: dict[str, np.ndarray] = field(init=False)
+    def __init__(self, model: onnx.ModelProto, replaced_names: list[str], plan: list[Stage], feeds: Iterable[Feed],
+                 folder: Path, store_bytes: int = STORE_BYTES) -> None:
+        inits = {t.name: t for t in model.graph.initializer}
+        self.float_tensors = {name: onnx.numpy_helper.to_array(inits[name]) for name in replaced_names}
+        self.fed_model = weights_as_inputs(model, replaced_names)
+        self.parameters = set(replaced_names)
+        self.mask_name = attention_mask_name(model_inputs(model))
+        self.segments = iter(plan_segments(self.fed_model, [stage.needs for stage in plan], self.parameters))
+        self.feeds, self.folder, self.store_bytes = feeds, folder, store_bytes
+        self.float_cut: BatchStore | None = None  # None: the feeds are the cut (first stage)
+        self.quantized_cut: BatchStore | None = None  # None: the same as the float cut (nothing rounded yet)
+        self.masks: list[np.ndarray | None] = []
+        self.samples = 0
 
-    def __post_init__(self) -> None:
-        inits = {t.name: t for t in self.model.graph.initializer}
-        self.float_tensors = {name: onnx.numpy_helper.to_array(inits[name]) for name in self.replaced_names}
-        self.fed_model = weights_as_inputs(self.model, self.replaced_names)
-        self.mask_name = attention_mask_name(model_inputs(self.model))
-
-    def paired_stats(self, stage: list[Layer], feeds: list[Feed], replaced: dict[str, np.ndarray],
-                     skips: dict[str, str] | None = None) -> dict[str, PairedStats]:
+    def paired_stats(self, stage: Stage, replaced: dict[str, np.ndarray]) -> dict[str, PairedStats]:
         """Statistics of the stage's inputs, float model against the model with ``replaced`` tensors, and of
-        the error of the ``skips`` ({layer: tensor}) the residual layers' outputs are added to."""
-        skips = skips or {}
-        stats = {layer.name: PairedStats.empty(layer) for layer in stage}
-        names = [layer.activation for layer in stage] + list(skips.values())
-        fetch = [n for n in dict.fromkeys(names) if n not in {v.name for v in self.fed_model.graph.input}]
-        session = make_session(pruned(self.fed_model, fetch)) if fetch else None
-        wanted = {v.name for v in session.get_inputs()} if session else set()
-
-        def inputs_of(feed: Feed, tensors: dict[str, np.ndarray]) -> list[np.ndarray]:
-            values = dict(feed)
-            if session is not None:
-                given = {k: v for k, v in {**feed, **self.float_tensors, **tensors}.items() if k in wanted}
-                values.update(zip(fetch, session.run(fetch, given), strict=True))
-            return [np.asarray(values[n], dtype=np.float32) for n in names]
-
-        for feed in feeds:
-            floats = dict(zip(names, inputs_of(feed, {}), strict=True))
-            quantized = dict(zip(names, inputs_of(feed, replaced), strict=True)) if replaced else floats
-            mask = batch_mask(feed, self.mask_name)
-            for layer in stage:
-                xq, xf = quantized[layer.activation], floats[layer.activation]
-                skip = skips.get(layer.name)
-                error = _skip_error(floats[skip], quantized[skip], xq, layer) if skip else None
-                stats[layer.name].merge(xq, xf, layer, mask, error)
+        the error of the stage's skips; moves both streams to the next boundary."""
+        segment = next(self.segments)
+        stats = {layer.name: PairedStats.empty(layer) for layer in stage.layers}
+        next_float = BatchStore(self.folder, self.store_bytes)
+        next_quantized = BatchStore(self.folder, self.store_bytes) if replaced else None
+        runner = SegmentRunner(self, segment)
+        for index, (float_cut, quantized_cut) in enumerate(self._cuts()):
+            floats = runner.run(float_cut, {})
+            quantized = runner.run(quantized_cut, replaced) if replaced else floats
+            for layer in stage.layers:
+                xq = np.asarray(quantized[layer.activation], dtype=np.float32)
+                xf = np.asarray(floats[layer.activation], dtype=np.float32)
+                skip = stage.skips.get(layer.name)
+                error = _skip_error(np.asarray(floats[skip], dtype=np.float32),
+                                    np.asarray(quantized[skip], dtype=np.float32), xq, layer) if skip else None
+                stats[layer.name].merge(xq, xf, layer, self.masks[index], error)
+            next_float.append({name: floats[name] for name in segment.cut})
+            if next_quantized is not None:
+                next_quantized.append({name: quantized[name] for name in segment.cut})
+        self._advance(next_float, next_quantized)
         return stats
+
+    def _cuts(self) -> Iterator[tuple[Feed, Feed]]:
+        """Both streams' cut, batch by batch; on the first stage, the feeds (whose masks are kept)."""
+        if self.float_cut is None:
+            for feed in self.feeds:
+                self.masks.append(batch_mask(feed, self.mask_name))
+                self.samples += feed_samples(feed)
+                yield feed, feed
+            return
+        quantized = self.quantized_cut or self.float_cut
+        for index in range(len(self.float_cut)):
+            float_cut = self.float_cut[index]
+            yield float_cut, float_cut if quantized is self.float_cut else quantized[index]
+
+    def _advance(self, next_float: BatchStore, next_quantized: BatchStore | None) -> None:
+        """Drop the boundary just read (deleting its spilled file) and keep the new one."""
+        self.close()
+        self.float_cut, self.quantized_cut = next_float, next_quantized
+
+    def close(self) -> None:
+        for store in (self.float_cut, self.quantized_cut):
+            if store is not None:
+                store.close()
+
+
+class SegmentRunner:
+    """One segment's onnxruntime session, built on its first batch (the cut's types come from the arrays)."""
+
+    def __init__(self, capture: StageCapture, segment: Segment) -> None:
+        self.capture, self.segment = capture, segment
+        self.session = None
+        self.wanted: set[str] = set()
+
+    def run(self, cut: Feed, replaced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The cut's tensors and the segment's outputs, the rounded layers fed ``replaced``."""
+        values = dict(cut)
+        if not self.segment.outputs:
+            return values
+        if self.session is None:
+            graph_types = {v.name: v.type for v in self.capture.fed_model.graph.input}
+            types = {name: graph_types.get(name) or onnx.helper.make_tensor_type_proto(
+                onnx.helper.np_dtype_to_tensor_dtype(np.asarray(cut[name]).dtype), None)
+                for name in self.segment.inputs}
+            model = segment_model(self.capture.fed_model, self.segment, types, self.capture.parameters)
+            self.session = make_session(model)
+            self.wanted = {v.name for v in self.session.get_inputs()}
+        given = {name: cut[name] for name in self.segment.inputs}
+        given.update({k: v for k, v in {**self.capture.float_tensors, **replaced}.items() if k in self.wanted})
+        values.update(zip(self.segment.outputs, self.session.run(self.segment.outputs, given), strict=True))
+        return values
 
 
 def _skip_error(skip_float: np.ndarray, skip_quantized: np.ndarray, x: np.ndarray, layer: Layer
@@ -313,36 +405,43 @@ def _skip_error(skip_float: np.ndarray, skip_quantized: np.ndarray, x: np.ndarra
     return skip_float - skip_quantized
 
 
-def round_sequentially(model: onnx.ModelProto, layers: list[Layer], feeds: list[Feed],
+def round_sequentially(model: onnx.ModelProto, layers: list[Layer], feeds: Iterable[Feed],
                        round_stage: Callable[[list[tuple[Layer, np.ndarray, np.ndarray, int]]], dict],
-                       slots: dict[str, BiasSlot], on_stage: Callable[[int], None] | None = None) -> dict:
+                       slots: dict[str, BiasSlot], on_stage: Callable[[int], None] | None = None,
+                       store_bytes: int = STORE_BYTES) -> dict:
     """Round stage after stage: capture the stage's inputs (float and quantized-so-far), compute each layer's
     compensated target, round them with ``round_stage([(layer, W*, S, rows)])`` -> {name: (qw, error)}, set the
-    bias shifts of the layers in ``slots`` and feed their quantized tensors to the next stages."""
-    capture = StageCapture(model, [layer.weight for layer in layers] + [slot.tensor for slot in slots.values()])
+    bias shifts of the layers in ``slots`` and feed their quantized tensors to the next stages. The feeds are
+    read once; the activations kept between stages go to a temporary folder past ``store_bytes`` per store."""
+    plan = stage_plan(model, layers)
+    names = [layer.weight for layer in layers] + [slot.tensor for slot in slots.values()]
     replaced: dict[str, np.ndarray] = {}
     results: dict = {}
-    skips, layers_above = residual_skips(model, layers), layer_ancestry(model, layers)
-    for stage in stages(model, layers):
-        # the stage's skips whose error is final: every layer they depend on is already rounded
-        ready = {layer.name: skips[layer.name] for layer in stage
-                 if layer.name in skips and layers_above(skips[layer.name]) <= results.keys()}
-        paired = capture.paired_stats(stage, feeds, replaced, ready)
-        work, weights = [], {}
-        for layer in stage:
-            W = weights[layer.name] = layer.matrix(capture.float_tensors[layer.weight]).astype(np.float64)
-            centred = layer.name in slots
-            S, C = paired[layer.name].covariances(centred)
-            rows = paired[layer.name].rows
-            target = compensated_target(W, S, C, rows, skip=paired[layer.name].skip_covariance(centred))
-            work.append((layer, target, S, rows))
-        rounded = round_stage(work)
-        for layer in stage:
-            qw, error = rounded[layer.name]
-            if layer.name in slots:
-                qw.bias_shift = compensated_bias_shift(weights[layer.name], qw.dequantize(), paired[layer.name])
-            results[layer.name] = (qw, error)
-            replaced.update(replacement_tensors(layer, qw, slots, capture.float_tensors))
-        if on_stage:
-            on_stage(len(stage))
+    # one BLAS thread: the paired GEMMs are small (a pointwise Conv's are per sample), and multithreaded BLAS
+    # on them cost 4x the CPU time on a loaded 2-core machine (threads spinning while their partner waits)
+    with threadpool_limits(1), tempfile.TemporaryDirectory(prefix="onnxq-sequential-") as folder:
+        capture = StageCapture(model, names, plan, feeds, Path(folder), store_bytes)
+        try:
+            for stage in plan:
+                paired = capture.paired_stats(stage, replaced)
+                work, weights = [], {}
+                for layer in stage.layers:
+                    W = weights[layer.name] = layer.matrix(capture.float_tensors[layer.weight]).astype(np.float64)
+                    centred = layer.name in slots
+                    S, C = paired[layer.name].covariances(centred)
+                    rows = paired[layer.name].rows
+                    target = compensated_target(W, S, C, rows, skip=paired[layer.name].skip_covariance(centred))
+                    work.append((layer, target, S, rows))
+                rounded = round_stage(work)
+                for layer in stage.layers:
+                    qw, error = rounded[layer.name]
+                    if layer.name in slots:
+                        qw.bias_shift = compensated_bias_shift(weights[layer.name], qw.dequantize(),
+                                                               paired[layer.name])
+                    results[layer.name] = (qw, error)
+                    replaced.update(replacement_tensors(layer, qw, slots, capture.float_tensors))
+                if on_stage:
+                    on_stage(len(stage.layers))
+        finally:
+            capture.close()
     return results

@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import tiny
 
-from onnxq.calibrate import calibrate, capture_model, make_session
+from onnxq.calibrate import calibrate
+from onnxq.capture import capture_model, make_session
 from onnxq.layers import find_layers
 from onnxq.prepare import prepare
 from onnxq.sources import batches, model_inputs

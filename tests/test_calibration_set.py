@@ -6,11 +6,9 @@ import numpy as np
 import onnx
 import pytest
 import tiny
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import onnxq
-from onnxq.calibration_set import CalibrationSet, SpillStore
+from onnxq.calibration_set import CalibrationSet
 from onnxq.mixed import Budget
 from onnxq.pipeline import oracle_feeds
 from onnxq.prepare import prepare
@@ -55,18 +53,6 @@ def test_split_cuts_batches_at_the_calibration_size(mergeable: bool):
     assert values(data.held_out())[:, 0].tolist() == [4, 5, 6, 7, 8]
     none_left = CalibrationSet(feeds, [spec], batch_size=3, calib_size=10, held_out=5)
     assert none_left.held_out() == [] and none_left.held_out_samples == 0
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 5), st.integers(1, 4)), min_size=1, max_size=12), st.integers(0, 400))
-def test_spilled_arrays_read_back_exactly(shapes, limit):
-    rng = np.random.default_rng(0)
-    arrays = [rng.normal(size=shape).astype(np.float32) for shape in shapes]
-    store = SpillStore(memory_limit=limit)
-    keys = [store.put(a) for a in arrays]
-    assert all(np.array_equal(store.get(k), a) for k, a in zip(keys, arrays, strict=True))
-    assert store.in_memory <= max(limit, 0) and store.in_memory + store.spilled_bytes == sum(a.nbytes for a in arrays)
-    store.close()
 
 
 def test_spilled_set_gives_the_same_batches(cnn_path, cnn_calib):

@@ -14,9 +14,11 @@ from onnx import TensorProto, helper
 
 import onnxq
 from onnxq.calibrate import is_pointwise
+from onnxq.calibration_set import CalibrationSet
 from onnxq.layers import Layer, find_layers
 from onnxq.mixed import Budget
 from onnxq.sequential import PairedStats, compensated_bias_shift, compensated_target, residual_skips, stages
+from onnxq.sources import model_inputs
 from onnxq.unfold import unfold
 
 
@@ -215,5 +217,34 @@ def test_a_budget_verifies_and_keeps_sequentially_rounded_allocations(tmp_path):
     onnxq.quantize(tmp_path / "m.onnx", [{"x": x}], tmp_path / "replay.onnx", bits_per_layer=plan.bits,
                    sequential=True)
     written, replayed = (onnx.load(tmp_path / name) for name in ("q.onnx", "replay.onnx"))
+    for a, b in zip(written.graph.initializer, replayed.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+def test_calibration_batches_can_be_read_on_every_pass_from_a_list_or_a_one_shot_generator():
+    """Sequential rounding reads the calibration batches once per rounding: the calibration set reads the
+    source once (a generator too) and gives the same batches on every pass."""
+    model = tiny.mlp_model(features=16, hidden=32, classes=8)
+    inputs = model_inputs(model)
+    rng = np.random.default_rng(4)
+    arrays = [rng.normal(size=(n, 16)).astype(np.float32) for n in (5, 7)]
+    for calib in ([{"x": a} for a in arrays], ({"x": a} for a in arrays)):
+        data = CalibrationSet(calib, inputs, batch_size=4, calib_size=None, memory_limit=64)
+        feeds = data.calibration_batches()
+        passes = [np.concatenate([feed["x"] for feed in feeds]) for _ in range(2)]
+        for seen in passes:
+            np.testing.assert_array_equal(seen, np.concatenate(arrays))
+        assert data.samples == 12 and data.reads == 1
+
+
+def test_sequential_rounding_reads_a_generator_as_it_reads_a_list(tmp_path):
+    model = tiny.mlp_model(features=16, hidden=32, classes=8)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(2).normal(size=(64, 16)).astype(np.float32)
+    onnxq.quantize(tmp_path / "m.onnx", [{"x": x}], tmp_path / "list.onnx", bits=2, sequential=True, batch_size=64)
+    result = onnxq.quantize(tmp_path / "m.onnx", ({"x": batch} for batch in [x]), tmp_path / "gen.onnx", bits=2,
+                            sequential=True, batch_size=64)
+    assert result.calibration_samples == 64
+    written, replayed = (onnx.load(tmp_path / name) for name in ("list.onnx", "gen.onnx"))
     for a, b in zip(written.graph.initializer, replayed.graph.initializer, strict=True):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))

@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
-from onnxq.calibrate import calibrate, capture_model, make_session
+from onnxq.calibrate import calibrate
+from onnxq.capture import capture_model, make_session
 from onnxq.export import build_quantized_model, save_atomic
 from onnxq.layers import find_layers
 from onnxq.masking import attention_mask_name
