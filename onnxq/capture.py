@@ -51,6 +51,9 @@ def make_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSessi
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    # onnxruntime's workers otherwise spin between runs, burning the core the observers' numpy work needs
+    # (EfficientNet-Lite0 default run: 32.9 -> 30.2 CPU s, same wall time)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if proto_size(model) < 2**31 - 2**26:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="onnxq-") as tmp:

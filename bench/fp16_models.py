@@ -5,7 +5,7 @@ onnxq writes a float16 layer's weight as DequantizeLinear with float32 scales fo
 This converts the model to float16, quantizes it (W4, first/last 8), derives the f16-scales variant from the
 written file, and reports the accuracy against the float16 model and the onnxruntime CPU latency of each.
 
-    python bench/float16.py [--model squeezenet1.1] [--images 200] [--calib-size 64]
+    python bench/fp16_models.py [--model squeezenet1.1] [--images 200] [--calib-size 64]
 """
 
 from __future__ import annotations
