@@ -32,6 +32,7 @@ from .mixed import (
     sensitivity_and_allocation,
     write_bits_json,
 )
+from .opset import fit_opset
 from .oracle import LossOracle
 from .outputs import check_outputs, model_files
 from .passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight
@@ -345,7 +346,7 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, co
     check_outputs(model_path, {"-o": output, "--stats": options.stats, "--sensitivity-cache": options.sensitivity_cache,
                                "--bits-json": options.bits_json if options.budget.is_set() else None})
     original, external = load_model_and_layout(model_path)
-    model = without_inserted_casts(prepare(original))
+    model = without_inserted_casts(prepare(fit_opset(original)))
     del original  # a >2 GB model is held in memory several times over; drop the copies as soon as they are done
     layers, skipped = find_layers(model, tuple(options.op_types_to_quantize), tuple(options.nodes_to_exclude))
     refuse_float16_activations(model, options.act_bits)
