@@ -200,6 +200,9 @@ def _image_feeds(files: list[Path], inputs: list[InputSpec], preprocessing: Imag
 def check_feed(feed: Feed, inputs: list[InputSpec]) -> Feed:
     """Validate one feed against the model inputs, adding a missing batch axis; fail with a clear line."""
     expected = {spec.name for spec in inputs}
+    if not isinstance(feed, dict):
+        raise OnnxqError(f"a calibration sample is a {type(feed).__name__}, not a dict of arrays; give each sample "
+                         f"as {{input name: array}} with the inputs {sorted(expected)}")
     if set(feed) != expected:
         missing, extra = sorted(expected - set(feed)), sorted(set(feed) - expected)
         raise OnnxqError(f"calibration sample does not match the model inputs (missing {missing}, unexpected "

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import onnxq
 from onnxq.cli import main
 from onnxq.errors import OnnxqError
 from onnxq.evaluate import evaluate
@@ -381,3 +382,11 @@ def test_eval_stderr_stays_clean(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stderr == "" and "top-1" in run.stdout.lower()
+
+
+@pytest.mark.parametrize("sample", [[np.zeros((1, 12), np.float32)], np.zeros((1, 12), np.float32), "x"])
+def test_a_python_sample_that_is_not_a_dict_is_a_user_error(tmp_path, sample):
+    path = save(tiny.mlp_model(), tmp_path / "mlp.onnx")
+    with pytest.raises(OnnxqError, match=r"not a dict of arrays; give each sample as \{input name: array\}"):
+        onnxq.quantize(path, [sample], tmp_path / "q.onnx", method="rtn")
+    assert not (tmp_path / "q.onnx").exists()
