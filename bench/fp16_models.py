@@ -10,6 +10,7 @@ written file, and reports the accuracy against the float16 model and the onnxrun
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,21 +19,13 @@ import click
 import numpy as np
 import onnx
 import onnxruntime as ort
-from common import CALIB, MODELS, kl_to, model_path, require_shared, val_set
-from onnx import TensorProto, numpy_helper
+from common import CALIB, MODELS, ROOT, kl_to, model_path, require_shared, val_set
+from onnx import numpy_helper
 
 import onnxq
 
-
-def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model computing in float16: float initializers, inputs, outputs and value types converted."""
-    for tensor in model.graph.initializer:
-        if tensor.data_type == TensorProto.FLOAT:
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
-    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-            value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    return model
+sys.path.insert(0, str(ROOT / "models"))
+import tiny  # noqa: E402 - models/tiny.py: the float16 conversion the tests use too
 
 
 def with_float16_scales(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -82,7 +75,7 @@ def main(name: str, images: int, calib_size: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"float16": Path(tmp) / "f16.onnx", "f32+cast": Path(tmp) / "q.onnx",
                  "f16 scales": Path(tmp) / "q16.onnx"}
-        onnx.save(to_float16(onnx.load(str(model_path(name)))), str(paths["float16"]))
+        onnx.save(tiny.to_float16(onnx.load(str(model_path(name)))), str(paths["float16"]))
         start = time.perf_counter()
         onnxq.quantize(paths["float16"], CALIB, paths["f32+cast"], bits=4, first_last_bits=8,
                        calib_size=calib_size, preprocessing=MODELS[name])

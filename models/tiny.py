@@ -105,3 +105,16 @@ def no_weights_model() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
     return _model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [x], [y], [])
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model computing in float16 (in place): float initializers, inputs, outputs and known value types
+    converted. Used by the float16 tests and by bench/fp16_models.py on the shared models."""
+    for tensor in model.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(model)
+    return model

@@ -16,18 +16,6 @@ from onnxq.float16 import INSERTED_PREFIX, without_inserted_casts
 from onnxq.prepare import prepare
 
 
-def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same model computing in float16: initializers, inputs, outputs and known types converted."""
-    for tensor in model.graph.initializer:
-        if tensor.data_type == TensorProto.FLOAT:
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
-    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-            value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    onnx.checker.check_model(model)
-    return model
-
-
 def sample_folder(path, shape, count=8, dtype=np.float32):
     path.mkdir()
     rng = np.random.default_rng(0)
@@ -48,14 +36,14 @@ def sqnr(reference: np.ndarray, got: np.ndarray) -> float:
 
 def test_prepare_keeps_the_float16_graph():
     """onnxruntime's CPU casts around Conv/Gemm are undone: every weight is a float16 initializer of its layer."""
-    prepared = without_inserted_casts(prepare(to_float16(tiny.cnn_model())))
+    prepared = without_inserted_casts(prepare(tiny.to_float16(tiny.cnn_model())))
     assert not [n for n in prepared.graph.node if n.op_type == "Cast"]
     assert not any(INSERTED_PREFIX in name for n in prepared.graph.node for name in [*n.input, *n.output])
     inits = {t.name: t for t in prepared.graph.initializer}
     weights = [inits[n.input[1]] for n in prepared.graph.node if n.op_type in ("Conv", "Gemm")]
     assert len(weights) == 4 and all(w.data_type == TensorProto.FLOAT16 for w in weights)
     x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float16)
-    np.testing.assert_allclose(run(prepared, {"x": x})[0], run(to_float16(tiny.cnn_model()), {"x": x})[0],
+    np.testing.assert_allclose(run(prepared, {"x": x})[0], run(tiny.to_float16(tiny.cnn_model()), {"x": x})[0],
                                rtol=0.02, atol=0.02)
 
 
@@ -64,7 +52,7 @@ def test_prepare_keeps_the_float16_graph():
 @pytest.mark.parametrize("data_dtype", [np.float32, np.float16])
 def test_float16_model_end_to_end(tmp_path, name, shape, sequential, data_dtype):
     builder = {"cnn": tiny.cnn_model, "mlp": tiny.mlp_model}[name]
-    float32, float16 = builder(), to_float16(builder())
+    float32, float16 = builder(), tiny.to_float16(builder())
     path16 = save(float16, tmp_path / f"{name}16.onnx")
     calib = sample_folder(tmp_path / "calib", shape, dtype=data_dtype)
     out16, out32 = tmp_path / "q16.onnx", tmp_path / "q32.onnx"
@@ -107,7 +95,7 @@ def test_float16_model_end_to_end(tmp_path, name, shape, sequential, data_dtype)
 
 
 def test_float16_bias_correction_keeps_float16_biases(tmp_path):
-    path = save(to_float16(tiny.cnn_model()), tmp_path / "cnn16.onnx")
+    path = save(tiny.to_float16(tiny.cnn_model()), tmp_path / "cnn16.onnx")
     out = tmp_path / "q.onnx"
     onnxq.quantize(path, sample_folder(tmp_path / "calib", (1, 3, 16, 16)), out, bits=3)
     before = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
@@ -116,7 +104,7 @@ def test_float16_bias_correction_keeps_float16_biases(tmp_path):
 
 
 def test_float16_with_activation_quantization_is_refused_up_front(tmp_path):
-    path = save(to_float16(tiny.mlp_model()), tmp_path / "mlp16.onnx")
+    path = save(tiny.to_float16(tiny.mlp_model()), tmp_path / "mlp16.onnx")
     with pytest.raises(OnnxqError, match="needs a float32 model"):
         onnxq.quantize(path, sample_folder(tmp_path / "calib", (1, 12)), tmp_path / "q.onnx", act_bits=8)
     assert not (tmp_path / "q.onnx").exists()
