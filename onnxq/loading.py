@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import onnx
@@ -60,16 +59,6 @@ def proto_size(model: onnx.ModelProto) -> int:
         return model.ByteSize()
     except EncodeError:
         return TWO_GB + sum(len(t.raw_data) for t in model.graph.initializer)
-
-
-def weights_fingerprint(model: onnx.ModelProto, names: list[str]) -> str:
-    """A hash of the named initializers, so cached statistics are only reused for the same weights."""
-    by_name = {t.name: t for t in model.graph.initializer}
-    digest = hashlib.sha256()
-    for name in sorted(names):
-        digest.update(name.encode())
-        digest.update(by_name[name].SerializeToString())
-    return digest.hexdigest()[:16]
 
 
 def _first_line(err: BaseException) -> str:

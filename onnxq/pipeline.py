@@ -270,13 +270,6 @@ def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[st
     return rounded
 
 
-def calibration_feeds(data: CalibrationSet) -> Iterable[Feed]:
-    """The calibration batches as a re-iterable (sequential rounding reads them once per rounding): each pass
-    reads the batches back from the calibration set one at a time, so memory does not grow with the set."""
-    return data.calibration_batches()
-
-
-
 def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str, int], feeds: Iterable[Feed],
                      options: Options, progress: Callable | None,
                      slots: dict[str, BiasSlot]) -> dict[str, tuple[QuantWeight, float]]:
@@ -379,7 +372,7 @@ def quantize_with(model: onnx.ModelProto, model_path: Path, external: bool, laye
     if mixed:  # with --sequential, the allocations it compares and the one it keeps are rounded sequentially
         plan, chosen = mixed_precision(model, model_path, layers, stats, data, options, progress, slots)
     elif sequential:
-        feeds = calibration_feeds(data)
+        feeds = data.calibration_batches()  # read back on every pass, one batch in memory at a time
         chosen = round_sequential(model, layers, bits, feeds, options, progress, slots)
         samples = data.samples
     else:
@@ -450,7 +443,7 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     key = cache_key(fingerprint, per_layer, method, options.sensitivity, options.clado_samples)
     macs = layer_macs(layers, stats) if options.prefer == "speed" else None
     rounded_sequentially: dict[tuple, dict[str, tuple[QuantWeight, float]]] = {}
-    feeds = calibration_feeds(data)  # read back on each sequential rounding
+    feeds = data.calibration_batches()  # read back on each sequential rounding
 
     def sequential_weights(bits: dict[str, int]) -> dict[str, tuple[QuantWeight, float]]:
         """One allocation rounded sequentially (what --sequential exports), remembered for the final choice."""
