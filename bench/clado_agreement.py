@@ -18,14 +18,14 @@ from common import CALIB, MODELS, RESULTS, model_path, require_shared
 from methods import calibration_stats
 from scipy.stats import pearsonr, spearmanr
 
-from onnxq.calibration_set import CalibrationSet
-from onnxq.layers import find_layers
-from onnxq.loading import load_model_and_layout
-from onnxq.oracle import LossOracle
+from onnxq.allocation.oracle import LossOracle
+from onnxq.data.calibration_set import CalibrationSet
+from onnxq.data.sources import model_inputs
+from onnxq.graph.layers import find_layers
+from onnxq.graph.loading import load_model_and_layout
+from onnxq.graph.prepare import prepare
 from onnxq.passes import clado
 from onnxq.pipeline import Options, collect_stats, corrected_layers, oracle_feeds, round_candidates
-from onnxq.prepare import prepare
-from onnxq.sources import model_inputs
 
 
 @click.command()

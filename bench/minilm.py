@@ -182,8 +182,8 @@ def latency_ms(paths: dict[str, Path], texts: list[str], threads: int, rounds: i
 
 def matmul_variants(k: int, n: int) -> dict[str, onnx.ModelProto]:
     """One float MatMul [k, n] and its RTN W4 block-32 exports: MatMulNBits (level 0 and 4) and DQ."""
-    from onnxq.export import build_quantized_model
-    from onnxq.layers import find_layers
+    from onnxq.export.qdq import build_quantized_model
+    from onnxq.graph.layers import find_layers
     from onnxq.passes import Grid, rtn
 
     W = np.random.default_rng(0).normal(size=(k, n)).astype(np.float32)

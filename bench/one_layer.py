@@ -20,7 +20,7 @@ import numpy as np
 from common import CALIB, MODELS, logits, model_path, require_shared, val_set
 
 import onnxq
-from onnxq.oracle import log_softmax
+from onnxq.allocation.oracle import log_softmax
 
 
 @click.command()

@@ -20,8 +20,8 @@ from common import CALIB, MODELS, RESULTS, model_path, require_shared, top1, val
 from methods import calibration_stats
 
 import onnxq
-from onnxq.kernels import compare_latency, kernel_report
-from onnxq.mixed import Budget
+from onnxq.allocation.mixed import Budget
+from onnxq.report.kernels import compare_latency, kernel_report
 
 
 def integer_share(path: Path) -> str:

@@ -26,14 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CALIB, MODELS, RESULTS, ROOT, SHARED, VAL, top1, val_set  # noqa: E402
 
 import onnxq  # noqa: E402
-from onnxq.diagnostics import diagnostics_on_data  # noqa: E402
-from onnxq.evaluate import evaluate  # noqa: E402
-from onnxq.html_report import report_context, write_report, write_report_json  # noqa: E402
-from onnxq.layers import find_layers  # noqa: E402
-from onnxq.loading import load_model  # noqa: E402
-from onnxq.mixed import Budget  # noqa: E402
-from onnxq.prepare import prepare  # noqa: E402
-from onnxq.stats_cache import cached_stats  # noqa: E402
+from onnxq.allocation.mixed import Budget  # noqa: E402
+from onnxq.calibration.stats_cache import cached_stats  # noqa: E402
+from onnxq.graph.layers import find_layers  # noqa: E402
+from onnxq.graph.loading import load_model  # noqa: E402
+from onnxq.graph.prepare import prepare  # noqa: E402
+from onnxq.report.diagnostics import diagnostics_on_data  # noqa: E402
+from onnxq.report.evaluate import evaluate  # noqa: E402
+from onnxq.report.html_report import report_context, write_report, write_report_json  # noqa: E402
 
 MODEL = ROOT / "models" / "squeezenet1.1.onnx"
 DEMO_CALIB = ROOT / "models" / "demo_calib"

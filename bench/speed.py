@@ -53,9 +53,9 @@ from minilm import EVAL_SIZE, cpu_name, export_float, feeds, sentences
 from peers import ORDER_FILE
 from threadpoolctl import threadpool_info
 
-from onnxq.layers import Layer, find_layers
-from onnxq.prepare import prepare
-from onnxq.sources import spread_order
+from onnxq.data.sources import spread_order
+from onnxq.graph.layers import Layer, find_layers
+from onnxq.graph.prepare import prepare
 
 MINILM = "minilm"
 JOBS = ("default", "sequential", "budget", "peer")

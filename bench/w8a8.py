@@ -30,16 +30,16 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from onnxq.act_qdq import default_act_layers, insert_activation_qdq, plan_qdq
-from onnxq.activations import METHODS, activation_histograms, ranges_from
-from onnxq.export import build_quantized_model, save_atomic
-from onnxq.kernels import compare_latency, kernel_report, kernel_summary
-from onnxq.layers import Layer, find_layers
-from onnxq.loading import load_model
+from onnxq.calibration.activations import METHODS, activation_histograms, ranges_from
+from onnxq.calibration.stats_cache import cached_stats
+from onnxq.export.act_qdq import default_act_layers, insert_activation_qdq, plan_qdq
+from onnxq.export.qdq import build_quantized_model, save_atomic
+from onnxq.graph.layers import Layer, find_layers
+from onnxq.graph.loading import load_model
+from onnxq.graph.prepare import prepare
 from onnxq.passes import Grid, QuantWeight
 from onnxq.pipeline import Options, corrected_layers, round_candidates
-from onnxq.prepare import prepare
-from onnxq.stats_cache import cached_stats
+from onnxq.report.kernels import compare_latency, kernel_report, kernel_summary
 
 CALIB_SIZE, CALIB_BATCH = 256, 32
 DEFAULT_METHOD = "mse"

@@ -12,23 +12,23 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .config import Activations, Config, Data, Export, Layers, MixedPrecision, Rounding  # noqa: E402
-from .errors import OnnxqError  # noqa: E402
+from onnxq.config import Activations, Config, Data, Export, Layers, MixedPrecision, Rounding  # noqa: E402
+from onnxq.errors import OnnxqError  # noqa: E402
 
 _LAZY = {  # public name -> the module that defines it
     "quantize": "api",
     "QuantizationResult": "pipeline",
     "LayerReport": "pipeline",
-    "MixedPlan": "mixed",
-    "Budget": "mixed",
-    "ImagePreprocessing": "images",
+    "MixedPlan": "allocation.mixed",
+    "Budget": "allocation.mixed",
+    "ImagePreprocessing": "data.images",
 }
 
 if TYPE_CHECKING:
-    from .api import quantize
-    from .images import ImagePreprocessing
-    from .mixed import Budget, MixedPlan
-    from .pipeline import LayerReport, QuantizationResult
+    from onnxq.allocation.mixed import Budget, MixedPlan
+    from onnxq.api import quantize
+    from onnxq.data.images import ImagePreprocessing
+    from onnxq.pipeline import LayerReport, QuantizationResult
 
 
 def __getattr__(name: str) -> Any:

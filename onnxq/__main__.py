@@ -1,5 +1,5 @@
 """``python -m onnxq`` is the ``onnxq`` command."""
 
-from .cli import main
+from onnxq.cli import main
 
 main()

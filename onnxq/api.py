@@ -15,9 +15,9 @@ from typing import Any
 
 import onnx
 
-from .config import Config
-from .errors import OnnxqError
-from .pipeline import QuantizationResult, quantize_model
+from onnxq.config import Config
+from onnxq.errors import OnnxqError
+from onnxq.pipeline import QuantizationResult, quantize_model
 
 ONNX_PROTO_LIMIT = 2**31 - 1  # protobuf's serialisation limit: larger models keep their weights in external data
 

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import __version__
-from .config import OPTIONS, TRIGGERS, Config, Spec
-from .errors import OnnxqError
-from .progress import progress_factory
+from onnxq import __version__
+from onnxq.config import OPTIONS, TRIGGERS, Config, Spec
+from onnxq.errors import OnnxqError
+from onnxq.report.progress import progress_factory
 
 if TYPE_CHECKING:
-    from .images import ImagePreprocessing
+    from onnxq.data.images import ImagePreprocessing
 
 
 class DefaultToQuantize(click.Group):
@@ -69,7 +69,7 @@ def parse_widths(text: str, flag: str) -> tuple[int, ...]:
 
 def image_preprocessing(image_size, resize, mean, std, scale, channel_order) -> ImagePreprocessing | None:
     """Build the preprocessing from the flags, leaving unset fields at their defaults."""
-    from .images import ImagePreprocessing
+    from onnxq.data.images import ImagePreprocessing
 
     fields = {}
     size = parse_size(image_size)
@@ -202,8 +202,8 @@ def run_quantize(model: Path, calib: Path, output: Path, kernel_report: bool, qu
     effect of each option (sections "What a run does", "Mixed precision (CLADO)", "Benchmarks").
     """
     config = config_from_flags(click.get_current_context())
-    from .api import quantize
-    from .report import kernel_table, layer_table, summary
+    from onnxq.api import quantize
+    from onnxq.report.summary import kernel_table, layer_table, summary
 
     result = quantize(model, calib, output, config, progress=progress_factory(not quiet))
     if not quiet:
@@ -262,10 +262,10 @@ cli.add_command(quantize_command())
 def eval_command(quantized, reference, data, labels, limit, batch_size, as_json, report, report_json,
                  diagnostic_samples, image_size, resize, mean, std, scale, channel_order, quiet, debug) -> None:
     """Compare QUANTIZED with its float --reference on --data: agreement, KL, SQNR, and top-1/top-5."""
-    from .diagnostics import diagnostics_on_data
-    from .evaluate import evaluate
-    from .html_report import report_context, require_matplotlib, write_report, write_report_json
-    from .report import eval_summary
+    from onnxq.report.diagnostics import diagnostics_on_data
+    from onnxq.report.evaluate import evaluate
+    from onnxq.report.html_report import report_context, require_matplotlib, write_report, write_report_json
+    from onnxq.report.summary import eval_summary
 
     if report:
         require_matplotlib()  # fail before the evaluation, not after it

@@ -18,14 +18,14 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import OnnxqError
+from onnxq.errors import OnnxqError
 
 if TYPE_CHECKING:
-    from .images import ImagePreprocessing
+    from onnxq.data.images import ImagePreprocessing
 
-# The vocabularies below are the ones the passes and the pipeline implement (tests/test_config.py checks that
-# they match onnxq.passes, onnxq.layers, onnxq.mixed and onnxq.activations); they are repeated here so that
-# building the CLI imports none of those modules.
+# The vocabularies below are the ones the passes and the pipeline implement (tests/test_config.py checks that they
+# match onnxq.passes, onnxq.graph.layers, onnxq.allocation.mixed and onnxq.calibration.activations); they are
+# repeated here so that building the CLI imports none of those modules.
 WIDTHS = (2, 3, 4, 8)
 METHODS = ("comq", "gptq", "rtn")
 OP_TYPES = ("Conv", "Gemm", "MatMul")

@@ -11,20 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .act_qdq import quantize_activations
-from .bias import BiasSlot, add_missing_biases, bias_slots, output_shift
-from .calibrate import LayerStats, calibrate
-from .calibration_set import CalibrationSet
-from .capture import make_session
-from .config import DEFAULT_ACCURACY_LEVEL, DEFAULT_BITS, DEFAULT_VERIFY_SAMPLES, Config
-from .degenerate import check_rounding_inputs
-from .errors import OnnxqError, first_line
-from .export import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
-from .float16 import refuse_float16_activations, without_inserted_casts
-from .images import ImagePreprocessing
-from .layers import QUANTIZABLE_OPS, Layer, find_layers, nothing_to_quantize
-from .loading import load_model_and_layout, proto_size
-from .mixed import (
+from onnxq.allocation.mixed import (
     Budget,
     MixedPlan,
     cache_key,
@@ -32,17 +19,30 @@ from .mixed import (
     sensitivity_and_allocation,
     write_bits_json,
 )
-from .opset import fit_opset
-from .oracle import LossOracle
-from .outputs import check_outputs, model_files
-from .passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight
-from .prepare import prepare
-from .progress import NoProgress
-from .rounding import RoundingTask, round_all
-from .sequential import round_sequentially
-from .shrinkage import shrink_gram
-from .sources import Feed, model_inputs
-from .stats_cache import load_stats, save_stats, sensitivity_fingerprint, statistics_key
+from onnxq.allocation.oracle import LossOracle
+from onnxq.calibration.calibrate import LayerStats, calibrate
+from onnxq.calibration.capture import make_session
+from onnxq.calibration.stats_cache import load_stats, save_stats, sensitivity_fingerprint, statistics_key
+from onnxq.config import DEFAULT_ACCURACY_LEVEL, DEFAULT_BITS, DEFAULT_VERIFY_SAMPLES, Config
+from onnxq.data.calibration_set import CalibrationSet
+from onnxq.data.images import ImagePreprocessing
+from onnxq.data.sources import Feed, model_inputs
+from onnxq.errors import OnnxqError, first_line
+from onnxq.export.act_qdq import quantize_activations
+from onnxq.export.outputs import check_outputs, model_files
+from onnxq.export.qdq import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
+from onnxq.graph.bias import BiasSlot, add_missing_biases, bias_slots, output_shift
+from onnxq.graph.float16 import refuse_float16_activations, without_inserted_casts
+from onnxq.graph.layers import QUANTIZABLE_OPS, Layer, find_layers, nothing_to_quantize
+from onnxq.graph.loading import load_model_and_layout, proto_size
+from onnxq.graph.opset import fit_opset
+from onnxq.graph.prepare import prepare
+from onnxq.passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight
+from onnxq.report.progress import NoProgress
+from onnxq.rounding.degenerate import check_rounding_inputs
+from onnxq.rounding.pool import RoundingTask, round_all
+from onnxq.rounding.sequential import round_sequentially
+from onnxq.rounding.shrinkage import shrink_gram
 
 log = logging.getLogger("onnxq")
 METADATA_SLACK_BYTES = 512  # the mixed-precision summary written into the metadata

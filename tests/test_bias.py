@@ -11,11 +11,11 @@ import tiny
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
-from onnxq.bias import bias_slots
-from onnxq.calibrate import calibrate
-from onnxq.layers import find_layers
+from onnxq.calibration.calibrate import calibrate
+from onnxq.calibration.unfold import unfold
+from onnxq.graph.bias import bias_slots
+from onnxq.graph.layers import find_layers
 from onnxq.passes import Grid, objective, rtn
-from onnxq.unfold import unfold
 
 
 def gemm_model(alpha: float, beta: float, with_bias: bool = True) -> onnx.ModelProto:

@@ -13,11 +13,11 @@ from onnx import numpy_helper
 from test_passes import correlated_layer, gram, non_increasing, weights
 
 from onnxq.errors import OnnxqError
-from onnxq.export import build_quantized_model, save_atomic
-from onnxq.layers import find_layers
+from onnxq.export.qdq import build_quantized_model, save_atomic
+from onnxq.graph.layers import find_layers
+from onnxq.graph.prepare import prepare
 from onnxq.passes import Grid, QuantWeight, comq, gptq, objective, rtn
 from onnxq.passes.grid import SUPPORTED_BITS, block_reduce, n_blocks
-from onnxq.prepare import prepare
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 

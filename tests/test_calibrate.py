@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import tiny
 
-from onnxq.calibrate import calibrate
-from onnxq.capture import capture_model, make_session
-from onnxq.layers import find_layers
-from onnxq.prepare import prepare
-from onnxq.sources import batches, model_inputs
-from onnxq.unfold import unfold
+from onnxq.calibration.calibrate import calibrate
+from onnxq.calibration.capture import capture_model, make_session
+from onnxq.calibration.unfold import unfold
+from onnxq.data.sources import batches, model_inputs
+from onnxq.graph.layers import find_layers
+from onnxq.graph.prepare import prepare
 
 
 def layer_inputs(model: onnx.ModelProto, layers, x: np.ndarray) -> dict[str, np.ndarray]:

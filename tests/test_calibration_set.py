@@ -8,11 +8,11 @@ import pytest
 import tiny
 
 import onnxq
-from onnxq.calibration_set import CalibrationSet
-from onnxq.mixed import Budget
+from onnxq.allocation.mixed import Budget
+from onnxq.data.calibration_set import CalibrationSet
+from onnxq.data.sources import InputSpec, model_inputs, spread_order
+from onnxq.graph.prepare import prepare
 from onnxq.pipeline import oracle_feeds
-from onnxq.prepare import prepare
-from onnxq.sources import InputSpec, model_inputs, spread_order
 
 
 def values(feeds, name="x"):

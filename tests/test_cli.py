@@ -12,7 +12,7 @@ import pytest
 import tiny
 from conftest import save
 
-from onnxq.progress import without_progress
+from onnxq.report.progress import without_progress
 
 
 def run(*args: object) -> subprocess.CompletedProcess:
@@ -168,7 +168,7 @@ def test_already_quantized(tmp_path, cnn_path, cnn_calib):
 
 
 def test_w8a8_runs_integer_kernels(tmp_path, cnn_path, cnn_calib):
-    from onnxq.kernels import kernel_report
+    from onnxq.report.kernels import kernel_report
 
     out = tmp_path / "w8a8.onnx"
     result = run(cnn_path, "--calib", cnn_calib, "-o", out, "--bits", "8", "--act-bits", "8", "--method", "rtn",

@@ -29,9 +29,9 @@ def parse(*flags: str) -> Config:
 
 def test_vocabularies_match_the_modules_that_implement_them():
     """config.py repeats these so that --help imports none of the heavy modules; they must not drift apart."""
-    from onnxq.activations import METHODS as ACT_METHODS
-    from onnxq.layers import QUANTIZABLE_OPS
-    from onnxq.mixed import ESTIMATORS
+    from onnxq.allocation.mixed import ESTIMATORS
+    from onnxq.calibration.activations import METHODS as ACT_METHODS
+    from onnxq.graph.layers import QUANTIZABLE_OPS
     from onnxq.passes import DEFAULT_METHOD, ROUNDING_PASSES, SUPPORTED_BITS
 
     assert cfg.WIDTHS == SUPPORTED_BITS and cfg.OP_TYPES == QUANTIZABLE_OPS and cfg.ESTIMATORS == ESTIMATORS
@@ -136,7 +136,7 @@ def test_round_trip_a_full_command_line():
                    "MatMul", "--matmul-nbits", "--accuracy_level", "4", "--calib-size", "0", "--batch-size", "4",
                    "--act-bits", "8", "--calibration_method", "minmax", "--prefer", "speed", "--no-external-data",
                    "--mean", "1,2,3", "--scale", "1")
-    from onnxq.images import ImagePreprocessing
+    from onnxq.data.images import ImagePreprocessing
 
     assert config == Config(
         rounding=cfg.Rounding(method="gptq", symmetric=True, clip=False, sequential=True, block_size=64),
@@ -176,7 +176,7 @@ def test_config_is_frozen_and_never_changed_by_derivation():
 
 
 def test_legacy_budget_keyword_maps_to_the_mixed_section():
-    from onnxq.mixed import Budget
+    from onnxq.allocation.mixed import Budget
 
     assert Config.from_options(budget=Budget(size_ratio=0.2)).mixed == cfg.MixedPrecision(size_ratio=0.2)
     assert Config.from_options(budget=Budget()).mixed is None

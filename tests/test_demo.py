@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxq
-from onnxq.images import ImagePreprocessing, list_images
+from onnxq.data.images import ImagePreprocessing, list_images
 
 DEMO = ImagePreprocessing(size=(227, 227), resize=(256, 256), mean=(104, 117, 123), std=(1, 1, 1), scale=1.0,
                           channel_order="BGR")

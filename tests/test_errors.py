@@ -27,12 +27,12 @@ from PIL import Image
 
 import onnxq
 from onnxq.cli import main
+from onnxq.data.images import ImagePreprocessing, read_image
+from onnxq.data.npz import load_npy, load_npz
 from onnxq.errors import OnnxqError
-from onnxq.evaluate import evaluate
-from onnxq.images import ImagePreprocessing, read_image
-from onnxq.loading import load_model
-from onnxq.npz import load_npy, load_npz
-from onnxq.progress import without_progress
+from onnxq.graph.loading import load_model
+from onnxq.report.evaluate import evaluate
+from onnxq.report.progress import without_progress
 
 
 def run_main(monkeypatch, capsys, *args: object) -> tuple[int, str, str]:

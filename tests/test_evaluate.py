@@ -12,8 +12,8 @@ import tiny
 from conftest import save
 from PIL import Image
 
-from onnxq.evaluate import evaluate
-from onnxq.images import ImagePreprocessing, list_images
+from onnxq.data.images import ImagePreprocessing, list_images
+from onnxq.report.evaluate import evaluate
 
 PREP = ImagePreprocessing(size=(16, 16), resize=(16, 16))
 

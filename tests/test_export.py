@@ -9,10 +9,10 @@ import pytest
 import tiny
 from onnx import TensorProto, numpy_helper
 
-from onnxq.export import build_quantized_model, container_bits, save_atomic
-from onnxq.layers import find_layers
+from onnxq.export.qdq import build_quantized_model, container_bits, save_atomic
+from onnxq.graph.layers import find_layers
+from onnxq.graph.prepare import prepare
 from onnxq.passes import Grid, rtn
-from onnxq.prepare import prepare
 
 CONTAINER = {2: TensorProto.INT2, 3: TensorProto.INT4, 4: TensorProto.INT4, 8: TensorProto.INT8}
 
@@ -114,7 +114,7 @@ def test_model_output_matches_fake_quantized_float_model(tmp_path):
 def test_metadata_records_tool_and_bits(tmp_path):
     model = prepare(tiny.mlp_model())
     layers, results = quantize_all(model, 3)
-    from onnxq.export import layer_metadata
+    from onnxq.export.qdq import layer_metadata
     out = build_quantized_model(model, layers, results, {"onnxq.layers": layer_metadata(layers, results)})
     meta = {p.key: p.value for p in out.metadata_props}
     assert "onnxq.version" in meta

@@ -22,16 +22,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import onnxq
-import onnxq.atomic
+import onnxq.export.atomic
 import onnxq.pipeline
-from onnxq.atomic import Staging, staged, write_text
-from onnxq.calibrate import calibrate
+from onnxq.allocation.mixed import Budget
+from onnxq.calibration.calibrate import calibrate
+from onnxq.calibration.stats_cache import load_stats, save_stats
 from onnxq.cli import _terminate
 from onnxq.errors import OnnxqError
-from onnxq.layers import find_layers
-from onnxq.mixed import Budget
-from onnxq.prepare import prepare
-from onnxq.stats_cache import load_stats, save_stats
+from onnxq.export.atomic import Staging, staged, write_text
+from onnxq.graph.layers import find_layers
+from onnxq.graph.prepare import prepare
 
 RTN = {"method": "rtn"}
 
@@ -236,7 +236,7 @@ def test_a_failed_rename_restores_the_previous_data(previous, cnn_path, cnn_cali
             raise PermissionError(1, "Operation not permitted")
         real_replace(src, dst)
 
-    monkeypatch.setattr(onnxq.atomic.os, "replace", replace)
+    monkeypatch.setattr(onnxq.export.atomic.os, "replace", replace)
     with pytest.raises(OnnxqError, match="previous file is unchanged"):
         onnxq.quantize(cnn_path, cnn_calib, out, bits=2, external_data=True, **RTN)
     assert snapshot(out.parent) == before and not leftovers(out.parent)
@@ -250,7 +250,7 @@ def test_signals_during_the_renames_wait_until_both_are_done(previous, cnn_path,
         real_replace(src, dst)
         os.kill(os.getpid(), signal.SIGINT)  # arrives between the data's rename and the model's
 
-    monkeypatch.setattr(onnxq.atomic.os, "replace", replace)
+    monkeypatch.setattr(onnxq.export.atomic.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         onnxq.quantize(cnn_path, cnn_calib, out, bits=2, external_data=True, **RTN)
     after = snapshot(out.parent)
@@ -313,7 +313,7 @@ def test_every_key_entry_invalidates_the_cache(tmp_path, cnn_path, cnn_calib, ca
     elif change == "calib_size":
         options["calib_size"] = 10
     elif change == "preprocessing":
-        options["preprocessing"] = onnxq.images.ImagePreprocessing(mean=(0.5, 0.5, 0.5))
+        options["preprocessing"] = onnxq.data.images.ImagePreprocessing(mean=(0.5, 0.5, 0.5))
     elif change == "weights":
         edited = tiny.cnn_model()
         edited.graph.initializer[1].raw_data = np.full(8, 0.5, np.float32).tobytes()  # a bias, not a layer weight
@@ -455,7 +455,7 @@ def test_bits_json_and_reports_go_through_the_writer(tmp_path, monkeypatch, cnn_
     onnxq.quantize(cnn_path, cnn_calib, tmp_path / "q.onnx", budget=Budget(avg_bits=4.0), clado_samples=4,
                    verify_samples=0, bits_json=tmp_path / "bits.json", stats=tmp_path / "s.npz",
                    sensitivity_cache=tmp_path / "o.npz", **RTN)
-    from onnxq.html_report import report_context, write_report_json
+    from onnxq.report.html_report import report_context, write_report_json
 
     write_report_json(tmp_path / "r.json", report_context(tmp_path / "q.onnx", cnn_path, []))
     assert {p.name for p in written} == {"q.onnx", "bits.json", "s.npz", "o.npz", "r.json"}

@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from onnxq.errors import OnnxqError
-from onnxq.float16 import INSERTED_PREFIX, without_inserted_casts
-from onnxq.prepare import prepare
+from onnxq.graph.float16 import INSERTED_PREFIX, without_inserted_casts
+from onnxq.graph.prepare import prepare
 
 
 def sample_folder(path, shape, count=8, dtype=np.float32):

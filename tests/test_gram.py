@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxq import gram
-from onnxq.calibrate import LayerStats, empty_stats
-from onnxq.layers import Layer
-from onnxq.unfold import Window
+from onnxq.calibration import gram
+from onnxq.calibration.calibrate import LayerStats, empty_stats
+from onnxq.calibration.unfold import Window
+from onnxq.graph.layers import Layer
 
 
 def conv_layer(channels: int, groups: int, kernel: list[int], strides: list[int], dilations: list[int],

@@ -11,11 +11,11 @@ import pytest
 import tiny
 
 import onnxq
+from onnxq.allocation.mixed import Budget
+from onnxq.allocation.oracle import LossOracle
 from onnxq.errors import OnnxqError
-from onnxq.layers import find_layers
-from onnxq.mixed import Budget
-from onnxq.oracle import LossOracle
-from onnxq.prepare import prepare
+from onnxq.graph.layers import find_layers
+from onnxq.graph.prepare import prepare
 
 
 def stored_bits(path) -> dict[str, int]:
@@ -99,7 +99,7 @@ def test_size_budgets_hold_with_block_wise_scales(tmp_path):
 
 def test_verification_keeps_the_allocation_that_measures_best():
     """The quadratic model prefers mixing 2 and 8 bits; if uniform 4 measures better, uniform 4 is kept."""
-    from onnxq.mixed import uniform_choices, verify
+    from onnxq.allocation.mixed import uniform_choices, verify
     from onnxq.passes import clado
 
     cands = clado.Candidates.uniform([2, 4, 8], np.array([[2.0, 4.0, 8.0]] * 3))

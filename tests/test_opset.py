@@ -8,8 +8,8 @@ import pytest
 import tiny
 
 import onnxq
-from onnxq import opset
 from onnxq.errors import OnnxqError
+from onnxq.graph import opset
 
 
 def stamped(version: int) -> onnx.ModelProto:

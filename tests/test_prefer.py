@@ -10,10 +10,10 @@ import onnx
 import pytest
 
 import onnxq
+from onnxq.allocation.mixed import Budget, allocate_bits
 from onnxq.errors import OnnxqError
-from onnxq.kernels import kernel_report
-from onnxq.layers import Layer
-from onnxq.mixed import Budget, allocate_bits
+from onnxq.graph.layers import Layer
+from onnxq.report.kernels import kernel_report
 
 
 def runs(path) -> dict[str, str]:

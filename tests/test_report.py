@@ -18,13 +18,13 @@ from conftest import save
 from PIL import Image
 
 import onnxq
-from onnxq.calibrate import calibrate
-from onnxq.diagnostics import layer_diagnostics
+from onnxq.allocation.mixed import Budget
+from onnxq.calibration.calibrate import calibrate
 from onnxq.errors import OnnxqError
-from onnxq.html_report import report_context, write_report, write_report_json
-from onnxq.layers import find_layers
-from onnxq.mixed import Budget
-from onnxq.prepare import prepare
+from onnxq.graph.layers import find_layers
+from onnxq.graph.prepare import prepare
+from onnxq.report.diagnostics import layer_diagnostics
+from onnxq.report.html_report import report_context, write_report, write_report_json
 
 SECTIONS = ("summary", "accuracy", "widths", "sqnr", "sensitivity", "curve", "layers")
 CHROMIUM = Path("/usr/bin/chromium")

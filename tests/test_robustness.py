@@ -248,7 +248,7 @@ def test_random_graphs_quantize_and_stay_close_at_8_bits(tmp_path_factory, case,
 
 def test_opset_conversion_leaves_weights_untouched():
     """The converter runs on the graph alone (so models over 2 GB convert); every weight comes back intact."""
-    from onnxq.export import raise_opset
+    from onnxq.export.qdq import raise_opset
 
     model = tiny.cnn_model()
     before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}

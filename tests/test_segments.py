@@ -10,12 +10,12 @@ import onnxruntime as ort
 import tiny
 from onnx import TensorProto, helper
 
-from onnxq.capture import capture_model
-from onnxq.layers import find_layers
-from onnxq.oracle import weights_as_inputs
-from onnxq.segments import plan_segments, segment_model
-from onnxq.sequential import PairedStats, StageCapture, _skip_error, stage_plan
-from onnxq.spill import BatchStore
+from onnxq.allocation.oracle import weights_as_inputs
+from onnxq.calibration.capture import capture_model
+from onnxq.data.spill import BatchStore
+from onnxq.graph.layers import find_layers
+from onnxq.graph.segments import plan_segments, segment_model
+from onnxq.rounding.sequential import PairedStats, StageCapture, _skip_error, stage_plan
 
 
 def skip_model() -> onnx.ModelProto:

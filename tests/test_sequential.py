@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import onnxq
-from onnxq.calibrate import is_pointwise
-from onnxq.calibration_set import CalibrationSet
-from onnxq.layers import Layer, find_layers
-from onnxq.mixed import Budget
-from onnxq.sequential import PairedStats, compensated_bias_shift, compensated_target, residual_skips, stages
-from onnxq.sources import model_inputs
-from onnxq.unfold import unfold
+from onnxq.allocation.mixed import Budget
+from onnxq.calibration.calibrate import is_pointwise
+from onnxq.calibration.unfold import unfold
+from onnxq.data.calibration_set import CalibrationSet
+from onnxq.data.sources import model_inputs
+from onnxq.graph.layers import Layer, find_layers
+from onnxq.rounding.sequential import PairedStats, compensated_bias_shift, compensated_target, residual_skips, stages
 
 
 def centred_moments(Xq: np.ndarray, Xf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +149,7 @@ def test_residual_layer_repairs_the_skip_error(tmp_path, monkeypatch):
     energy = {}
     for residual in (False, True):
         if not residual:
-            monkeypatch.setattr("onnxq.sequential.residual_skips", lambda *_: {})
+            monkeypatch.setattr("onnxq.rounding.sequential.residual_skips", lambda *_: {})
         else:
             monkeypatch.undo()
         out = tmp_path / f"q{int(residual)}.onnx"

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from onnxq.errors import OnnxqError
-from onnxq.layers import find_layers
+from onnxq.graph.layers import find_layers
 
 
 def matmul_model(nodes, weight_dtype=np.float32) -> onnx.ModelProto:

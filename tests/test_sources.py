@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 from PIL import Image
 
+from onnxq.data.images import ImagePreprocessing
+from onnxq.data.sources import batches, feeds_from, model_inputs, spread_order
 from onnxq.errors import OnnxqError
-from onnxq.images import ImagePreprocessing
-from onnxq.sources import batches, feeds_from, model_inputs, spread_order
 
 
 def collect(calib, model, batch_size=4, limit=None, preprocessing=None):

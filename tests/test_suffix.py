@@ -9,13 +9,13 @@ import tiny
 from test_sequential import branching_model, residual_model
 from test_transformer import sample, transformer
 
-from onnxq.bias import add_missing_biases, bias_slots, output_shift
-from onnxq.layers import find_layers
-from onnxq.oracle import LossOracle
+from onnxq.allocation.oracle import LossOracle
+from onnxq.data.sources import model_inputs
+from onnxq.graph.bias import add_missing_biases, bias_slots, output_shift
+from onnxq.graph.layers import find_layers
+from onnxq.graph.prepare import prepare
+from onnxq.graph.suffix import SuffixProbes, downstream_nodes, suffix_of
 from onnxq.passes import Grid, rtn
-from onnxq.prepare import prepare
-from onnxq.sources import model_inputs
-from onnxq.suffix import SuffixProbes, downstream_nodes, suffix_of
 
 
 def random_feeds(model: onnx.ModelProto, rng: np.random.Generator, batches: int = 3) -> list[dict]:

@@ -9,15 +9,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
-from onnxq.calibrate import calibrate
-from onnxq.capture import capture_model, make_session
-from onnxq.export import build_quantized_model, save_atomic
-from onnxq.layers import find_layers
-from onnxq.masking import attention_mask_name
-from onnxq.nbits import dequantize_nbits, pack_uint4, unpack_uint4
+from onnxq.calibration.calibrate import calibrate
+from onnxq.calibration.capture import capture_model, make_session
+from onnxq.data.masking import attention_mask_name
+from onnxq.data.sources import batches, model_inputs
+from onnxq.export.nbits import dequantize_nbits, pack_uint4, unpack_uint4
+from onnxq.export.qdq import build_quantized_model, save_atomic
+from onnxq.graph.layers import find_layers
+from onnxq.graph.prepare import prepare
 from onnxq.passes import Grid, comq, rtn
-from onnxq.prepare import prepare
-from onnxq.sources import batches, model_inputs
 
 VOCAB, D, HIDDEN = 50, 48, 96  # D is not a multiple of 32: the last block is short (and padded for NBits)
 WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2")

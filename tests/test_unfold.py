@@ -9,8 +9,8 @@ import tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxq.layers import find_layers
-from onnxq.unfold import unfold
+from onnxq.calibration.unfold import unfold
+from onnxq.graph.layers import find_layers
 
 
 def conv_via_unfold(model, x: np.ndarray) -> np.ndarray:

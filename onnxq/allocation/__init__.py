@@ -1,0 +1,1 @@
+"""Mixed precision: CLADO candidates, sensitivities, the loss oracle and the budget."""

@@ -1,0 +1,339 @@
+"""CLADO mixed precision on an ONNX model: candidates, measured sensitivities, and the budgeted allocation.
+
+For every layer and candidate width the rounding pass (COMQ by default) gives a quantized weight; the
+loss oracle measures how much the model's loss rises with each candidate alone (and, for the exact
+estimator, with every pair); ``onnxq.passes.clado`` turns the losses into the sensitivity matrix Omega and
+solves ``min alpha^T Omega alpha`` under the size budget exactly with HiGHS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onnxq.allocation.oracle import LossOracle
+from onnxq.data.npz import BadCache, CacheReader, looks_like_cache
+from onnxq.errors import OnnxqError
+from onnxq.export.atomic import write_text, write_with
+from onnxq.export.qdq import stored_weight_bits
+from onnxq.graph.layers import Layer
+from onnxq.graph.suffix import SuffixProbes
+from onnxq.passes import QuantWeight, clado
+from onnxq.report.progress import NoProgress
+
+log = logging.getLogger("onnxq")
+ESTIMATORS = ("fast", "exact", "diagonal")
+
+
+@dataclass
+class Budget:
+    """One of: an average stored width over the quantized weights, a file size in MB, or a size ratio."""
+
+    avg_bits: float | None = None
+    size_mb: float | None = None
+    size_ratio: float | None = None
+
+    def is_set(self) -> bool:
+        return any(v is not None for v in (self.avg_bits, self.size_mb, self.size_ratio))
+
+
+@dataclass
+class MixedPlan:
+    """The outcome of the allocation, for reports and metadata."""
+
+    bits: dict[str, int]
+    estimator: str
+    predicted_loss: float
+    gap: float
+    status: str
+    budget_bits: float
+    used_bits: float
+    evaluations: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    omega: np.ndarray | None = None
+    keys: list[tuple[str, int]] = field(default_factory=list)
+    prefer: str = "size"
+    integer_mac_share: float | None = None  # with prefer="speed": the share of MACs at 8 bits (W8A8 kernels)
+    verified: dict[str, float] = field(default_factory=dict)  # measured loss of each allocation checked
+    picked: str = "solver"  # which of them was kept: "solver", "diagonal" or "uniform <bits>"
+
+
+def candidates_for(layers: list[Layer], choices: list[tuple[int, ...]],
+                   blocks: dict[str, int | None] | None = None) -> clado.Candidates:
+    """Per layer, its candidate widths and their cost in stored bits, each tensor in whole bytes as packed.
+
+    Without ``blocks`` the cost is the codes alone (what ``--avg-bits`` and the reports' "stored bits" count);
+    with it (size budgets) also the scales and zero points, per channel or per block for the layers it names.
+    """
+    costs = tuple(tuple(float(stored_weight_bits(layer, bits, (blocks or {}).get(layer.name), blocks is None))
+                        for bits in widths) for layer, widths in zip(layers, choices, strict=True))
+    return clado.Candidates(tuple(choices), costs)
+
+
+def budget_bits(budget: Budget, layers: list[Layer], fixed_bytes: int, float_bytes: int) -> tuple[float, bool]:
+    """The budget in stored bits for the weight codes, and whether it is a file size (else an average)."""
+    if budget.avg_bits is not None:
+        return budget.avg_bits * sum(layer.params for layer in layers), False
+    target_bytes = budget.size_mb * 1e6 if budget.size_mb is not None else budget.size_ratio * float_bytes
+    available = (target_bytes - fixed_bytes) * 8
+    if available <= 0:
+        raise OnnxqError(f"the size budget ({target_bytes / 1e6:.3f} MB) is smaller than the parts of the model "
+                         f"that are not quantized ({fixed_bytes / 1e6:.3f} MB); raise the budget")
+    return available, True
+
+
+def check_budget(cands: clado.Candidates, limit: float, layers: list[Layer], is_size: bool, fixed_bytes: int) -> None:
+    """Refuse budgets that no assignment meets, naming the smallest feasible one."""
+    if cands.min_cost <= limit:
+        return
+    if is_size:
+        smallest = (cands.min_cost / 8 + fixed_bytes) / 1e6
+        raise OnnxqError(f"the size budget is below the smallest mixed model ({smallest:.3f} MB with every layer "
+                         "at its lowest width); raise the budget or add lower --bit-choices")
+    params = sum(layer.params for layer in layers)
+    raise OnnxqError(f"--avg-bits is below the smallest stored width ({cands.min_cost / params:.2f} bits); "
+                     "raise it or add lower --bit-choices")
+
+
+def cache_key(fingerprint: str, choices: list[tuple[int, ...]], method: str, estimator: str, samples: int) -> str:
+    """What a cached Omega depends on; "diagonal" shares "fast"'s matrix (it only reads its diagonal)."""
+    measured = "fast" if estimator == "diagonal" else estimator
+    text = json.dumps([fingerprint, choices, method, measured, samples])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_omega(path: Path | None, key: str, size: int) -> np.ndarray | None:
+    """The cached sensitivity matrix when the file holds one for ``key`` that is ``size`` x ``size``, finite and
+    symmetric; else None, with a warning saying why (the caller measures it again)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        with CacheReader(path) as reader:
+            stored = str(reader.array("key", (), "U"))
+            if stored != key:
+                log.warning("not reusing %s: it was measured for another model, data or options; measuring "
+                            "sensitivities again", path)
+                return None
+            omega = reader.array("omega", (size, size)).astype(np.float64)
+    except BadCache as err:
+        log.warning("not reusing %s: %s; measuring sensitivities again", path, err)
+        return None
+    if not np.allclose(omega, omega.T, rtol=1e-6, atol=1e-12):
+        log.warning("not reusing %s: its sensitivity matrix is not symmetric; measuring sensitivities again", path)
+        return None
+    log.warning("reusing the sensitivity matrix from %s", path)
+    return omega
+
+
+def save_omega(path: Path | None, key: str, omega: np.ndarray) -> None:
+    """Cache Omega with its key, atomically; never over a file that is not an onnxq cache."""
+    if path is None:
+        return
+    if path.exists() and not looks_like_cache(path, "key.npy"):
+        log.warning("not caching the sensitivities in %s: it exists and is not an onnxq cache; delete it or "
+                    "choose another --sensitivity-cache path", path)
+        return
+    write_with(path, lambda handle: np.savez(handle, key=np.array(key), omega=omega), "--sensitivity-cache")
+
+
+def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidates,
+                  candidates: dict[tuple[str, int], QuantWeight], estimator: str,
+                  progress: Callable | None) -> np.ndarray:
+    """Measure Omega: single-layer losses always; pairs for "exact"; Fisher cross terms for "fast"."""
+    plan = clado.evaluation_plan(cands)
+    pairs = plan.pairs if estimator == "exact" else []
+    total = len(plan.singles) + len(pairs)
+    log.warning("measuring sensitivities: %d forward passes of %d samples", total + 1, len(oracle.reference))
+    tensors = {(i, b): oracle.replacement(layers[i], candidates[(layers[i].name, b)]) for i, b in plan.singles}
+    single, deltas, pair = {}, {}, {}
+    reference_loss = oracle.loss_of_outputs(oracle.reference)
+    with (progress(total, "sensitivity") if progress else NoProgress()) as bar:
+        for key, outputs in single_outputs(oracle, layers, tensors):
+            single[key] = oracle.loss_of_outputs(outputs)
+            if estimator == "fast" and oracle.classifier:
+                deltas[key] = (outputs - oracle.reference).astype(np.float32)
+            bar.update(1)
+        for a, b in pairs:
+            pair[(a, b)] = oracle.loss({**tensors[a], **tensors[b]})
+            bar.update(1)
+    omega = clado.sensitivity_matrix(cands, reference_loss, single, pair)
+    if estimator == "fast" and deltas:
+        omega = clado.with_diagonal(clado.fisher_sensitivity(cands, deltas, oracle.probabilities), np.diag(omega))
+    return omega
+
+
+def single_outputs(oracle: LossOracle, layers: list[Layer], tensors: dict[tuple[int, int], dict[str, np.ndarray]]
+                   ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+    """The model's output with each single candidate in place: on the layer's suffix only (``suffix.py``) where
+    the graph allows it, else by a whole-model pass of the oracle."""
+    if not SuffixProbes.applies(oracle.model):
+        for key, replaced in tensors.items():
+            yield key, oracle.outputs(replaced)
+        return
+    probes: dict[str, list] = {}
+    for (i, b), replaced in tensors.items():
+        probes.setdefault(layers[i].name, []).append(((i, b), replaced))
+    suffixes = SuffixProbes(oracle.model, layers, oracle.feeds, oracle.reference, oracle.float_weights)
+    for key, outputs in suffixes.outputs(probes):
+        oracle.evaluations += 1
+        yield key, outputs
+
+
+def float_mac_share(layers: list[Layer], choices: list[tuple[int, ...]], macs: dict[str, float]) -> np.ndarray:
+    """Per candidate, the share of the model's multiply-adds it leaves to float kernels: every width but 8
+    (8-bit layers run as W8A8 in integer kernels; 2-4-bit weights are dequantized to float)."""
+    total = sum(macs.values()) or 1.0
+    return np.array([0.0 if b == 8 else macs[layer.name] / total
+                     for layer, widths in zip(layers, choices, strict=True) for b in widths])
+
+
+def uniform_choices(cands: clado.Candidates, limit: float) -> dict[str, np.ndarray]:
+    """The widest uniform width that fits the budget (layers with a single width keep it), by label; narrower
+    uniform widths are never better, so they are not worth a forward pass."""
+    for b in sorted({b for widths in cands.bits for b in widths}, reverse=True):
+        if all(b in widths or len(widths) == 1 for widths in cands.bits):
+            choice = np.array([widths.index(b) if b in widths else 0 for widths in cands.bits])
+            if cands.total_cost(choice) <= limit:
+                return {f"uniform {b}": choice}
+    return {}
+
+
+def verify(result: clado.Allocation, cands: clado.Candidates, limit: float, omega: np.ndarray,
+           measure: Callable[[tuple[int, ...]], float]) -> tuple[np.ndarray, str, dict[str, float]]:
+    """Measure the solver's allocation, the diagonal-only one and the widest uniform one that fits; keep the best.
+
+    The quadratic model is a second-order expansion at the float model; at 2-3 bits the loss of many perturbed
+    layers together departs from it, and one forward pass per alternative settles which is really better.
+    """
+    options = {"solver": result.choice, "diagonal": clado.allocate_diagonal(omega, cands, limit).choice,
+               **uniform_choices(cands, limit)}
+    losses, seen = {}, {}
+    for label, choice in options.items():
+        key = tuple(int(c) for c in choice)
+        if key not in seen:
+            seen[key] = measure(tuple(int(b) for b in cands.bits_of(choice)))
+        losses[label] = seen[key]
+    picked = min(losses, key=lambda label: (losses[label], label != "solver"))
+    return options[picked], picked, losses
+
+
+def allocate_bits(layers: list[Layer], choices: list[tuple[int, ...]], budget: Budget, omega: np.ndarray,
+                  fixed_bytes: int, float_bytes: int, estimator: str, time_limit: float,
+                  macs: dict[str, float] | None = None, blocks: dict[str, int | None] | None = None,
+                  measure: Callable[[tuple[int, ...]], float] | None = None) -> MixedPlan:
+    """Solve the allocation under the budget: exactly (MILP) with cross terms, or the diagonal baseline.
+
+    With ``macs`` (``--prefer speed``) a second solve adds a linear speed term to Omega's diagonal: leaving
+    every multiply-add to float kernels costs as much as the first (loss-only) solution's predicted loss, so
+    8-bit (W8A8) layers win wherever they cost little accuracy for the same size.
+    """
+    limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
+    cands = candidates_for(layers, choices, (blocks or {}) if is_size else None)
+    check_budget(cands, limit, layers, is_size, fixed_bytes)
+    loss_matrix = np.diag(np.diag(omega)) if estimator == "diagonal" else omega
+
+    def solve(matrix: np.ndarray) -> clado.Allocation:
+        if estimator == "diagonal":
+            return clado.allocate_diagonal(matrix, cands, limit, time_limit=time_limit)
+        return clado.allocate(matrix, cands, limit, time_limit=time_limit)
+
+    result = solve(omega)
+    seconds = result.seconds
+    share = None
+    if macs is not None:
+        penalty = float_mac_share(layers, choices, macs)
+        weight = max(result.objective, 1e-12)
+        result = solve(omega + np.diag(weight * penalty))
+        seconds += result.seconds
+        share = 1.0 - float(penalty[cands.offsets[:-1] + result.choice].sum())
+    choice, picked, verified = result.choice, "solver", {}
+    if measure is not None and macs is None:
+        start = time.perf_counter()
+        choice, picked, verified = verify(result, cands, limit, omega, measure)
+        seconds += time.perf_counter() - start
+    bits = {layer.name: int(b) for layer, b in zip(layers, cands.bits_of(choice), strict=True)}
+    keys = [(layer.name, b) for layer, widths in zip(layers, choices, strict=True) for b in widths]
+    loss = clado.quadratic_value(loss_matrix, cands, choice)
+    return MixedPlan(bits, estimator, loss, float(result.gap), result.status, limit, cands.total_cost(choice), 0,
+                     {"solve": seconds}, omega, keys, "speed" if macs is not None else "size", share, verified,
+                     picked)
+
+
+def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers: list[Layer],
+                               candidates: dict[tuple[str, int], QuantWeight], choices: list[tuple[int, ...]],
+                               budget: Budget, estimator: str, fixed_bytes: int, float_bytes: int,
+                               cache: Path | None, key: str, time_limit: float,
+                               progress: Callable | None, macs: dict[str, float] | None = None,
+                               verifier_factory: Callable[[], LossOracle] | None = None,
+                               weights_for: Callable[[dict[str, int]], dict[str, QuantWeight]] | None = None
+                               ) -> MixedPlan:
+    """Measure (or reload) Omega, then allocate widths under the budget; with ``verifier_factory``, check the
+    result against the diagonal-only and uniform allocations by measuring each on that oracle's samples, with
+    the weights ``weights_for`` gives an allocation (default: the candidates; sequential rounding differs)."""
+    if estimator not in ESTIMATORS:
+        raise OnnxqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
+    blocks = {name: qw.grid.block_size for (name, _), qw in candidates.items()}
+    check_budget(candidates_for(layers, choices, blocks if is_size else None), limit, layers, is_size, fixed_bytes)
+    start = time.perf_counter()
+    omega = load_omega(cache, key, sum(len(c) for c in choices))
+    evaluations = 0
+    if omega is None:
+        oracle = oracle_factory()
+        cands = candidates_for(layers, choices)
+        measured = "fast" if estimator == "diagonal" else estimator  # the Fisher terms cost no extra passes
+        omega = measure_omega(oracle, layers, cands, candidates, measured, progress)
+        evaluations = oracle.evaluations
+        save_omega(cache, key, omega)
+    measured = time.perf_counter() - start
+
+    verifier = verifier_factory() if verifier_factory and estimator != "diagonal" and macs is None else None
+
+    def measure(bits: tuple[int, ...]) -> float:
+        """The verifier's loss of one whole allocation (one forward pass)."""
+        widths = {layer.name: b for layer, b in zip(layers, bits, strict=True)}
+        weights = weights_for(widths) if weights_for else {name: candidates[(name, b)] for name, b in widths.items()}
+        replaced = {}
+        for layer in layers:
+            replaced.update(verifier.replacement(layer, weights[layer.name]))
+        return verifier.loss(replaced)
+
+    plan = allocate_bits(layers, choices, budget, omega, fixed_bytes, float_bytes, estimator, time_limit, macs,
+                         blocks, measure if verifier is not None else None)
+    plan.evaluations = evaluations + (verifier.evaluations if verifier is not None else 0)
+    plan.seconds["sensitivity"] = measured
+    return plan
+
+
+def write_bits_json(path: Path, layers: list[Layer], bits: dict[str, int]) -> None:
+    """The assignment as ``{"bits": {layer: width}}`` plus onnxruntime's TensorQuantOverrides form."""
+    overrides = {layer.weight: [{"quant_type": "QInt8" if bits[layer.name] == 8 else "QInt4",
+                                 "axis": layer.channel_axis}] for layer in layers if layer.name in bits}
+    text = json.dumps({"bits": bits, "tensor_quant_overrides": overrides}, indent=1)
+    write_text(path, text, "--bits-json")
+
+
+def read_bits_json(path: Path, layers: list[Layer]) -> dict[str, int]:
+    """Per-layer widths from an onnxq bits file, or from a plain TensorQuantOverrides file (by weight name)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise OnnxqError(f"cannot read bit assignment {path} ({err}); fix or delete the file") from err
+    if "bits" in data:
+        return {name: int(b) for name, b in data["bits"].items()}
+    overrides = data.get("tensor_quant_overrides", data)
+    by_weight = {layer.weight: layer.name for layer in layers}
+    widths = {"QInt8": 8, "QUInt8": 8, "QInt4": 4, "QUInt4": 4}
+    bits = {}
+    for weight, entries in overrides.items():
+        quant_type = entries[0].get("quant_type") if entries else None
+        if weight in by_weight and quant_type in widths:
+            bits[by_weight[weight]] = widths[quant_type]
+    return bits

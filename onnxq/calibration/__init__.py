@@ -1,0 +1,1 @@
+"""Calibration: the capture engine and its observers (Gram statistics, activation ranges)."""

@@ -1,0 +1,139 @@
+"""Run the float model with onnxruntime and accumulate each layer's Gram matrix ``H = X^T X``.
+
+One session exposes every layer input as an extra output; batches stream through it and each input
+is unfolded exactly as its operator reads it; blocks of rows are multiplied in float32 and summed into
+``H`` in float64. Nothing grows with the
+calibration set, so memory is bounded by one batch. When the model takes an attention mask, padding tokens
+are left out of every (batch, tokens, features) layer input (``masking.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from threadpoolctl import threadpool_limits
+
+from onnxq.calibration.capture import capture
+from onnxq.calibration.gram import COLUMN_CHUNK_ELEMENTS, add_columns, add_conv, add_pointwise
+from onnxq.calibration.unfold import unfold_columns
+from onnxq.data.masking import attention_mask_name, batch_mask, token_rows
+from onnxq.data.sources import Feed, model_inputs
+from onnxq.graph.layers import Layer
+from onnxq.passes.gram import centred_gram, overflow_shift
+
+UNFOLD_CHUNK_ELEMENTS = COLUMN_CHUNK_ELEMENTS  # unfolded values processed at once: bounds the im2col copy
+
+
+@dataclass
+class LayerStats:
+    """What a rounding pass needs from calibration: the Gram matrix (G x d x d), the row sums (G x d) and
+    input ranges. The row sums give the mean input, for bias correction and the centred Gram matrix."""
+
+    gram: np.ndarray
+    rows: int
+    act_min: float
+    act_max: float
+    samples: int = 0
+    row_sum: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.row_sum is None:
+            self.row_sum = np.zeros(self.gram.shape[:2])
+
+    def merge(self, x: np.ndarray, layer: Layer, mask: np.ndarray | None = None) -> None:
+        """Add one batch of the layer's raw input (only its real tokens, given the batch's attention mask)."""
+        self.samples += x.shape[0]
+        x = token_rows(x, layer, mask)
+        if not x.size:
+            return
+        self.act_min = min(self.act_min, float(x.min()))
+        self.act_max = max(self.act_max, float(x.max()))
+        if is_pointwise(layer):
+            rows = self._add(add_pointwise, x)
+        elif layer.op_type == "Conv":
+            rows = self._add(add_conv, x, layer.conv, layer.groups)
+        else:
+            rows = self._add(add_columns, unfold_columns(layer, x))
+        self.rows += rows
+
+    def _add(self, kernel: Callable, x: np.ndarray, *args: object) -> int:
+        """Run a float32 Gram kernel on ``x`` (pre-scaled by an exact power of two when its squares could overflow
+        float32's range: values near 1e15 and up) and return the rows it added."""
+        shift = overflow_shift(x)
+        if not shift:
+            with np.errstate(invalid="ignore", over="ignore"):  # Inf activations: reported per layer by the caller
+                rows = kernel(self.gram, self.row_sum, x, *args)
+            return x.size // x.shape[1] if rows is None else rows
+        gram, row_sum = np.zeros_like(self.gram), np.zeros_like(self.row_sum)
+        scaled = np.ldexp(x, -shift).astype(np.float32)
+        rows = kernel(gram, row_sum, scaled, *args)
+        self.gram += np.ldexp(gram, 2 * shift)
+        self.row_sum += np.ldexp(row_sum, shift)
+        return scaled.size // scaled.shape[1] if rows is None else rows
+
+    @property
+    def normalised_gram(self) -> np.ndarray:
+        """``H / rows``: the same minimiser, with magnitudes independent of the calibration size."""
+        return self.gram / max(self.rows, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """The mean input row (G x d): what a constant bias shift sees."""
+        return self.row_sum / max(self.rows, 1)
+
+    @property
+    def centred_gram(self) -> np.ndarray:
+        """``E[x x^T] - mean mean^T``: the error left once the bias absorbs the error's mean (bias correction)."""
+        return centred_gram(self.normalised_gram, self.mean)
+
+
+def is_pointwise(layer: Layer) -> bool:
+    """A 1x1, stride-1, unpadded, ungrouped 2-D Conv: its unfolded input is just the pixels."""
+    conv = layer.conv
+    return (layer.op_type == "Conv" and layer.groups == 1 and len(layer.shape) == 4
+            and all(k == 1 for k in conv["kernel_shape"]) and all(s == 1 for s in conv["strides"])
+            and not any(conv["pads"]) and conv.get("auto_pad", "NOTSET") in ("NOTSET", "", "VALID"))
+
+
+def empty_stats(layer: Layer) -> LayerStats:
+    d = layer.fan_in
+    return LayerStats(np.zeros((layer.groups, d, d)), 0, np.inf, -np.inf)
+
+
+def batch_chunks(x: np.ndarray, layer: Layer) -> Iterable[np.ndarray]:
+    """Split a batch along its first axis so one unfolded chunk stays small."""
+    if layer.op_type != "Conv" or x.shape[0] <= 1:
+        yield x
+        return
+    per_sample = x[0].size * int(np.prod(layer.conv["kernel_shape"])) // max(
+        1, int(np.prod(layer.conv["strides"])))
+    step = max(1, UNFOLD_CHUNK_ELEMENTS // max(per_sample, 1))
+    for start in range(0, x.shape[0], step):
+        yield x[start:start + step]
+
+
+class GramObserver:
+    """Accumulates each layer's statistics from its input tensor (padding tokens left out)."""
+
+    def __init__(self, layers: list[Layer], mask_name: str | None) -> None:
+        self.layers = layers
+        self.tensors = sorted({layer.activation for layer in layers})
+        self.mask_name = mask_name
+        self.stats = {layer.name: empty_stats(layer) for layer in layers}
+
+    def update(self, values: dict[str, np.ndarray], feed: Feed) -> None:
+        mask = batch_mask(feed, self.mask_name)
+        for layer in self.layers:
+            self.stats[layer.name].merge(np.asarray(values[layer.activation], dtype=np.float32), layer, mask)
+
+
+def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Feed],
+              on_batch: Callable[[int], None] | None = None) -> dict[str, LayerStats]:
+    """Stream the batches through the float model and return each layer's statistics."""
+    observer = GramObserver(layers, attention_mask_name(model_inputs(model)))
+    with threadpool_limits(1):  # one BLAS thread: small GEMMs lose to thread hand-offs; forward uses the other core
+        capture(model, batches, [observer], on_batch)
+    return observer.stats

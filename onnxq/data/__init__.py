@@ -1,0 +1,1 @@
+"""Calibration data: reading, preprocessing, validation and the read-once calibration set."""

@@ -1,0 +1,1 @@
+"""Export: weight and activation Q/DQ, MatMulNBits, atomic writing and output checks."""

@@ -1,0 +1,126 @@
+"""Single-layer probes that run only the part of the model a layer can change.
+
+CLADO measures the loss with one layer quantized at a time: hundreds of forward passes. A layer's weight only
+changes the nodes downstream of it, so each probe runs the layer's *suffix*: the layer's node and everything
+that depends on it, fed with the float model's values at the suffix's boundary. The float model runs once per
+batch for a group of layers (capturing every boundary they need), and each probe feeds only its own weight (and
+corrected bias) while every other weight stays a constant that onnxruntime pre-packs. The outputs are those of
+the whole model with that one layer replaced, up to float summation order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxq.calibration.capture import CaptureEngine, make_session
+from onnxq.data.sources import Feed
+from onnxq.graph.layers import Layer
+
+GROUP_LAYERS = 8  # suffix sessions alive at once (each holds its own constant weights and arena)
+
+
+@dataclass
+class Suffix:
+    """The nodes downstream of one layer as a model: ``boundary`` float values and the ``fed`` tensors (the
+    layer's weight and bias) in, the first graph output out."""
+
+    boundary: list[str]
+    fed: list[str]
+    model: onnx.ModelProto | None  # None: the layer does not reach the output (its probes change nothing)
+
+
+def has_subgraphs(model: onnx.ModelProto) -> bool:
+    """Nodes with graph attributes (If/Loop/Scan) read outer-scope names a node list cannot show."""
+    return any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for node in model.graph.node for attr in node.attribute)
+
+
+def downstream_nodes(model: onnx.ModelProto, start: int) -> list[int]:
+    """Indices of node ``start`` and every node that (transitively) consumes its outputs, in graph order."""
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(model.graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(index)
+    reached, frontier = {start}, [start]
+    while frontier:
+        for output in model.graph.node[frontier.pop()].output:
+            for index in consumers.get(output, ()):
+                if index not in reached:
+                    reached.add(index)
+                    frontier.append(index)
+    return sorted(reached)
+
+
+def suffix_of(model: onnx.ModelProto, layer: Layer, replaced: Iterable[str]) -> Suffix:
+    """The suffix model of ``layer``: its downstream nodes; the float values they read from outside, and the
+    ``replaced`` tensors they read, as inputs; every other initializer a constant."""
+    graph = model.graph
+    start = next(i for i, node in enumerate(graph.node) if node.name == layer.name)
+    nodes = [graph.node[i] for i in downstream_nodes(model, start)]
+    produced = {name for node in nodes for name in node.output}
+    output = graph.output[0]
+    if output.name not in produced:
+        return Suffix([], [], None)
+    inits = {t.name: t for t in graph.initializer}
+    read = list(dict.fromkeys(name for node in nodes for name in node.input if name))
+    fed = [name for name in read if name in set(replaced)]
+    boundary = [name for name in read if name not in produced and name not in inits and name not in fed]
+    types = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
+    inputs = [types.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+              for name in boundary]
+    inputs += [onnx.helper.make_tensor_value_info(name, inits[name].data_type, inits[name].dims) for name in fed]
+    constants = [inits[name] for name in read if name in inits and name not in fed]
+    sub = onnx.helper.make_graph(nodes, f"{graph.name}_after_{layer.name}", inputs, [output], constants)
+    return Suffix(boundary, fed, onnx.helper.make_model(sub, opset_imports=model.opset_import,
+                                                        ir_version=model.ir_version))
+
+
+Probes = dict[str, list[tuple[object, dict[str, np.ndarray]]]]  # layer name -> [(key, replaced tensors)]
+
+
+class SuffixProbes:
+    """First-output values of the model with one layer's tensors replaced, computed on suffixes only."""
+
+    def __init__(self, model: onnx.ModelProto, layers: list[Layer], feeds: list[Feed], reference: np.ndarray,
+                 float_tensors: dict[str, np.ndarray]) -> None:
+        self.model = model
+        self.float_tensors = float_tensors
+        self.layers = {layer.name: layer for layer in layers}
+        self.feeds = feeds
+        self.reference = reference
+        self.graph_inputs = {v.name for v in model.graph.input}
+
+    @staticmethod
+    def applies(model: onnx.ModelProto) -> bool:
+        """Suffixes are cut from the top-level node list: models with subgraphs run whole."""
+        return not has_subgraphs(model)
+
+    def outputs(self, probes: Probes) -> Iterator[tuple[object, np.ndarray]]:
+        """``(key, the model's first output over all samples)`` for every probe, ``GROUP_LAYERS`` layers at a
+        time (only one group's outputs are held at once)."""
+        names = list(probes)
+        for start in range(0, len(names), GROUP_LAYERS):
+            yield from self._run_group({name: probes[name] for name in names[start:start + GROUP_LAYERS]})
+
+    def _run_group(self, probes: Probes) -> Iterator[tuple[object, np.ndarray]]:
+        """One float pass per batch captures every boundary of the group; each probe runs only its suffix."""
+        suffixes = {name: suffix_of(self.model, self.layers[name], {t for _, tensors in entries for t in tensors})
+                    for name, entries in probes.items()}
+        live = {name: suffix for name, suffix in suffixes.items() if suffix.model is not None}
+        sessions = {name: make_session(suffix.model) for name, suffix in live.items()}
+        capture = CaptureEngine(self.model, {t for s in live.values() for t in s.boundary} - self.graph_inputs)
+        parts: dict[object, list[np.ndarray]] = {key: [] for name in live for key, _ in probes[name]}
+        for feed in self.feeds:
+            values = capture.values(feed)
+            for name, suffix in live.items():
+                given = {t: values[t] for t in suffix.boundary}
+                for key, tensors in probes[name]:
+                    fed = {t: tensors.get(t, self.float_tensors[t]) for t in suffix.fed}
+                    parts[key].append(sessions[name].run(None, {**given, **fed})[0])
+        for name, entries in probes.items():
+            for key, _ in entries:
+                yield key, (np.concatenate(parts.pop(key)) if name in live else self.reference)

@@ -1,0 +1,1 @@
+"""Checks and reports: summaries, diagnostics, eval, the HTML report, kernels, progress."""

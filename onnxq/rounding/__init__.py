@@ -1,0 +1,1 @@
+"""Rounding many layers: the worker pool, shrinkage, sequential rounding, degenerate inputs."""

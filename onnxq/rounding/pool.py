@@ -1,0 +1,75 @@
+"""Run a rounding pass over many layers (or layer x width candidates), using every core.
+
+Layers are independent once their Gram matrices are known, so they are farmed out to worker processes,
+largest first; each worker runs single-threaded BLAS so the processes do not fight over cores. Workers are
+forked where the platform allows it, so scripts that call onnxq need no ``if __name__ == "__main__"`` guard.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from onnxq.passes import ROUNDING_PASSES, Grid, QuantWeight, relative_error
+
+
+@dataclass
+class RoundingTask:
+    """One weight matrix to round on one grid."""
+
+    key: object
+    W: np.ndarray
+    H: np.ndarray
+    grid: Grid
+    options: dict = field(default_factory=dict)
+    measured_on: np.ndarray | None = None  # the Gram the reported error uses when H is a regularised one
+
+    @property
+    def cost(self) -> float:
+        return float(self.W.size) * self.W.shape[1]
+
+
+def run_task(method: str, task: RoundingTask) -> tuple[QuantWeight, float]:
+    """Round one matrix and measure its relative reconstruction error."""
+    qw = ROUNDING_PASSES[method](task.W, task.H, task.grid, **task.options)
+    H = task.H if task.measured_on is None else task.measured_on
+    return qw, relative_error(task.W, qw.dequantize(), H)
+
+
+def default_jobs() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def round_all(tasks: list[RoundingTask], method: str, jobs: int | None = None,
+              on_done: Callable[[], None] | None = None) -> dict[object, tuple[QuantWeight, float]]:
+    """Round every task with ``method``; ``jobs`` worker processes (1: in this process)."""
+    jobs = default_jobs() if jobs is None else jobs
+    ordered = sorted(tasks, key=lambda t: -t.cost)
+    if jobs <= 1 or len(tasks) <= 1 or sum(t.cost for t in tasks) < 1e7:
+        results = {}
+        for task in ordered:
+            results[task.key] = run_task(method, task)
+            if on_done:
+                on_done()
+        return results
+    method_names = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in method_names else "spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_single_threaded_blas) as pool:
+        futures = {pool.submit(run_task, method, task): task.key for task in ordered}
+        results = {}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            if on_done:
+                on_done()
+        return results
+
+
+def _single_threaded_blas() -> None:
+    """In a worker: one BLAS thread, since the workers themselves already use every core."""
+    threadpool_limits(1)

@@ -1,0 +1,447 @@
+"""Sequential, error-compensating rounding: each layer is rounded against the inputs the quantized model
+really feeds it, towards the float model's output.
+
+COMQ's objective ``||X W - X Q||^2`` uses the float model's inputs X for every layer, so each layer ignores
+the error the layers before it already made. Here the layers are rounded stage by stage; a stage's inputs
+are captured twice on the same batches, from the float model (X) and from the model whose earlier stages
+are already quantized (X~), and the stage's layers minimise ``||X W - X~ Q - 1 b||^2`` (the asymmetric
+reconstruction of AdaRound/GPFQ). In Gram form that is ``(Q - W*) S (Q - W*)^T`` with the centred
+``S = cov(X~)`` and the compensated target ``W* = W cov(X, X~) S^-1``, so every rounding pass runs
+unchanged on ``(W*, S)``; the bias absorbs ``W mu - Q mu~``. When X~ = X, W* = W exactly.
+
+A layer whose output is added to a skip connection (the project conv of a residual block) aims at the float
+sum instead: the skip already carries the earlier layers' error e = s - s~, so its target becomes
+``||X W + e - X~ Q - 1 b||^2`` (``W*`` gains ``cov(X~, e)^T S^-1``, the bias the mean of e) and the residual
+stream is repaired where it is written, instead of drifting through every block.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from threadpoolctl import threadpool_limits
+
+from onnxq.allocation.oracle import weights_as_inputs
+from onnxq.calibration.calibrate import batch_chunks, is_pointwise
+from onnxq.calibration.capture import make_session
+from onnxq.calibration.gram import GRAM_BLOCK_ROWS
+from onnxq.calibration.unfold import unfold
+from onnxq.data.masking import attention_mask_name, batch_mask, token_rows
+from onnxq.data.sources import Feed, feed_samples, model_inputs
+from onnxq.data.spill import STORE_BYTES, BatchStore
+from onnxq.graph.bias import BiasSlot, replacement_tensors
+from onnxq.graph.layers import Layer
+from onnxq.graph.segments import Segment, plan_segments, segment_model
+from onnxq.passes.gram import centred_gram, overflow_shift
+
+TARGET_DAMP = 0.01  # ridge on S (fraction of its mean diagonal) when solving for W*: S is often rank-deficient
+
+
+@dataclass
+class PairedStats:
+    """Sums over one layer's input rows in the quantized-so-far model (x~) and the float model (x)."""
+
+    gram: np.ndarray  # (G, d, d) sum x~ x~^T
+    cross: np.ndarray  # (G, d, d) sum x~ x^T
+    sum_quantized: np.ndarray  # (G, d)
+    sum_float: np.ndarray  # (G, d)
+    rows: int = 0
+    samples: int = 0
+    skip_cross: np.ndarray | None = None  # (d, out) sum x~ e^T, e = s - s~ the skip's error (residual layers)
+    skip_sum: np.ndarray | None = None  # (out,) sum e
+
+    @classmethod
+    def empty(cls, layer: Layer) -> PairedStats:
+        g, d = layer.groups, layer.fan_in
+        return cls(np.zeros((g, d, d)), np.zeros((g, d, d)), np.zeros((g, d)), np.zeros((g, d)))
+
+    def merge(self, x_quantized: np.ndarray, x_float: np.ndarray, layer: Layer, mask: np.ndarray | None,
+              skip_error: np.ndarray | None = None) -> None:
+        """Add one batch of the layer's input from both models (same samples, same order), and for a residual
+        layer the error of the skip its output is added to. Inputs so large that their float32 products could
+        overflow are summed scaled by an exact power of two (``passes.gram.overflow_shift``)."""
+        shift = max(overflow_shift(x_quantized), overflow_shift(x_float))
+        if not shift:
+            with np.errstate(invalid="ignore", over="ignore"):  # Inf activations: reported per layer later
+                self._merge(x_quantized, x_float, layer, mask, skip_error)
+            return
+        part = PairedStats.empty(layer)
+        scaled = [None if x is None else np.ldexp(x, -shift).astype(np.float32)
+                  for x in (x_quantized, x_float, skip_error)]
+        part._merge(scaled[0], scaled[1], layer, mask, scaled[2])
+        self.gram += np.ldexp(part.gram, 2 * shift)
+        self.cross += np.ldexp(part.cross, 2 * shift)
+        self.sum_quantized += np.ldexp(part.sum_quantized, shift)
+        self.sum_float += np.ldexp(part.sum_float, shift)
+        self.rows += part.rows
+        self.samples += part.samples
+        if part.skip_cross is not None:
+            if self.skip_cross is None:
+                self.skip_cross, self.skip_sum = np.zeros_like(part.skip_cross), np.zeros_like(part.skip_sum)
+            self.skip_cross += np.ldexp(part.skip_cross, 2 * shift)
+            self.skip_sum += np.ldexp(part.skip_sum, shift)
+
+    def _merge(self, x_quantized: np.ndarray, x_float: np.ndarray, layer: Layer, mask: np.ndarray | None,
+               skip_error: np.ndarray | None) -> None:
+        self.samples += x_quantized.shape[0]
+        xq, xf = token_rows(x_quantized, layer, mask), token_rows(x_float, layer, mask)
+        if skip_error is not None:
+            self._add_skip(xq, token_rows(skip_error, layer, mask), layer)
+        if is_pointwise(layer):  # a 1x1 Conv's rows are its pixels: no im2col copy
+            self._add_pixels(xq.reshape(xq.shape[0], xq.shape[1], -1), xf.reshape(xf.shape[0], xf.shape[1], -1))
+            return
+        for chunk_q, chunk_f in zip(batch_chunks(xq, layer), batch_chunks(xf, layer), strict=True):
+            self._add_rows(unfold(layer, chunk_q), unfold(layer, chunk_f))
+
+    def _add_rows(self, rows_q: np.ndarray, rows_f: np.ndarray) -> None:
+        """Add rows (G, rows, d) in blocks: ``x~^T x~`` (a float32 SYRK), ``x~^T x`` (a float32 GEMM) and the row
+        sums (float32 GEMVs, 8x faster than a float64 sum) per block, summed in float64."""
+        ones = np.ones(min(rows_q.shape[1], GRAM_BLOCK_ROWS), dtype=np.float32)
+        for start in range(0, rows_q.shape[1], GRAM_BLOCK_ROWS):
+            block_q = rows_q[:, start:start + GRAM_BLOCK_ROWS]
+            block_f = rows_f[:, start:start + GRAM_BLOCK_ROWS]
+            self.gram += np.matmul(block_q.transpose(0, 2, 1), block_q)
+            self.cross += np.matmul(block_q.transpose(0, 2, 1), block_f)
+            self.sum_quantized += np.matmul(ones[:block_q.shape[1]], block_q)
+            self.sum_float += np.matmul(ones[:block_f.shape[1]], block_f)
+        self.rows += rows_q.shape[1]
+
+    def _add_pixels(self, pixels_q: np.ndarray, pixels_f: np.ndarray) -> None:
+        """Add a pointwise Conv's pixels (N, d, pixels) straight from NCHW, sample by sample (no transposed copy)."""
+        ones = np.ones(min(pixels_q.shape[2], GRAM_BLOCK_ROWS), dtype=np.float32)
+        for sample_q, sample_f in zip(pixels_q, pixels_f, strict=True):
+            for start in range(0, sample_q.shape[1], GRAM_BLOCK_ROWS):
+                block_q = sample_q[:, start:start + GRAM_BLOCK_ROWS]
+                block_f = sample_f[:, start:start + GRAM_BLOCK_ROWS]
+                self.gram[0] += block_q @ block_q.T
+                self.cross[0] += block_q @ block_f.T
+                self.sum_quantized[0] += block_q @ ones[:block_q.shape[1]]
+                self.sum_float[0] += block_f @ ones[:block_f.shape[1]]
+        self.rows += pixels_q.shape[0] * pixels_q.shape[2]
+
+    def _add_skip(self, xq: np.ndarray, error: np.ndarray, layer: Layer) -> None:
+        """Add ``x~ e^T`` over rows that are the same pixels or tokens in the input and in the output."""
+        out = layer.out_channels
+        if layer.op_type == "Conv":  # pointwise: (N, d, *spatial) and (N, out, *spatial)
+            rows_q = xq.reshape(xq.shape[0], xq.shape[1], -1).transpose(1, 0, 2).reshape(xq.shape[1], -1)
+            rows_e = error.reshape(error.shape[0], out, -1).transpose(1, 0, 2).reshape(out, -1)
+            cross, total = rows_q @ rows_e.T, rows_e.sum(axis=1, dtype=np.float64)
+        else:
+            rows_q, rows_e = xq.reshape(-1, xq.shape[-1]), error.reshape(-1, out)
+            cross, total = rows_q.T @ rows_e, rows_e.sum(axis=0, dtype=np.float64)
+        if self.skip_cross is None:
+            self.skip_cross, self.skip_sum = np.zeros((layer.fan_in, out)), np.zeros(out)
+        self.skip_cross += cross
+        self.skip_sum += total
+
+    def skip_covariance(self, centred: bool) -> np.ndarray | None:
+        """``cov(x~, e)`` (d, out) for a residual layer, or None."""
+        if self.skip_cross is None:
+            return None
+        n = max(self.rows, 1)
+        cov = self.skip_cross / n
+        return cov - np.outer(self.mean_quantized[0], self.skip_sum / n) if centred else cov
+
+    @property
+    def mean_quantized(self) -> np.ndarray:
+        return self.sum_quantized / max(self.rows, 1)
+
+    @property
+    def mean_float(self) -> np.ndarray:
+        return self.sum_float / max(self.rows, 1)
+
+    def covariances(self, centred: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(S, C)``: the second moments of x~ and of (x~, x) per row, centred when a bias takes the means."""
+        n = max(self.rows, 1)
+        S, C = self.gram / n, self.cross / n
+        if centred:
+            mq, mf = self.mean_quantized, self.mean_float
+            S = centred_gram(S, mq)
+            C = C - mq[:, :, None] * mf[:, None, :]
+        return S, C
+
+
+def compensated_target(W: np.ndarray, S: np.ndarray, C: np.ndarray, rows: int | None = None,
+                       damp: float = TARGET_DAMP, skip: np.ndarray | None = None) -> np.ndarray:
+    """``W* = W + W (C - S)^T (S + lambda I)^-1`` per Gram group: the weight that, fed the quantized model's
+    inputs, best reproduces the float output. The ridge only shrinks the correction, so X~ = X gives W.
+
+    The correction is a regression of the earlier layers' error on the d inputs, fitted on ``rows`` rows;
+    its noise grows as d / rows, so it is scaled by ``max(0, 1 - d / rows)``: a classifier after pooling
+    (one row per image, more inputs than images) keeps W instead of fitting the calibration images' noise.
+    ``skip`` (d x out, one Gram group) is ``cov(X~, e)`` of a residual layer: the skip's error joins the target."""
+    groups, d = S.shape[0], S.shape[-1]
+    weight = 1.0 if rows is None else max(0.0, 1.0 - d / max(rows, 1))
+    target = W.astype(np.float64).copy()
+    if weight == 0.0:
+        return target
+    grouped = target.reshape(groups, -1, d)  # rows of each Gram group
+    ridge = damp * np.maximum(np.diagonal(S, axis1=1, axis2=2).mean(axis=1), 1e-30)
+    rhs = np.matmul(C - S, grouped.transpose(0, 2, 1))
+    if skip is not None:
+        rhs = rhs + skip[None]
+    correction = np.linalg.solve(S + ridge[:, None, None] * np.eye(d), rhs).transpose(0, 2, 1)
+    return (grouped + weight * correction).reshape(W.shape)
+
+
+def compensated_bias_shift(W: np.ndarray, Q: np.ndarray, stats: PairedStats) -> np.ndarray:
+    """``W mu - Q mu~`` per output channel: the mean of the float output minus the quantized layer's."""
+    groups = stats.gram.shape[0]
+    index = np.repeat(np.arange(groups), W.shape[0] // groups)
+    mf, mq = stats.mean_float[index], stats.mean_quantized[index]
+    shift = np.einsum("od,od->o", W.astype(np.float64), mf) - np.einsum("od,od->o", Q.astype(np.float64), mq)
+    return shift if stats.skip_sum is None else shift + stats.skip_sum / max(stats.rows, 1)
+
+
+def layer_ancestry(model: onnx.ModelProto, layers: list[Layer]) -> Callable[[str], set[str]]:
+    """A function giving the names of the layers a tensor depends on (memoised)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    names = {layer.name for layer in layers}
+    upstream: dict[str, set[str]] = {}
+
+    def layers_above(tensor: str) -> set[str]:
+        if tensor in upstream:
+            return upstream[tensor]
+        found: set[str] = set()
+        stack, seen = [tensor], set()
+        while stack:
+            name = stack.pop()
+            node = producers.get(name)
+            if node is None or name in seen:
+                continue
+            seen.add(name)
+            if node.name in names:
+                found.add(node.name)
+            stack.extend(node.input)
+        upstream[tensor] = found
+        return found
+
+    return layers_above
+
+
+def stages(model: onnx.ModelProto, layers: list[Layer]) -> list[list[Layer]]:
+    """Split the layers (in graph order) into stages whose inputs do not depend on a layer of the same stage,
+    so a stage's layers can be captured together once the earlier stages are quantized."""
+    layers_above = layer_ancestry(model, layers)
+    result: list[list[Layer]] = []
+    for layer in layers:
+        if result and not (layers_above(layer.activation) & {item.name for item in result[-1]}):
+            result[-1].append(layer)
+        else:
+            result.append([layer])
+    return result
+
+
+def residual_skips(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, str]:
+    """``{layer: skip tensor}`` for the layers whose output (after at most one constant bias Add) is added to
+    another activation, the skip whose error the layer can absorb; only where input rows are output rows
+    (pointwise Conv, MatMul, Gemm with alpha 1 and untransposed input) and the skip depends on some layer."""
+    constants = {t.name for t in model.graph.initializer} | {
+        out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    nodes = {node.name: node for node in model.graph.node}
+    layers_above = layer_ancestry(model, layers)
+    skips = {}
+    for layer in layers:
+        if not _rows_align(layer, nodes[layer.name]):
+            continue
+        tensor = nodes[layer.name].output[0]
+        after = consumers.get(tensor, [])
+        if len(after) == 1 and after[0].op_type == "Add" and any(i in constants for i in after[0].input):
+            tensor = after[0].output[0]  # a MatMul's bias
+            after = consumers.get(tensor, [])
+        if len(after) != 1 or after[0].op_type != "Add" or len(after[0].input) != 2:
+            continue
+        other = [name for name in after[0].input if name != tensor]
+        if len(other) == 1 and other[0] not in constants and layers_above(other[0]):
+            skips[layer.name] = other[0]
+    return skips
+
+
+def _rows_align(layer: Layer, node: onnx.NodeProto) -> bool:
+    """Each input row of the layer is one row (pixel or token) of its output."""
+    if layer.op_type == "Conv":
+        return is_pointwise(layer)
+    if layer.op_type == "Gemm":
+        alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0)
+        return not layer.trans_a and alpha == 1.0
+    return layer.op_type == "MatMul"
+
+
+@dataclass
+class Stage:
+    """One stage: layers captured together, and the skips whose error is final when it is captured (every
+    layer a skip depends on is in an earlier stage) as ``{layer: skip tensor}``."""
+
+    layers: list[Layer]
+    skips: dict[str, str]
+
+    @property
+    def needs(self) -> list[str]:
+        """The tensors the stage reads: its layers' inputs, then the skips."""
+        return list(dict.fromkeys([layer.activation for layer in self.layers] + list(self.skips.values())))
+
+
+def stage_plan(model: onnx.ModelProto, layers: list[Layer]) -> list[Stage]:
+    """The stages in rounding order with their ready skips."""
+    skips, layers_above = residual_skips(model, layers), layer_ancestry(model, layers)
+    plan, rounded = [], set()
+    for group in stages(model, layers):
+        plan.append(Stage(group, {layer.name: skips[layer.name] for layer in group
+                                  if layer.name in skips and layers_above(skips[layer.name]) <= rounded}))
+        rounded |= {layer.name for layer in group}
+    return plan
+
+
+class StageCapture:
+    """Runs the model segment by segment (``segments.py``) on two streams of the same batches, the float model
+    and the model with the layers rounded so far, keeping each stream's cut between stages in a ``BatchStore``
+    (spilled under ``folder`` past its limit): every node runs once per stream, and memory stays bounded."""
+
+    def __init__(self, model: onnx.ModelProto, replaced_names: list[str], plan: list[Stage], feeds: Iterable[Feed],
+                 folder: Path, store_bytes: int = STORE_BYTES) -> None:
+        inits = {t.name: t for t in model.graph.initializer}
+        self.float_tensors = {name: onnx.numpy_helper.to_array(inits[name]) for name in replaced_names}
+        self.fed_model = weights_as_inputs(model, replaced_names)
+        self.parameters = set(replaced_names)
+        self.mask_name = attention_mask_name(model_inputs(model))
+        self.segments = iter(plan_segments(self.fed_model, [stage.needs for stage in plan], self.parameters))
+        self.feeds, self.folder, self.store_bytes = feeds, folder, store_bytes
+        self.float_cut: BatchStore | None = None  # None: the feeds are the cut (first stage)
+        self.quantized_cut: BatchStore | None = None  # None: the same as the float cut (nothing rounded yet)
+        self.masks: list[np.ndarray | None] = []
+        self.samples = 0
+
+    def paired_stats(self, stage: Stage, replaced: dict[str, np.ndarray]) -> dict[str, PairedStats]:
+        """Statistics of the stage's inputs, float model against the model with ``replaced`` tensors, and of
+        the error of the stage's skips; moves both streams to the next boundary."""
+        segment = next(self.segments)
+        stats = {layer.name: PairedStats.empty(layer) for layer in stage.layers}
+        next_float = BatchStore(self.folder, self.store_bytes)
+        next_quantized = BatchStore(self.folder, self.store_bytes) if replaced else None
+        runner = SegmentRunner(self, segment)
+        for index, (float_cut, quantized_cut) in enumerate(self._cuts()):
+            floats = runner.run(float_cut, {})
+            quantized = runner.run(quantized_cut, replaced) if replaced else floats
+            for layer in stage.layers:
+                xq = np.asarray(quantized[layer.activation], dtype=np.float32)
+                xf = np.asarray(floats[layer.activation], dtype=np.float32)
+                skip = stage.skips.get(layer.name)
+                error = _skip_error(np.asarray(floats[skip], dtype=np.float32),
+                                    np.asarray(quantized[skip], dtype=np.float32), xq, layer) if skip else None
+                stats[layer.name].merge(xq, xf, layer, self.masks[index], error)
+            next_float.append({name: floats[name] for name in segment.cut})
+            if next_quantized is not None:
+                next_quantized.append({name: quantized[name] for name in segment.cut})
+        self._advance(next_float, next_quantized)
+        return stats
+
+    def _cuts(self) -> Iterator[tuple[Feed, Feed]]:
+        """Both streams' cut, batch by batch; on the first stage, the feeds (whose masks are kept)."""
+        if self.float_cut is None:
+            for feed in self.feeds:
+                self.masks.append(batch_mask(feed, self.mask_name))
+                self.samples += feed_samples(feed)
+                yield feed, feed
+            return
+        quantized = self.quantized_cut or self.float_cut
+        for index in range(len(self.float_cut)):
+            float_cut = self.float_cut[index]
+            yield float_cut, float_cut if quantized is self.float_cut else quantized[index]
+
+    def _advance(self, next_float: BatchStore, next_quantized: BatchStore | None) -> None:
+        """Drop the boundary just read (deleting its spilled file) and keep the new one."""
+        self.close()
+        self.float_cut, self.quantized_cut = next_float, next_quantized
+
+    def close(self) -> None:
+        for store in (self.float_cut, self.quantized_cut):
+            if store is not None:
+                store.close()
+
+
+class SegmentRunner:
+    """One segment's onnxruntime session, built on its first batch (the cut's types come from the arrays)."""
+
+    def __init__(self, capture: StageCapture, segment: Segment) -> None:
+        self.capture, self.segment = capture, segment
+        self.session = None
+        self.wanted: set[str] = set()
+
+    def run(self, cut: Feed, replaced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The cut's tensors and the segment's outputs, the rounded layers fed ``replaced``."""
+        values = dict(cut)
+        if not self.segment.outputs:
+            return values
+        if self.session is None:
+            graph_types = {v.name: v.type for v in self.capture.fed_model.graph.input}
+            types = {name: graph_types.get(name) or onnx.helper.make_tensor_type_proto(
+                onnx.helper.np_dtype_to_tensor_dtype(np.asarray(cut[name]).dtype), None)
+                for name in self.segment.inputs}
+            model = segment_model(self.capture.fed_model, self.segment, types, self.capture.parameters)
+            self.session = make_session(model)
+            self.wanted = {v.name for v in self.session.get_inputs()}
+        given = {name: cut[name] for name in self.segment.inputs}
+        given.update({k: v for k, v in {**self.capture.float_tensors, **replaced}.items() if k in self.wanted})
+        values.update(zip(self.segment.outputs, self.session.run(self.segment.outputs, given), strict=True))
+        return values
+
+
+def _skip_error(skip_float: np.ndarray, skip_quantized: np.ndarray, x: np.ndarray, layer: Layer
+                ) -> np.ndarray | None:
+    """``s - s~`` when the skip has the layer output's shape (a broadcast Add is left alone)."""
+    out_shape = ((x.shape[0], layer.out_channels, *x.shape[2:]) if layer.op_type == "Conv"
+                 else (*x.shape[:-1], layer.out_channels))
+    if skip_float.shape != out_shape:
+        return None
+    return skip_float - skip_quantized
+
+
+def round_sequentially(model: onnx.ModelProto, layers: list[Layer], feeds: Iterable[Feed],
+                       round_stage: Callable[[list[tuple[Layer, np.ndarray, np.ndarray, int]]], dict],
+                       slots: dict[str, BiasSlot], on_stage: Callable[[int], None] | None = None,
+                       store_bytes: int = STORE_BYTES) -> dict:
+    """Round stage after stage: capture the stage's inputs (float and quantized-so-far), compute each layer's
+    compensated target, round them with ``round_stage([(layer, W*, S, rows)])`` -> {name: (qw, error)}, set the
+    bias shifts of the layers in ``slots`` and feed their quantized tensors to the next stages. The feeds are
+    read once; the activations kept between stages go to a temporary folder past ``store_bytes`` per store."""
+    plan = stage_plan(model, layers)
+    names = [layer.weight for layer in layers] + [slot.tensor for slot in slots.values()]
+    replaced: dict[str, np.ndarray] = {}
+    results: dict = {}
+    # one BLAS thread: the paired GEMMs are small (a pointwise Conv's are per sample), and multithreaded BLAS
+    # on them cost 4x the CPU time on a loaded 2-core machine (threads spinning while their partner waits)
+    with threadpool_limits(1), tempfile.TemporaryDirectory(prefix="onnxq-sequential-") as folder:
+        capture = StageCapture(model, names, plan, feeds, Path(folder), store_bytes)
+        try:
+            for stage in plan:
+                paired = capture.paired_stats(stage, replaced)
+                work, weights = [], {}
+                for layer in stage.layers:
+                    W = weights[layer.name] = layer.matrix(capture.float_tensors[layer.weight]).astype(np.float64)
+                    centred = layer.name in slots
+                    S, C = paired[layer.name].covariances(centred)
+                    rows = paired[layer.name].rows
+                    target = compensated_target(W, S, C, rows, skip=paired[layer.name].skip_covariance(centred))
+                    work.append((layer, target, S, rows))
+                rounded = round_stage(work)
+                for layer in stage.layers:
+                    qw, error = rounded[layer.name]
+                    if layer.name in slots:
+                        qw.bias_shift = compensated_bias_shift(weights[layer.name], qw.dequantize(),
+                                                               paired[layer.name])
+                    results[layer.name] = (qw, error)
+                    replaced.update(replacement_tensors(layer, qw, slots, capture.float_tensors))
+                if on_stage:
+                    on_stage(len(stage.layers))
+        finally:
+            capture.close()
+    return results
