@@ -6,10 +6,12 @@ are imported inside the commands, so ``onnxq --help`` stays fast.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import signal
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -262,11 +264,18 @@ cli.add_command(quantize_command())
 def eval_command(quantized, reference, data, labels, limit, batch_size, as_json, report, report_json,
                  diagnostic_samples, image_size, resize, mean, std, scale, channel_order, quiet, debug) -> None:
     """Compare QUANTIZED with its float --reference on --data: agreement, KL, SQNR, and top-1/top-5."""
+    from onnxq.export.atomic import check_target
+    from onnxq.export.outputs import check_outputs
     from onnxq.report.diagnostics import diagnostics_on_data
     from onnxq.report.evaluate import evaluate
     from onnxq.report.html_report import report_context, require_matplotlib, write_report, write_report_json
     from onnxq.report.summary import eval_summary
 
+    for flag, path in (("--report", report), ("--report-json", report_json)):  # fail before the evaluation
+        if path is not None:
+            check_target(path, flag)
+            for model_path in (quantized, reference):
+                check_outputs(model_path, {flag: path})
     if report:
         require_matplotlib()  # fail before the evaluation, not after it
     preprocessing = image_preprocessing(image_size, resize, mean, std, scale, channel_order)
@@ -285,6 +294,27 @@ def eval_command(quantized, reference, data, labels, limit, batch_size, as_json,
 def _terminate(signum: int, frame: object) -> None:
     """Turn a kill (SIGTERM) into the same clean unwinding as Ctrl-C, so temporary files are removed."""
     raise KeyboardInterrupt
+
+
+ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # the machine's state, not the input or a bug
+
+
+def _environment_error(err: OSError) -> str:
+    """A full disk or read-only folder met anywhere (temporary files included), with where to make room."""
+    where = f" writing {err.filename}" if err.filename else ""
+    return (f"{err.strerror}{where}; free space or choose another folder (temporary files go to "
+            f"{tempfile.gettempdir()}; set TMPDIR to move them)")
+
+
+def _what_was_written() -> str:
+    """After an interruption: which files were already complete (a signal during the final renames is delivered
+    once they are done), or that none were."""
+    from onnxq.export.atomic import committed
+
+    written = committed()
+    if not written:
+        return "nothing was written"
+    return "already written, complete: " + ", ".join(str(path) for path in written)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
@@ -310,7 +340,7 @@ def main() -> None:
         err.show()
         sys.exit(err.exit_code)
     except click.Abort:
-        click.echo("onnxq: interrupted; nothing was written", err=True)
+        click.echo(f"onnxq: interrupted; {_what_was_written()}", err=True)
         sys.exit(130)
     except OnnxqError as err:
         if debug:
@@ -318,11 +348,14 @@ def main() -> None:
         click.echo(f"onnxq: error: {err}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("onnxq: interrupted; nothing was written", err=True)
+        click.echo(f"onnxq: interrupted; {_what_was_written()}", err=True)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - a last line of defence: never a bare traceback
         if debug:
             raise
+        if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRORS:
+            click.echo(f"onnxq: error: {_environment_error(err)}", err=True)
+            sys.exit(1)
         first = str(err).splitlines()[0][:200] if str(err) else ""
         click.echo(f"onnxq: internal error: {type(err).__name__}: {first} (rerun with --debug and report it)",
                    err=True)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import onnxq
 import onnxq.export.atomic
+import onnxq.export.qdq
 import onnxq.pipeline
 from onnxq.allocation.mixed import Budget
 from onnxq.calibration.calibrate import calibrate
@@ -564,3 +565,94 @@ def test_a_missing_calibration_path_with_a_cache_is_one_error(tmp_path, cnn_path
     onnxq.quantize(cnn_path, cnn_calib, tmp_path / "a.onnx", stats=stats, **RTN)
     result = cli(cnn_path, "--calib", tmp_path / "missing", "-o", tmp_path / "b.onnx", "--stats", stats)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "does not exist" in result.stderr
+
+
+# --- full disks, immutable files, interruptions after the write, bad bit files, report paths ----------------------
+
+@pytest.mark.parametrize("where", ["save", "fsync"])
+def test_a_full_disk_is_one_line_and_leaves_the_previous_output(previous, cnn_path, cnn_calib, monkeypatch, where):
+    out, before = previous
+    full = OSError(28, "No space left on device")
+    if where == "save":
+        real_save = onnx.save
+
+        def save_model(model, path, **kwargs):
+            if ".onnxq-" in str(path):  # the staged output only (prepare writes a temporary copy too)
+                raise full
+            real_save(model, path, **kwargs)
+        monkeypatch.setattr(onnxq.export.qdq.onnx, "save", save_model)
+    else:
+        def fsync(fd):
+            raise full
+        monkeypatch.setattr(onnxq.export.atomic.os, "fsync", fsync)
+    with pytest.raises(OnnxqError, match="No space left on device") as err:
+        onnxq.quantize(cnn_path, cnn_calib, out, bits=2, external_data=True, **RTN)
+    assert "space" in str(err.value).split(";")[-1]  # the fix is named
+    assert snapshot(out.parent) == before and not leftovers(out.parent)
+
+
+def test_an_interruption_during_the_renames_says_what_was_written(previous, cnn_path, cnn_calib, monkeypatch):
+    from onnxq.cli import _what_was_written
+
+    out, _ = previous
+    real_replace = os.replace
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(onnxq.export.atomic, "_COMMITTED", [])
+    assert _what_was_written() == "nothing was written"
+    monkeypatch.setattr(onnxq.export.atomic.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        onnxq.quantize(cnn_path, cnn_calib, out, bits=2, external_data=True, **RTN)
+    assert str(out) in _what_was_written() and str(out.parent / "q.onnx.data") in _what_was_written()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "JSON list, not an object"),
+    ('{"bits": [8]}', "must map layer names to widths"),
+    ('{"bits": {"conv1": 5}}', "width 5"),
+    ('{"bits": {"conv1": "eight"}}', "width 'eight'"),
+    ('{"bits": {"conv1": true}}', "width True"),
+    ('{"w": {"quant_type": "QInt4"}}', "neither an onnxq bit assignment"),
+    ('{"bits": {"nosuchlayer": 8}}', "unknown layers"),
+])
+def test_bad_bits_json_content_is_one_line(tmp_path, cnn_path, cnn_calib, content, message):
+    bits = tmp_path / "bits.json"
+    bits.write_text(content)
+    with pytest.raises(OnnxqError, match=message):
+        onnxq.quantize(cnn_path, cnn_calib, tmp_path / "q.onnx", bits_json=bits, **RTN)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_eval_checks_report_paths_before_the_evaluation(tmp_path, cnn_path):
+    data = tmp_path / "data.npy"
+    np.save(data, np.ones((2, 3, 16, 16), np.float32))
+    os.mkfifo(tmp_path / "fifo")
+    for flag, path, message in (("--report-json", tmp_path / "missing" / "r.json", "does not exist"),
+                                ("--report-json", cnn_path, "is the input model"),
+                                ("--report", tmp_path / "fifo", "not a regular file")):
+        result = cli("eval", cnn_path, "--reference", cnn_path, "--data", data, flag, path)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "agreement" not in result.stdout  # refused before the evaluation ran
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_full_temporary_folder_is_one_line_from_the_cli(tmp_path, cnn_path, cnn_calib, monkeypatch, capsys):
+    """A full disk met outside the output's writer (a temporary copy, a spill file) is the machine's state:
+    one line naming TMPDIR, exit 1, no 'internal error'."""
+    import onnxq.cli
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", "/tmp/onnxq-x/in.onnx")
+
+    monkeypatch.setattr(onnxq.pipeline, "prepare", full)
+    argv = ["onnxq", str(cnn_path), "--calib", str(cnn_calib), "-o", str(tmp_path / "q.onnx")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_code:
+        onnxq.cli.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_code.value.code == 1 and len(err.splitlines()) == 1
+    assert "No space left on device writing /tmp/onnxq-x/in.onnx" in err and "TMPDIR" in err
+    assert "internal error" not in err and not (tmp_path / "q.onnx").exists()

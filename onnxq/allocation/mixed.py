@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxq.allocation.oracle import LossOracle
+from onnxq.config import WIDTHS
 from onnxq.data.npz import BadCache, CacheReader, looks_like_cache
 from onnxq.errors import OnnxqError
 from onnxq.export.atomic import write_text, write_with
@@ -326,14 +327,36 @@ def read_bits_json(path: Path, layers: list[Layer]) -> dict[str, int]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise OnnxqError(f"cannot read bit assignment {path} ({err}); fix or delete the file") from err
+    if not isinstance(data, dict):
+        raise OnnxqError(f"bit assignment {path} holds a JSON {type(data).__name__}, not an object; write "
+                         '{"bits": {"<layer>": <width>}} or an onnxruntime TensorQuantOverrides object')
     if "bits" in data:
-        return {name: int(b) for name, b in data["bits"].items()}
-    overrides = data.get("tensor_quant_overrides", data)
+        return _checked_widths(path, data["bits"])
+    return _override_widths(path, data.get("tensor_quant_overrides", data), layers)
+
+
+def _checked_widths(path: Path, bits: object) -> dict[str, int]:
+    """``{"layer": width}`` with every width one onnxq can store."""
+    if not isinstance(bits, dict):
+        raise OnnxqError(f'"bits" in {path} must map layer names to widths, e.g. {{"conv1": 8}}')
+    bad = {name: b for name, b in bits.items() if isinstance(b, bool) or b not in WIDTHS}
+    if bad:
+        name, width = next(iter(bad.items()))
+        raise OnnxqError(f"bit assignment {path} gives layer {name!r} width {width!r}; widths are "
+                         f"{', '.join(map(str, WIDTHS))}")
+    return {str(name): int(b) for name, b in bits.items()}
+
+
+def _override_widths(path: Path, overrides: object, layers: list[Layer]) -> dict[str, int]:
+    """Widths from onnxruntime's ``{weight: [{"quant_type": "QInt4", ...}]}`` form (other types are skipped)."""
+    if not isinstance(overrides, dict) or not all(isinstance(e, list) for e in overrides.values()):
+        raise OnnxqError(f'{path} is neither an onnxq bit assignment ({{"bits": {{...}}}}) nor onnxruntime '
+                         'TensorQuantOverrides ({"<weight>": [{"quant_type": "QInt4"}]}); fix or delete it')
     by_weight = {layer.weight: layer.name for layer in layers}
     widths = {"QInt8": 8, "QUInt8": 8, "QInt4": 4, "QUInt4": 4}
     bits = {}
     for weight, entries in overrides.items():
-        quant_type = entries[0].get("quant_type") if entries else None
+        quant_type = entries[0].get("quant_type") if entries and isinstance(entries[0], dict) else None
         if weight in by_weight and quant_type in widths:
             bits[by_weight[weight]] = widths[quant_type]
     return bits

@@ -25,6 +25,12 @@ from onnxq.errors import OnnxqError
 
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_COMMITTED: list[Path] = []  # every target this process has replaced, so an interruption can say what was written
+
+
+def committed() -> list[Path]:
+    """The files this process has written so far (complete: each was moved into place whole)."""
+    return list(_COMMITTED)
 
 
 def check_target(path: Path, what: str = "output") -> None:
@@ -84,9 +90,13 @@ class Staging:
         """Move every staged file over its target (the last one last); returns the targets written. Targets
         without a staged file are left as they are."""
         staged = [t for t in self.targets if os.path.lexists(self.path(t))]
-        for target in staged:
-            _seal(self.path(target), self.mode)
-        with _deferred_signals():
+        try:
+            for target in staged:
+                _seal(self.path(target), self.mode)
+        except OSError as err:
+            raise OnnxqError(f"cannot write {self.targets[-1]} ({err.strerror}); nothing was replaced; check the "
+                             "folder's free space") from err
+        with _deferred_signals(on_hold=lambda: _COMMITTED.extend(staged)):
             done: list[tuple[Path, Path | None]] = []
             try:
                 for index, target in enumerate(staged):
@@ -173,11 +183,13 @@ def _sync_folder(folder: Path) -> None:
 
 
 @contextmanager
-def _deferred_signals() -> Iterator[None]:
+def _deferred_signals(on_hold: Callable[[], None] = lambda: None) -> Iterator[None]:
     """Hold SIGINT/SIGTERM while the renames run; the previous handler gets them afterwards. Python runs signal
-    handlers in the main thread only, so elsewhere no signal can interrupt the renames and nothing is changed."""
+    handlers in the main thread only, so elsewhere no signal can interrupt the renames and nothing is changed.
+    ``on_hold`` runs when the block succeeded, before any held signal is delivered."""
     if threading.current_thread() is not threading.main_thread():
         yield
+        on_hold()
         return
     received: list[tuple[int, object]] = []
     previous = {}
@@ -188,6 +200,7 @@ def _deferred_signals() -> Iterator[None]:
             signal.signal(signum, lambda number, frame: received.append((number, frame)))
     try:
         yield
+        on_hold()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -4,7 +4,7 @@ Like onnxruntime's ``qdq_loss_debug``: every quantized layer's output tensor is 
 of both the quantized model and the float reference, both run on the same feeds, and the signal and noise
 energies are summed per layer over the batches (memory: one batch of layer outputs). The reference is
 prepared exactly as ``quantize`` prepared it (BatchNorm folded), so tensor and weight names match the
-quantized graph. The layers come from the ``onnxq.graph.layers`` metadata written by the export.
+quantized graph. The layers come from the ``onnxq.layers`` metadata written by the export.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ class QuantizedLayer:
 
 
 def quantized_layers(model: onnx.ModelProto) -> list[QuantizedLayer]:
-    """The quantized layers listed in the model's ``onnxq.graph.layers`` metadata, in graph order."""
+    """The quantized layers listed in the model's ``onnxq.layers`` metadata, in graph order."""
     meta = {p.key: p.value for p in model.metadata_props}
     if "onnxq.layers" not in meta:
-        raise OnnxqError("the model has no onnxq.graph.layers metadata; pass a model written by onnxq quantize")
+        raise OnnxqError("the model has no onnxq.layers metadata; pass a model written by onnxq quantize")
     readers: dict[str, onnx.NodeProto] = {}
     for node in model.graph.node:
         for tensor in node.input:
@@ -59,7 +59,7 @@ def quantized_layers(model: onnx.ModelProto) -> list[QuantizedLayer]:
         holder = readers.get(f"{weight}_quantized") or readers.get(f"{weight}_Q4")
         node = readers.get(holder.output[0]) if holder is not None and holder.op_type == "DequantizeLinear" else holder
         if node is None:
-            raise OnnxqError(f"layer {name} of the onnxq.graph.layers metadata is not in the graph; "
+            raise OnnxqError(f"layer {name} of the onnxq.layers metadata is not in the graph; "
                              "was the model edited after quantization?")
         layers.append(QuantizedLayer(name, node.op_type, node.output[0], weight, int(info["bits"]),
                                      int(info["stored_bits"]), holder))
