@@ -1,6 +1,6 @@
 """Issue 17 benchmark: what onnxq costs next to onnxruntime's own quantizers, on the same samples in one run.
 
-Every job is a separate process (``python -m onnxq ...`` or ``python bench/peers.py ...``) and is measured from
+Every job is a separate process (``python -m onnxq ...`` or ``python bench/peer_jobs.py ...``) and is measured from
 outside: CPU seconds = user + sys of the whole process tree (``os.wait4`` of the child), wall seconds, and peak
 resident memory (the child's ``ru_maxrss``). The jobs alternate (peer, onnxq job, peer, next onnxq job, ...,
 ``--repeats`` rounds) so a change in the machine's load hits both tools alike; each ratio onnxq / peer is taken
@@ -50,7 +50,7 @@ from common import MODELS, calib_arrays, model_path, require_shared, save_result
 from minilm import BATCH as MINILM_BATCH
 from minilm import CACHE as MINILM_CACHE
 from minilm import EVAL_SIZE, cpu_name, export_float, feeds, sentences
-from peers import ORDER_FILE
+from peer_jobs import ORDER_FILE
 from threadpoolctl import threadpool_info
 
 from onnxq.data.sources import spread_order
@@ -62,7 +62,7 @@ JOBS = ("default", "sequential", "budget", "peer")
 ONNXQ_JOBS = JOBS[:-1]
 IMAGE_BATCH = 16  # onnxq's --batch-size default; the peer's calibration reader and the forward timing use it too
 DEFAULT_IMAGES = 256
-PEERS_SCRIPT = Path(__file__).resolve().parent / "peers.py"
+PEERS_SCRIPT = Path(__file__).resolve().parent / "peer_jobs.py"
 GEMM_SIZE = 2048
 
 
@@ -76,7 +76,7 @@ class Workload:
     count: int
     batches: list[dict[str, np.ndarray]]
     onnxq: dict[str, list[str]]
-    peers: dict[str, list[str]]  # label -> bench/peers.py arguments; "{out}" is the output path
+    peers: dict[str, list[str]]  # label -> bench/peer_jobs.py arguments; "{out}" is the output path
 
 
 @dataclass

@@ -52,3 +52,21 @@ def test_a_model_that_cannot_be_converted_is_refused_before_any_work(tmp_path, c
     with pytest.raises(OnnxqError, match=r"opset 23.*up to opset 21.*cannot be converted down \(no adapter"):
         onnxq.quantize(path, cnn_calib, tmp_path / "q.onnx", method="rtn")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_an_opset_missing_from_onnx_ir_table_is_skipped_not_fatal(monkeypatch):
+    """onnx 1.22 knows opset 27 but its IR-version table stops at 26: the probe must skip it, not crash."""
+    real = onnx.helper.find_min_ir_version_for
+
+    def lagging_table(opsets, *args, **kwargs):
+        if any(entry.version > 22 for entry in opsets):
+            raise ValueError("Unsupported opset-version.")
+        return real(opsets, *args, **kwargs)
+
+    monkeypatch.setattr(opset.helper, "find_min_ir_version_for", lagging_table)
+    opset.newest_runnable_opset.cache_clear()
+    try:
+        newest = opset.newest_runnable_opset()
+        assert newest <= 22 and opset.runs_dequantize(newest)
+    finally:
+        opset.newest_runnable_opset.cache_clear()
