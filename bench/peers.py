@@ -159,7 +159,8 @@ def compare_model(name: str, count: int, val_limit: int | None, tmp: Path) -> li
                 if kind == "w8a8":
                     row["speedup"] = round(speedup(model, out, x), 2)
             except Exception as err:  # noqa: BLE001 - a peer's file that onnxruntime refuses is a result too
-                error = "its model does not run in onnxruntime: " + str(err).strip().splitlines()[-1][:160]
+                message = str(err).strip().splitlines()[-1]
+                error = "its model does not run in onnxruntime: ..." + message[-150:]
         if error is not None:
             row["error"] = error
         click.echo(f"{name} {label}: {row}")
@@ -174,9 +175,11 @@ def markdown(rows: list[dict]) -> str:
         if "error" in row:
             lines.append(f"| {row['model']} | {row['job']} | failed: {row['error']} | | {row['cpu_s']} | | | |")
             continue
+        stored = row.get("weights", "float")
+        if row["kind"] == "w4" and "INT4" not in stored:
+            stored += ": no layer stored in 4 bits"
         lines.append(f"| {row['model']} | {row['job']} | {row['top1']:.2f} | {row['kl']:.4f} | "
-                     f"{row.get('cpu_s', '')} | {row['size_mb']} | {row.get('weights', 'float')} | "
-                     f"{row.get('speedup', '')} |")
+                     f"{row.get('cpu_s', '')} | {row['size_mb']} | {stored} | {row.get('speedup', '')} |")
     return "\n".join(lines) + "\n"
 
 
