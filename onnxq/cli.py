@@ -184,11 +184,12 @@ def flag_value(spec: Spec, value: Any) -> Any:
     return value
 
 
-def config_from_flags(ctx: click.Context) -> Config:
+def config_from_flags(ctx: click.Context, extra: dict[str, Any] | None = None) -> Config:
     """The Config the command line asks for: only the flags given on it (the others keep the config's defaults,
-    so a flag that would be ignored is caught by the config's validation)."""
+    so a flag that would be ignored is caught by the config's validation), plus ``extra`` fields."""
     given = {name: flag_value(OPTIONS[name], value) for name, value in ctx.params.items()
              if name in OPTIONS and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+    given.update(extra or {})
     preprocessing = image_preprocessing(*(ctx.params[name] for name in PREPROCESSING_NAMES))
     if preprocessing is not None:
         given["preprocessing"] = preprocessing
@@ -239,6 +240,60 @@ def quantize_command() -> click.Command:
 
 
 cli.add_command(quantize_command())
+
+SWEEP_EXCLUDED = ("bits", "avg_bits", "size_mb", "size_ratio", "bits_json")  # each point sets its own
+
+
+def run_sweep_command(model: Path, calib: Path, output: Path, budgets: str, widths: str, data: Path | None,
+                      labels: Path | None, limit: int | None, quiet: bool, debug: bool, **flags: Any) -> None:
+    """Quantize MODEL once per budget and uniform width, reusing one calibration and one sensitivity
+    measurement, and write the models, the accuracy-against-size table (sweep.md, sweep.json; * marks the Pareto
+    front) and an HTML report with CLADO's sensitivity heat map and the curve (report.html, needs matplotlib).
+
+    Points are scored on --data when given (top-1 with labels), else on each run's held-out check.
+    """
+    from onnxq.report.sweep import run_sweep, sweep_table, write_sweep
+
+    ctx = click.get_current_context()
+    budget_list = parse_floats(budgets, "--budgets") or ()
+    config = config_from_flags(ctx, extra={"avg_bits": budget_list[0]} if budget_list else None)
+    width_list = parse_widths(widths, "--widths") if widths.strip() else ()
+    echo = (lambda line: None) if quiet else (lambda line: click.echo(f"sweep: {line}", err=True))
+    sweep = run_sweep(model, calib, output, config, budget_list, width_list, data, labels, limit,
+                      progress_factory(not quiet), echo)
+    files = write_sweep(output, sweep, model, data or calib, config.data.preprocessing)
+    click.echo(sweep_table(sweep.points))
+    click.echo("wrote " + ", ".join(str(path) for path in files), err=True)
+
+
+def sweep_command() -> click.Command:
+    """The ``sweep`` command: quantize's options (less the ones each point sets) plus the points and scoring."""
+    params: list[click.Parameter] = [
+        click.Argument(["model"], type=click.Path(path_type=Path)),
+        click.Option(["--calib"], required=True, type=click.Path(path_type=Path),
+                     help="Calibration data, as for quantize."),
+        click.Option(["-o", "--output"], required=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="Folder for the models, the table, the caches and the report."),
+        click.Option(["--budgets"], default="2.5,3,3.5,4", show_default=True,
+                     help="CLADO budgets, average stored bits per weight (empty: none)."),
+        click.Option(["--widths"], default="4,8", show_default=True, help="Uniform widths (empty: none)."),
+        click.Option(["--data"], type=click.Path(path_type=Path), default=None,
+                     help="Evaluation data for the curve (a labelled image folder gives top-1); default: each "
+                          "run's held-out check."),
+        click.Option(["--labels"], type=click.Path(path_type=Path), default=None, help="A labels file <file> <index>."),
+        click.Option(["--limit"], type=click.IntRange(min=1), default=None, help="Evaluate at most this many samples."),
+        *(config_option(spec) for spec in OPTIONS.values() if spec.flag and spec.name not in SWEEP_EXCLUDED),
+    ]
+    command = click.Command("sweep", callback=run_sweep_command, params=params, help=run_sweep_command.__doc__,
+                            short_help="Accuracy against size over several budgets and widths.")
+    for decorate in (*PREPROCESSING_OPTIONS,
+                     click.option("-q", "--quiet", is_flag=True, help="No progress bars or lines, only the table."),
+                     click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")):
+        command = decorate(command)
+    return command
+
+
+cli.add_command(sweep_command())
 
 
 @cli.command("eval")

@@ -208,8 +208,9 @@ def _sensitivity(context: dict, figure: type) -> str:
 def _curve(context: dict, figure: type) -> str:
     points = context.get("curve") or []
     if len(points) < 2:
-        return ("<section id=\"curve\"><h2>Accuracy against size</h2><p class=\"note\">One budget only; pass "
-                "several points to plot the trade-off.</p></section>")
+        return ("<section id=\"curve\"><h2>Accuracy against size</h2><p class=\"note\">One point only; "
+                "<code>onnxq sweep</code> quantizes several budgets and widths and plots the trade-off.</p>"
+                "</section>")
     metric = "top1" if all(p.get("top1") is not None for p in points) else "agreement"
     fig, ax = _axes(figure, 3.6)
     series = list(dict.fromkeys(p.get("series", "budgets") for p in points))
