@@ -18,14 +18,8 @@ from common import CALIB, MODELS, RESULTS, model_path, require_shared
 from methods import calibration_stats
 from scipy.stats import pearsonr, spearmanr
 
-from onnxq.allocation.oracle import LossOracle
-from onnxq.data.calibration_set import CalibrationSet
-from onnxq.data.sources import model_inputs
-from onnxq.graph.layers import find_layers
-from onnxq.graph.loading import load_model_and_layout
-from onnxq.graph.prepare import prepare
+import onnxq
 from onnxq.passes import clado
-from onnxq.pipeline import Options, collect_stats, corrected_layers, oracle_feeds, round_candidates
 
 
 @click.command()
@@ -36,18 +30,16 @@ from onnxq.pipeline import Options, collect_stats, corrected_layers, oracle_feed
 def main(name: str, pairs: int, samples: int, bits: str) -> None:
     require_shared()
     stats_path, _ = calibration_stats(name, 256)
-    options = Options(method="comq", stats=stats_path, preprocessing=MODELS[name], clado_samples=samples)
-    model = prepare(load_model_and_layout(model_path(name))[0])
-    layers, _ = find_layers(model)
-    data = CalibrationSet(CALIB, model_inputs(model), MODELS[name], options.batch_size, options.calib_size,
-                          held_out=samples)
-    stats = collect_stats(model, layers, data, options, None)
-    slots = corrected_layers(model, layers, options)
     widths = tuple(int(b) for b in bits.split(","))
-    rounded = round_candidates(model, layers, stats, {layer.name: widths for layer in layers}, options, None, slots)
-    oracle = LossOracle(model, layers, oracle_feeds(data, samples), slots=slots)
+    config = onnxq.Config.from_options(method="comq", stats=stats_path, preprocessing=MODELS[name], avg_bits=4,
+                                       clado_samples=samples, bit_choices=widths)  # the held-out split of a budget
+    with onnxq.open_run(model_path(name), CALIB, config) as run:
+        statistics = run.calibrate()
+        rounded = run.round(widths, statistics)
+        oracle = run.loss_oracle(samples)
+        layers = run.layers
     cands = clado.Candidates.uniform(widths, np.ones((len(layers), len(widths))))
-    tensors = {(i, b): oracle.replacement(layer, rounded[(layer.name, b)][0])
+    tensors = {(i, b): oracle.replacement(layer, rounded[(layer.name, b)])
                for i, layer in enumerate(layers) for b in widths}
     reference = oracle.loss_of_outputs(oracle.reference)
     single, deltas = {}, {}

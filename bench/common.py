@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from scipy.special import log_softmax
 
-from onnxq.allocation.oracle import log_softmax
-from onnxq.data.images import ImagePreprocessing
-from onnxq.data.sources import spread_order
+from onnxq import ImagePreprocessing, spread_order
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ONNXQ_SHARED", ROOT.parent / "shared"))

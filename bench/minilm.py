@@ -182,10 +182,6 @@ def latency_ms(paths: dict[str, Path], texts: list[str], threads: int, rounds: i
 
 def matmul_variants(k: int, n: int) -> dict[str, onnx.ModelProto]:
     """One float MatMul [k, n] and its RTN W4 block-32 exports: MatMulNBits (level 0 and 4) and DQ."""
-    from onnxq.export.qdq import build_quantized_model
-    from onnxq.graph.layers import find_layers
-    from onnxq.passes import Grid, rtn
-
     W = np.random.default_rng(0).normal(size=(k, n)).astype(np.float32)
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "mm",
@@ -194,14 +190,12 @@ def matmul_variants(k: int, n: int) -> dict[str, onnx.ModelProto]:
         [onnx.numpy_helper.from_array(W, "w")])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
     model.ir_version = 8
-    layers, _ = find_layers(model)
-    results = {"mm": rtn.quantize(W.T, None, Grid(4, block_size=32))}
-    nbits = build_quantized_model(model, layers, results, {}, matmul_nbits=True)
-    level4 = onnx.ModelProto()
-    level4.CopyFrom(nbits)
-    level4.graph.node[0].attribute.append(onnx.helper.make_attribute("accuracy_level", 4))
-    return {"FP32": model, "MatMulNBits": nbits, "MatMulNBits, accuracy_level 4": level4,
-            "DequantizeLinear (ORT fuses)": build_quantized_model(model, layers, results, {})}
+    feeds = [{"x": np.random.default_rng(2).normal(size=(16, k)).astype(np.float32)}]
+    rtn = onnxq.Config.from_options(method="rtn", bits=4, block_size=32, bias_correction=False)
+    variants = {"MatMulNBits": {"matmul_nbits": True}, "MatMulNBits, accuracy_level 4": {
+        "matmul_nbits": True, "accuracy_level": 4}, "DequantizeLinear (ORT fuses)": {}}
+    return {"FP32": model} | {name: onnxq.quantize(model, feeds, config=rtn.with_options(**options)).model
+                              for name, options in variants.items()}
 
 
 def matmul_latency(threads: int, runs: int) -> list[dict]:

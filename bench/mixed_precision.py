@@ -22,7 +22,7 @@ from common import CALIB, MODELS, RESULTS, model_path, require_shared, save_resu
 from methods import calibration_stats
 
 import onnxq
-from onnxq.allocation.mixed import Budget
+from onnxq import Budget
 
 
 def run(name: str, stats: Path, x, y, **options) -> dict:

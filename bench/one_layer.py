@@ -16,11 +16,9 @@ import tempfile
 from pathlib import Path
 
 import click
-import numpy as np
-from common import CALIB, MODELS, logits, model_path, require_shared, val_set
+from common import CALIB, MODELS, kl_to, logits, model_path, require_shared, val_set
 
 import onnxq
-from onnxq.allocation.oracle import log_softmax
 
 
 @click.command()
@@ -38,8 +36,7 @@ def main(name: str, layer: str, bits: int, method: str, shrinkage: bool) -> None
         onnxq.quantize(model_path(name), CALIB, out, bits=bits, method=method, shrinkage=shrinkage,
                        nodes_to_exclude=[f"(?!{re.escape(layer)}$).*"], preprocessing=MODELS[name])
         quantized = logits(out, x)
-    p_log = log_softmax(reference.astype(np.float64))
-    kl = float((np.exp(p_log) * (p_log - log_softmax(quantized.astype(np.float64)))).sum(1).mean())
+    kl = kl_to(reference, quantized)
     top1 = float((quantized.argmax(1) == y).mean() * 100)
     float_top1 = float((reference.argmax(1) == y).mean() * 100)
     click.echo(f"{name}: {layer} alone at {bits} bits ({method}, shrinkage {'on' if shrinkage else 'off'}): "

@@ -20,8 +20,7 @@ from common import CALIB, MODELS, RESULTS, model_path, require_shared, top1, val
 from methods import calibration_stats
 
 import onnxq
-from onnxq.allocation.mixed import Budget
-from onnxq.report.kernels import compare_latency, kernel_report
+from onnxq import Budget, compare_latency, kernel_report
 
 
 def integer_share(path: Path) -> str:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CALIB, MODELS, RESULTS, ROOT, SHARED, VAL, top1, val_set  # noqa: E402
 
 import onnxq  # noqa: E402
-from onnxq.allocation.mixed import Budget  # noqa: E402
+from onnxq import Budget  # noqa: E402
 from onnxq.calibration.stats_cache import cached_stats  # noqa: E402
 from onnxq.graph.layers import find_layers  # noqa: E402
 from onnxq.graph.loading import load_model  # noqa: E402
@@ -60,7 +60,7 @@ def scorer(shared: bool) -> Callable[[Path], dict]:
     return lambda path: {"agreement": evaluate(path, MODEL, DEMO_CALIB, PREP).agreement}
 
 
-def quantize(out: Path, calib: Path, stats: Path, omega: Path, **options) -> onnxq.pipeline.QuantizationResult:
+def quantize(out: Path, calib: Path, stats: Path, omega: Path, **options) -> onnxq.QuantizationResult:
     start = time.perf_counter()
     mixed = {"sensitivity_cache": omega, "clado_time_limit": 120} if "budget" in options else {}
     result = onnxq.quantize(MODEL, calib, out, stats=stats, preprocessing=PREP, **mixed, **options)

@@ -53,9 +53,8 @@ from minilm import EVAL_SIZE, cpu_name, export_float, feeds, sentences
 from peer_jobs import ORDER_FILE
 from threadpoolctl import threadpool_info
 
-from onnxq.data.sources import spread_order
-from onnxq.graph.layers import Layer, find_layers
-from onnxq.graph.prepare import prepare
+import onnxq
+from onnxq import Layer, spread_order
 
 MINILM = "minilm"
 JOBS = ("default", "sequential", "budget", "peer")
@@ -234,8 +233,8 @@ def layer_rows(layer: Layer, shape: tuple[int, ...], mask: np.ndarray | None) ->
 def gram_flops(model: Path, batches: list[dict[str, np.ndarray]]) -> tuple[float, int]:
     """FLOPs of onnxq's Gram products (2 x rows x fan_in^2 per group and layer) over the batches, and the layer
     count, for the layers onnxq's layer finder picks on its prepared model."""
-    prepared = prepare(onnx.load(str(model)))
-    layers, _ = find_layers(prepared)
+    with onnxq.open_run(model, batches) as run:  # the prepared model and its layers; the data is not read here
+        prepared, layers = run.model, run.layers
     produced = {node.name: node.output[0] for node in prepared.graph.node}
     names = [produced[layer.name] for layer in layers]
     del prepared.graph.output[:]

@@ -30,16 +30,9 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from onnxq.calibration.activations import METHODS, activation_histograms, ranges_from
-from onnxq.calibration.stats_cache import cached_stats
-from onnxq.export.act_qdq import default_act_layers, insert_activation_qdq, plan_qdq
-from onnxq.export.qdq import build_quantized_model, save_atomic
-from onnxq.graph.layers import Layer, find_layers
-from onnxq.graph.loading import load_model
-from onnxq.graph.prepare import prepare
-from onnxq.passes import Grid, QuantWeight
-from onnxq.pipeline import Options, corrected_layers, round_candidates
-from onnxq.report.kernels import compare_latency, kernel_report, kernel_summary
+import onnxq
+from onnxq import compare_latency, kernel_report, kernel_summary
+from onnxq.config import ACT_METHODS
 
 CALIB_SIZE, CALIB_BATCH = 256, 32
 DEFAULT_METHOD = "mse"
@@ -65,49 +58,25 @@ def calib_feeds(name: str, input_name: str) -> list[dict]:
     return [{input_name: x[i:i + CALIB_BATCH]} for i in range(0, len(x), CALIB_BATCH)]
 
 
-def round_weights(model: onnx.ModelProto, layers: list[Layer], stats: dict, method: str, grid: Grid,
-                  slots: dict) -> dict[str, QuantWeight]:
-    """Every layer's weight rounded on ``grid`` by ``method`` with the cached statistics, bias-corrected as the
-    pipeline does by default (the layers in ``slots``)."""
-    options = Options(bits=grid.bits, method=method, symmetric=grid.symmetric)
-    rounded = round_candidates(model, layers, stats, {layer.name: (grid.bits,) for layer in layers}, options, None,
-                               slots)
-    return {name: qw for (name, _), (qw, _) in rounded.items()}
-
-
-def onnxq_models(name: str, folder: Path, feeds: list[dict]) -> dict[str, tuple[Path, float]]:
-    """Write every onnxq variant; returns label -> (path, seconds to produce it)."""
-    model = prepare(load_model(model_path(name)))
-    layers, _ = find_layers(model)
-    stats = cached_stats(RESULTS / "cache" / f"stats_{name}_{CALIB_SIZE}.npz", layers)
-    if not stats:
-        raise SystemExit(f"no cached statistics for {name}; run bench/methods.py first")
-    slots = corrected_layers(model, layers, Options())
-    out = {}
+def onnxq_models(name: str, folder: Path) -> dict[str, tuple[Path, float]]:
+    """Write every onnxq variant with ``onnxq.quantize`` on one calibration (the Gram statistics and activation
+    histograms of one pass, cached); returns label -> (path, seconds to produce it, calibration included)."""
+    config = onnxq.Config.from_options(calib_size=CALIB_SIZE, batch_size=CALIB_BATCH, preprocessing=MODELS[name],
+                                       act_bits=8, stats=RESULTS / "cache" / f"stats_{name}_{CALIB_SIZE}_w8a8.npz")
     start = time.perf_counter()
-    plan = plan_qdq(model, layers, [layer.name for layer in layers])
-    hists = activation_histograms(model, plan.calibrated, iter(feeds))
+    statistics = onnxq.calibrate(model_path(name), CALIB, config)
     calib_seconds = time.perf_counter() - start
-    exact = {t: "minmax" for t in plan.exact}
-    for method in ("rtn", "comq"):
+    variants = {f"onnxq W8A8 RTN act={DEFAULT_METHOD}": ("w8a8_rtn_mse", dict(method="rtn", bits=8))}
+    variants.update({f"onnxq W8A8 COMQ act={m}": (f"w8a8_comq_{m}", dict(method="comq", bits=8, act_method=m))
+                     for m in ACT_METHODS})
+    variants["onnxq W4 COMQ weight-only"] = ("w4", dict(method="comq", bits=4, act_bits=None))
+    variants[f"onnxq W4A8 COMQ act={DEFAULT_METHOD}"] = ("w4a8", dict(method="comq", bits=4))
+    out = {}
+    for label, (file, options) in variants.items():
+        path = folder / f"{file}.onnx"
         start = time.perf_counter()
-        weights = round_weights(model, layers, stats, method, Grid(8, True), slots)
-        qmodel = build_quantized_model(model, layers, weights, {})
-        acts = default_act_layers(qmodel, layers)
-        seconds = time.perf_counter() - start + calib_seconds
-        for act_method in (METHODS if method == "comq" else (DEFAULT_METHOD,)):
-            path = folder / f"w8a8_{method}_{act_method}.onnx"
-            save_atomic(insert_activation_qdq(qmodel, layers, ranges_from(hists, act_method, methods=exact), acts),
-                        path)
-            out[f"onnxq W8A8 {method.upper()} act={act_method}"] = (path, seconds)
-    start = time.perf_counter()
-    w4 = build_quantized_model(model, layers, round_weights(model, layers, stats, "comq", Grid(4), slots), {})
-    save_atomic(w4, folder / "w4.onnx")
-    out["onnxq W4 COMQ weight-only"] = (folder / "w4.onnx", time.perf_counter() - start)
-    names = [layer.name for layer in layers]
-    save_atomic(insert_activation_qdq(w4, layers, ranges_from(hists, DEFAULT_METHOD, methods=exact), names),
-                folder / "w4a8.onnx")
-    out[f"onnxq W4A8 COMQ act={DEFAULT_METHOD}"] = (folder / "w4a8.onnx", time.perf_counter() - start + calib_seconds)
+        onnxq.quantize(model_path(name), CALIB, path, config.with_options(**options), statistics=statistics)
+        out[label] = (path, time.perf_counter() - start + (calib_seconds if "A8" in label else 0.0))
     return out
 
 
@@ -149,7 +118,7 @@ def run_model(name: str, repeats: int, keep: Path | None) -> list[dict]:
         folder = keep / name if keep else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         variants = {"FP32": (model_path(name), 0.0)}
-        variants.update(onnxq_models(name, folder, feeds))
+        variants.update(onnxq_models(name, folder))
         variants.update(ort_models(name, folder, feeds))
         rows = []
         for label, (path, seconds) in variants.items():

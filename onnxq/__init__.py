@@ -17,18 +17,33 @@ from onnxq.errors import OnnxqError  # noqa: E402
 
 _LAZY = {  # public name -> the module that defines it
     "quantize": "api",
+    "calibrate": "api",
+    "allocate": "api",
+    "BitPlan": "api",
+    "open_run": "api",
+    "Run": "pipeline",
+    "kernel_report": "report.kernels",
+    "kernel_summary": "report.kernels",
+    "compare_latency": "report.kernels",
+    "Statistics": "calibration.stats_cache",
     "QuantizationResult": "pipeline",
     "LayerReport": "pipeline",
     "MixedPlan": "allocation.mixed",
     "Budget": "allocation.mixed",
     "ImagePreprocessing": "data.images",
+    "Layer": "graph.layers",
+    "spread_order": "data.sources",
 }
 
 if TYPE_CHECKING:
     from onnxq.allocation.mixed import Budget, MixedPlan
-    from onnxq.api import quantize
+    from onnxq.api import BitPlan, allocate, calibrate, open_run, quantize
+    from onnxq.calibration.stats_cache import Statistics
     from onnxq.data.images import ImagePreprocessing
-    from onnxq.pipeline import LayerReport, QuantizationResult
+    from onnxq.data.sources import spread_order
+    from onnxq.graph.layers import Layer
+    from onnxq.pipeline import LayerReport, QuantizationResult, Run
+    from onnxq.report.kernels import compare_latency, kernel_report, kernel_summary
 
 
 def __getattr__(name: str) -> Any:
@@ -47,5 +62,7 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-__all__ = ["Activations", "Budget", "Config", "Data", "Export", "ImagePreprocessing", "LayerReport", "Layers",
-           "MixedPlan", "MixedPrecision", "OnnxqError", "QuantizationResult", "Rounding", "__version__", "quantize"]
+__all__ = ["Activations", "BitPlan", "Budget", "Config", "Data", "Export", "ImagePreprocessing", "Layer",
+           "LayerReport", "Layers", "MixedPlan", "MixedPrecision", "OnnxqError", "QuantizationResult", "Rounding",
+           "Run", "Statistics", "__version__", "allocate", "calibrate", "compare_latency", "kernel_report",
+           "kernel_summary", "open_run", "quantize", "spread_order"]

@@ -1,45 +1,101 @@
-"""The Python API: ``onnxq.quantize(model, calib, output=None, config=Config(...))``.
+"""The Python API: ``onnxq.quantize(model, calib, output=None, config=Config(...))``, and its stages.
 
 ``model`` is a path or an ``onnx.ModelProto``; without ``output`` the quantized model comes back in memory
 (``result.model``). Keyword options (the CLI flags with underscores: ``bits=3, first_last_bits=8``) are applied
-on top of ``config``, so ``onnxq.quantize("m.onnx", "calib/", "q.onnx", bits=4)`` keeps working.
+on top of ``config``, so ``onnxq.quantize("m.onnx", "calib/", "q.onnx", bits=4)`` keeps working. The stages can
+be run one at a time and their results reused::
+
+    statistics = onnxq.calibrate(model, calib, config)             # Gram statistics (+ activation histograms)
+    plan = onnxq.allocate(model, calib, config, statistics=statistics)  # CLADO's widths under the budget
+    result = onnxq.quantize(model, calib, "q.onnx", config, statistics=statistics, plan=plan)
+
+The caller's config and model are never changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from onnxq.allocation.mixed import MixedPlan
+from onnxq.calibration.stats_cache import Statistics
 from onnxq.config import Config
 from onnxq.errors import OnnxqError
-from onnxq.pipeline import QuantizationResult, quantize_model
+from onnxq.pipeline import QuantizationResult, Run, allocate_run, opened, quantize_model, run_outputs
 
 ONNX_PROTO_LIMIT = 2**31 - 1  # protobuf's serialisation limit: larger models keep their weights in external data
+BitPlan = MixedPlan  # the per-layer widths CLADO chose under the budget, with how it chose them
+
+Model = str | Path | onnx.ModelProto
 
 
-def quantize(model: str | Path | onnx.ModelProto, calib: object, output: str | Path | None = None,
-             config: Config | None = None, *, progress: Callable | None = None, **options: Any) -> QuantizationResult:
+def quantize(model: Model, calib: object, output: str | Path | None = None, config: Config | None = None, *,
+             statistics: Statistics | None = None, plan: BitPlan | None = None, progress: Callable | None = None,
+             **options: Any) -> QuantizationResult:
     """Quantize ``model`` with calibration data ``calib`` (a path, a CalibrationDataReader or feed dicts).
 
     Writes ``output`` when given; otherwise the quantized model is returned as ``result.model``. ``options``
     override ``config`` by flat name (see :data:`onnxq.config.OPTIONS`); the caller's config is never changed.
+    ``statistics`` (from :func:`calibrate`) and ``plan`` (from :func:`allocate`) skip those stages; they are
+    checked against this model, data and config.
     """
-    if config is not None and not isinstance(config, Config):
-        raise OnnxqError(f"config must be an onnxq.Config, not {type(config).__name__}")
-    config = (config or Config()).with_options(**options) if options else (config or Config())
+    config = run_config(config, options)
     check_files(config)
-    with tempfile.TemporaryDirectory(prefix="onnxq-") as scratch:
-        model_path = model if not isinstance(model, onnx.ModelProto) else saved_proto(model, Path(scratch))
-        target = Path(output) if output is not None else Path(scratch) / "quantized.onnx"
-        result = quantize_model(model_path, calib, target, config, progress)
+    with model_file(model) as (model_path, scratch):
+        target = Path(output) if output is not None else scratch / "quantized.onnx"
+        result = quantize_model(model_path, calib, target, config, progress, statistics, plan)
         if output is None:
             return dataclasses.replace(result, output=None, model=onnx.load(str(target)))
     return result
+
+
+def calibrate(model: Model, calib: object, config: Config | None = None, *, progress: Callable | None = None,
+              **options: Any) -> Statistics:
+    """Measure the statistics a run needs on ``calib``: each layer's Gram statistics and, with
+    ``activations=Activations(bits=8)``, the activation histograms, in one pass over the float model. With
+    ``stats=`` in the config a matching file is reused, else written; ``statistics.save(path)`` writes one too."""
+    with open_run(model, calib, config, **options) as run:
+        return run.calibrate(progress)
+
+
+def allocate(model: Model, calib: object, config: Config | None = None, *, statistics: Statistics | None = None,
+             progress: Callable | None = None, **options: Any) -> BitPlan:
+    """CLADO's per-layer widths under the config's budget (``mixed=MixedPrecision(avg_bits=3)``): rounds every
+    candidate width, measures sensitivities on held-out samples and solves for the allocation. ``statistics``
+    from :func:`calibrate` skip the calibration pass."""
+    with open_run(model, calib, config, **options) as run:
+        return allocate_run(run, progress, statistics)
+
+
+@contextmanager
+def open_run(model: Model, calib: object, config: Config | None = None, **options: Any) -> Iterator[Run]:
+    """The prepared model, its layers and calibration set of one run, for working below the stages (studies of
+    the method): ``run.calibrate()``, ``run.round(widths, statistics)``, ``run.loss_oracle(samples)``."""
+    config = run_config(config, options)
+    with model_file(model) as (model_path, _), opened(model_path, calib, config, run_outputs(config)) as run:
+        yield run
+
+
+@contextmanager
+def model_file(model: Model) -> Iterator[tuple[Path, Path]]:
+    """The model as a file the pipeline can read, and a scratch folder (both gone on exit)."""
+    with tempfile.TemporaryDirectory(prefix="onnxq-") as scratch:
+        folder = Path(scratch)
+        yield (saved_proto(model, folder) if isinstance(model, onnx.ModelProto) else Path(model)), folder
+
+
+def run_config(config: Config | None, options: dict[str, Any]) -> Config:
+    """The config of a call: ``config`` (default: the defaults) with keyword options applied on top."""
+    if config is not None and not isinstance(config, Config):
+        raise OnnxqError(f"config must be an onnxq.Config, not {type(config).__name__}")
+    config = config or Config()
+    return config.with_options(**options) if options else config
 
 
 def check_files(config: Config) -> None:

@@ -1,11 +1,18 @@
-"""The quantization pipeline behind the CLI and ``onnxq.quantize``: load, calibrate, round, export, verify."""
+"""The quantization pipeline behind the CLI and the Python API: load, calibrate, allocate, round, export, verify.
+
+A :class:`Run` holds what the stages share (the prepared model, its layers, the calibration set and the frozen
+:class:`onnxq.config.Config`, read directly); ``calibrate``, ``allocate`` and ``quantize`` in ``onnxq.api`` open one
+and call the stages below in order.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +27,31 @@ from onnxq.allocation.mixed import (
     write_bits_json,
 )
 from onnxq.allocation.oracle import LossOracle
+from onnxq.calibration.activations import HistogramObserver, ranges_from
 from onnxq.calibration.calibrate import LayerStats, calibrate
-from onnxq.calibration.capture import make_session
-from onnxq.calibration.stats_cache import load_stats, save_stats, sensitivity_fingerprint, statistics_key
+from onnxq.calibration.capture import capture, make_session
+from onnxq.calibration.stats_cache import (
+    Statistics,
+    key_difference,
+    load_stats,
+    save_stats,
+    sensitivity_fingerprint,
+    statistics_key,
+)
 from onnxq.config import DEFAULT_ACCURACY_LEVEL, DEFAULT_BITS, DEFAULT_VERIFY_SAMPLES, Config
 from onnxq.data.calibration_set import CalibrationSet
-from onnxq.data.images import ImagePreprocessing
 from onnxq.data.sources import Feed, model_inputs
 from onnxq.errors import OnnxqError, first_line
-from onnxq.export.act_qdq import quantize_activations
+from onnxq.export.act_qdq import calibration_candidates, insert_activation_qdq, plan_qdq
 from onnxq.export.outputs import check_outputs, model_files
 from onnxq.export.qdq import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
 from onnxq.graph.bias import BiasSlot, add_missing_biases, bias_slots, output_shift
 from onnxq.graph.float16 import refuse_float16_activations, without_inserted_casts
-from onnxq.graph.layers import QUANTIZABLE_OPS, Layer, find_layers, nothing_to_quantize
+from onnxq.graph.layers import Layer, find_layers, nothing_to_quantize
 from onnxq.graph.loading import load_model_and_layout, proto_size
 from onnxq.graph.opset import fit_opset
 from onnxq.graph.prepare import prepare
-from onnxq.passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight
+from onnxq.passes import ROUNDING_PASSES, Grid, QuantWeight
 from onnxq.report.progress import NoProgress
 from onnxq.rounding.degenerate import check_rounding_inputs
 from onnxq.rounding.pool import RoundingTask, round_all
@@ -90,151 +104,228 @@ class QuantizationResult:
 
 
 @dataclass
-class Options:
-    """The pipeline's flat view of a :class:`onnxq.config.Config` (built by :func:`options_from`)."""
+class Run:
+    """What the stages of one run share: the prepared model, its layers, the calibration set and the config.
 
-    bits: int = 4
-    method: str = DEFAULT_METHOD
-    symmetric: bool = False
-    clip: bool = True
-    bias_correction: bool = True  # round against the centred Gram matrix and fold the error mean into the bias
-    shrinkage: bool = True  # shrink Gram matrices estimated from few rows (classifiers after pooling) to their diagonal
-    sequential: bool = False  # round layer after layer on the quantized model's inputs, towards the float outputs
-    block_size: int | None = None  # one scale per block of this many inputs (MatMul/Gemm); None: per channel
-    matmul_nbits: bool = False  # write 4-bit MatMul layers as com.microsoft.MatMulNBits
-    accuracy_level: int = 0  # MatMulNBits' accuracy_level: 0 float activations, 4 int8 activations (faster)
-    act_bits: int | None = None  # 8: uint8 activation Q/DQ so onnxruntime runs integer kernels (W8A8)
-    act_method: str = "mse"  # activation range calibration: mse, percentile or minmax
-    prefer: str = "size"  # "speed": only 8-bit layers get activation Q/DQ (W8A8), and CLADO favours them
-    nodes_to_exclude: tuple[str, ...] = ()
-    op_types_to_quantize: tuple[str, ...] = QUANTIZABLE_OPS
-    first_last_bits: int | None = None
-    bits_per_layer: dict[str, int] = field(default_factory=dict)
-    calib_size: int | None = 256
-    batch_size: int = 16
-    stats: Path | None = None
-    preprocessing: ImagePreprocessing | None = None
-    allow_empty: bool = False
-    external_data: bool | None = None
-    jobs: int | None = None
-    # mixed precision (CLADO): active when a budget is set
-    budget: Budget = field(default_factory=Budget)
-    bit_choices: tuple[int, ...] = (2, 3, 4, 8)
-    sensitivity: str = "fast"
-    clado_samples: int = 128
-    clado_time_limit: float = 60.0
-    verify_samples: int = 512  # held-out samples to check the allocation on vs diagonal-only and uniform (0: off)
-    sensitivity_cache: Path | None = None
-    bits_json: Path | None = None
+    The stages run in order: statistics are measured on the prepared model, then bias-less layers get a zero bias
+    (``bias_slots``) that rounding, the loss oracle and export use.
+    """
 
+    model: onnx.ModelProto
+    model_path: Path
+    external: bool  # the input keeps its weights in external data (the output does too unless told)
+    layers: list[Layer]
+    skipped: list[str]
+    data: CalibrationSet
+    config: Config
 
-def options_from(config: Config) -> Options:
-    """The pipeline's flat view of a validated config (a fresh copy per run: the caller's config is never
-    changed), with the defaults that depend on other options resolved."""
-    layers, rounding, data, export = config.layers, config.rounding, config.data, config.export
-    mixed, acts = config.mixed, config.activations
-    flat = Options(
-        bits=layers.bits or DEFAULT_BITS, method=rounding.method, symmetric=bool(rounding.symmetric),
-        clip=rounding.clip, bias_correction=rounding.bias_correction, shrinkage=rounding.shrinkage,
-        sequential=rounding.sequential, block_size=rounding.block_size, matmul_nbits=export.matmul_nbits,
-        accuracy_level=export.accuracy_level or DEFAULT_ACCURACY_LEVEL, nodes_to_exclude=layers.nodes_to_exclude,
-        op_types_to_quantize=layers.op_types_to_quantize, first_last_bits=layers.first_last_bits,
-        bits_per_layer=dict(layers.bits_per_layer), calib_size=data.calib_size or None, batch_size=data.batch_size,
-        stats=data.stats, preprocessing=data.preprocessing, allow_empty=layers.allow_empty,
-        external_data=export.external_data, jobs=rounding.jobs, bits_json=layers.bits_json)
-    if acts is not None:
-        flat.act_bits, flat.act_method, flat.prefer = acts.bits, acts.method, acts.prefer
-    if mixed is not None:
-        flat.budget = Budget(mixed.avg_bits, mixed.size_mb, mixed.size_ratio)
-        flat.bit_choices, flat.sensitivity, flat.clado_samples = mixed.bit_choices, mixed.sensitivity, mixed.samples
-        flat.clado_time_limit, flat.sensitivity_cache = mixed.time_limit, mixed.sensitivity_cache
-        flat.verify_samples = DEFAULT_VERIFY_SAMPLES if mixed.verify_samples is None else mixed.verify_samples
-    return flat
+    @cached_property
+    def bias_slots(self) -> dict[str, BiasSlot]:
+        """The layers whose bias absorbs their error mean (with bias correction on; bias-less ones get a zero bias
+        in the model, once)."""
+        return corrected_layers(self.model, self.layers, self.config)
+
+    def calibrate(self, progress: Callable | None = None) -> Statistics:
+        """The statistics of this run, with their key (reused from, or saved to, ``stats`` in the config)."""
+        return collect_statistics(self, progress, keyed=True)
+
+    def round(self, widths: Iterable[int], statistics: Statistics,
+              progress: Callable | None = None) -> dict[tuple[str, int], QuantWeight]:
+        """Every layer rounded at each of ``widths`` as a run rounds it (the config's method, grid options, bias
+        correction and shrinkage): ``(layer, bits) -> QuantWeight``."""
+        widths = tuple(widths)
+        rounded = round_candidates(self.model, self.layers, statistics.layers,
+                                   {layer.name: widths for layer in self.layers}, self.config, progress,
+                                   self.bias_slots)
+        return {key: qw for key, (qw, _) in rounded.items()}
+
+    def loss_oracle(self, samples: int) -> LossOracle:
+        """CLADO's loss oracle on ``samples`` held-out samples (calibration ones when the data has no more)."""
+        return LossOracle(self.model, self.layers, oracle_feeds(self.data, samples), slots=self.bias_slots)
 
 
-def layer_bits(layers: list[Layer], options: Options) -> dict[str, int]:
+@contextmanager
+def opened(model_path: str | Path, calib: object, config: Config, outputs: dict[str, Path | None]) -> Iterator[Run]:
+    """Check the outputs, load and prepare the model, find its layers and open the calibration set (closed on
+    exit)."""
+    model_path = Path(model_path)
+    check_outputs(model_path, outputs)
+    original, external = load_model_and_layout(model_path)
+    model = without_inserted_casts(prepare(fit_opset(original)))
+    del original  # a >2 GB model is held in memory several times over; drop the copies as soon as they are done
+    layers, skipped = find_layers(model, tuple(config.layers.op_types_to_quantize),
+                                  tuple(config.layers.nodes_to_exclude))
+    refuse_float16_activations(model, act_bits(config))
+    if not layers and not config.layers.allow_empty:
+        raise nothing_to_quantize(skipped)
+    data = CalibrationSet(calib, model_inputs(model), config.data.preprocessing, config.data.batch_size,
+                          config.data.calib_size or None, held_out_needed(config))
+    try:
+        yield Run(model, model_path, external, layers, skipped, data, config)
+    finally:
+        data.close()
+
+
+# -- what the config implies: defaults that depend on other options, resolved in one place -------------------------
+
+def budget_of(config: Config) -> Budget:
+    """The mixed-precision budget (unset without one)."""
+    mixed = config.mixed
+    return Budget(mixed.avg_bits, mixed.size_mb, mixed.size_ratio) if mixed is not None else Budget()
+
+
+def act_bits(config: Config) -> int | None:
+    """The activation width (8 for W8A8), None for weight-only."""
+    return config.activations.bits if config.activations is not None else None
+
+
+def prefer(config: Config) -> str:
+    """``speed``: only 8-bit layers get activation Q/DQ and CLADO favours them; else ``size``."""
+    return config.activations.prefer if config.activations is not None else "size"
+
+
+def verify_samples(config: Config) -> int:
+    """Held-out samples the allocation is checked on (0: off); only with a budget."""
+    mixed = config.mixed
+    if mixed is None:
+        return 0
+    return DEFAULT_VERIFY_SAMPLES if mixed.verify_samples is None else mixed.verify_samples
+
+
+def bits_overrides(layers: list[Layer], config: Config) -> dict[str, int]:
+    """Per-layer widths given by the user: ``--bits-per-layer`` over a ``--bits-json`` read (without a budget)."""
+    overrides = dict(config.layers.bits_per_layer)
+    bits_json = config.layers.bits_json
+    if bits_json and config.mixed is None and bits_json.exists():
+        overrides = {**read_bits_json(bits_json, layers), **overrides}
+    return overrides
+
+
+def layer_bits(layers: list[Layer], config: Config, overrides: dict[str, int]) -> dict[str, int]:
     """The width of each layer: per-layer overrides, then first/last, then the global width."""
-    chosen = {layer.name: options.bits for layer in layers}
-    if options.first_last_bits and layers:
-        chosen[layers[0].name] = chosen[layers[-1].name] = options.first_last_bits
-    unknown = set(options.bits_per_layer) - set(chosen)
+    chosen = {layer.name: config.layers.bits or DEFAULT_BITS for layer in layers}
+    first_last = config.layers.first_last_bits
+    if first_last and layers:
+        chosen[layers[0].name] = chosen[layers[-1].name] = first_last
+    unknown = set(overrides) - set(chosen)
     if unknown:
         raise OnnxqError(f"bit widths given for unknown layers {sorted(unknown)[:3]}; use names from the layer table")
-    chosen.update(options.bits_per_layer)
+    chosen.update(overrides)
     return chosen
 
 
-def collect_stats(model: onnx.ModelProto, layers: list[Layer], data: CalibrationSet, options: Options,
-                  progress: Callable | None) -> dict[str, LayerStats]:
-    """Load cached statistics when their key (model, data, preprocessing, sizes) matches, else calibrate on the
-    calibration split (and cache if asked)."""
-    if options.stats:
-        key, _ = statistics_key(model, layers, data.identity(), data.inputs, options, [options.stats])
-        cached = load_stats(options.stats, key, layers)
+def collect_statistics(run: Run, progress: Callable | None, gram: bool = True, keyed: bool = False) -> Statistics:
+    """The run's statistics in one pass over the calibration split: each layer's Gram statistics (``gram``) and, with
+    activation quantization, the histograms of every tensor that may get activation Q/DQ. With ``--stats``, a file
+    whose key matches is reused and a new one is written; ``keyed``: compute the key anyway (to save or check)."""
+    config, layers, data = run.config, run.layers, run.data
+    tensors, histograms = activation_tensors(run)
+    path = config.data.stats
+    key: dict = {}
+    if path or keyed:
+        key, _ = statistics_key(run.model, layers, data.identity(), data.inputs, config, [path] if path else [])
+    if path:
+        cached = load_stats(path, key, layers, tensors, histograms)
         if cached is not None:
             return cached
     with progress(None, "reading calibration data") if progress else NoProgress():
         samples = data.samples  # decoded and validated once, here
-    with (progress(samples, "calibrating") if progress else NoProgress()) as bar:
-        stats = calibrate(model, layers, data.calibration(), on_batch=bar.update)
-    if options.stats:
-        save_stats(options.stats, stats, key)
-    return stats
+    observer = HistogramObserver(tensors, None if histograms else ())
+    if gram and layers:
+        with (progress(samples, "calibrating") if progress else NoProgress()) as bar:
+            stats = calibrate(run.model, layers, data.calibration(), on_batch=bar.update,
+                              observers=[observer] if tensors else [])
+    else:
+        stats = {}
+        if tensors:
+            capture(run.model, data.calibration(), [observer])
+    statistics = Statistics(stats, observer.hists, key, histograms)
+    if path:
+        save_stats(path, statistics)
+    return statistics
 
 
-def held_out_needed(options: Options) -> int:
+def activation_tensors(run: Run) -> tuple[list[str], bool]:
+    """The tensors whose activation statistics a run needs (none without activation quantization) and whether it
+    needs their histograms (every method but ``minmax``)."""
+    if act_bits(run.config) is None or not run.layers:
+        return [], False
+    return calibration_candidates(run.model, run.layers), run.config.activations.method != "minmax"
+
+
+def checked_statistics(run: Run, statistics: Statistics) -> Statistics:
+    """Statistics given to a run, checked against it: the same model, data, preprocessing, ``--calib-size`` and
+    layers (their key), and the activations it quantizes."""
+    key, _ = statistics_key(run.model, run.layers, run.data.identity(), run.data.inputs, run.config)
+    difference = key_difference(statistics.key, key)
+    if difference:
+        raise OnnxqError(f"the statistics do not fit this run: {difference}; calibrate with the same model, data "
+                         "and config")
+    tensors, histograms = activation_tensors(run)
+    if not statistics.covers(tensors, histograms):
+        raise OnnxqError("the statistics hold no activation histograms for this run's --act-bits 8; calibrate with "
+                         "activations=Activations(bits=8) (and the same act method) in the config")
+    return statistics
+
+
+def held_out_needed(config: Config) -> int:
     """Samples to keep beyond the calibration ones: CLADO's oracle and its verification with a budget, else
     one batch to check the written model on."""
-    if options.budget.is_set():
-        return max(options.clado_samples, options.verify_samples, options.batch_size)
-    return options.batch_size
+    if config.mixed is not None:
+        return max(config.mixed.samples, verify_samples(config), config.data.batch_size)
+    return config.data.batch_size
 
 
-def weight_symmetric(bits: int, options: Options) -> bool:
+def weight_symmetric(bits: int, config: Config) -> bool:
     """With activation quantization, 8-bit weights are symmetric: onnxruntime's integer kernels need zero point 0."""
-    return options.symmetric or (options.act_bits is not None and bits == 8)
+    return bool(config.rounding.symmetric) or (act_bits(config) is not None and bits == 8)
 
 
-def activation_layers(layers: list[Layer], results: dict[str, QuantWeight], options: Options) -> list[str]:
+def activation_layers(layers: list[Layer], results: dict[str, QuantWeight], config: Config) -> list[str]:
     """The layers whose inputs get uint8 Q/DQ: all of them, or with ``prefer="speed"`` the 8-bit ones only
     (W8A8 runs in integer kernels; a 2-4-bit weight has no integer kernel and stays weight-only in float)."""
-    if options.prefer == "speed":
+    if prefer(config) == "speed":
         return [layer.name for layer in layers if results[layer.name].grid.bits == 8]
     return [layer.name for layer in layers]
 
 
-def with_activations(model: onnx.ModelProto, quantized: onnx.ModelProto, layers: list[Layer], data: CalibrationSet,
-                     options: Options, act_layers: list[str]) -> onnx.ModelProto:
-    """Add uint8 activation Q/DQ around the given quantized layers, ranges calibrated on the float model."""
-    if options.act_bits != 8:
-        raise OnnxqError(f"--act-bits {options.act_bits} is not supported; use --act-bits 8")
+def with_activations(run: Run, quantized: onnx.ModelProto, statistics: Statistics,
+                     act_layers: list[str]) -> onnx.ModelProto:
+    """Add uint8 activation Q/DQ around the given quantized layers, ranges from the float model's histograms."""
+    config = run.config
+    if act_bits(config) != 8:
+        raise OnnxqError(f"--act-bits {act_bits(config)} is not supported; use --act-bits 8")
     if not act_layers:
         log.warning("no layer is at 8 bits, so none runs in integer kernels; the model stays weight-only")
         return quantized
-    return quantize_activations(model, quantized, layers, data.calibration(), options.act_method, act_layers)
+    plan = plan_qdq(run.model, run.layers, act_layers)
+    hists = {tensor: statistics.activations[tensor] for tensor in plan.calibrated}
+    ranges = ranges_from(hists, config.activations.method, methods={t: "minmax" for t in plan.exact})
+    return insert_activation_qdq(quantized, run.layers, ranges, act_layers)
 
 
-def layer_block_size(layer: Layer, options: Options) -> int | None:
+def layer_block_size(layer: Layer, config: Config) -> int | None:
     """Block-wise scales apply to 2-D weights (MatMul, Gemm); Conv layers stay per channel."""
-    if options.block_size is not None and options.block_size < 1:
-        raise OnnxqError(f"block size must be positive, not {options.block_size}")
-    return options.block_size if options.block_size and len(layer.shape) == 2 else None
+    block_size = config.rounding.block_size
+    if block_size is not None and block_size < 1:
+        raise OnnxqError(f"block size must be positive, not {block_size}")
+    return block_size if block_size and len(layer.shape) == 2 else None
 
 
-def corrected_layers(model: onnx.ModelProto, layers: list[Layer], options: Options) -> dict[str, BiasSlot]:
+def corrected_layers(model: onnx.ModelProto, layers: list[Layer], config: Config) -> dict[str, BiasSlot]:
     """With bias correction on, give bias-less Conv/Gemm layers a zero bias (in place) and return the layers
     whose bias can absorb the error mean."""
-    if not options.bias_correction:
+    if not config.rounding.bias_correction:
         return {}
     add_missing_biases(model, layers)
     return bias_slots(model, layers)
 
 
-def layer_gram(layer: Layer, stats: LayerStats, centred: bool, options: Options) -> tuple[np.ndarray, np.ndarray]:
+def layer_gram(layer: Layer, stats: LayerStats, centred: bool, config: Config) -> tuple[np.ndarray, np.ndarray]:
     """The Gram matrix a pass rounds against (centred with bias correction, shrunk when its rows are few) and
     the calibration Gram its error is reported on."""
     measured = stats.centred_gram if centred else stats.normalised_gram
-    if not options.shrinkage:
+    if not config.rounding.shrinkage:
         return measured, measured
     H, rho = shrink_gram(measured, stats.rows)
     if rho:
@@ -243,27 +334,28 @@ def layer_gram(layer: Layer, stats: LayerStats, centred: bool, options: Options)
 
 
 def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[str, LayerStats],
-                     widths: dict[str, tuple[int, ...]], options: Options, progress: Callable | None,
+                     widths: dict[str, tuple[int, ...]], config: Config, progress: Callable | None,
                      slots: dict[str, BiasSlot] | None = None) -> dict[tuple[str, int], tuple[QuantWeight, float]]:
     """Round every layer at each of its widths; returns ``(layer, bits) -> (codes, relative error)``.
 
     Layers in ``slots`` are rounded against their centred Gram matrix and get the bias shift that completes it.
     """
-    if options.method not in ROUNDING_PASSES:
-        raise OnnxqError(f"unknown method {options.method!r}; choose one of {', '.join(ROUNDING_PASSES)}")
+    method, clip, jobs = config.rounding.method, config.rounding.clip, config.rounding.jobs
+    if method not in ROUNDING_PASSES:
+        raise OnnxqError(f"unknown method {method!r}; choose one of {', '.join(ROUNDING_PASSES)}")
     slots = slots or {}
     inits = {t.name: t for t in model.graph.initializer}
     tasks, matrices = [], {}
     for layer in layers:
         W = matrices[layer.name] = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
-        H, measured = layer_gram(layer, stats[layer.name], layer.name in slots, options)
-        block = layer_block_size(layer, options)
-        tasks += [RoundingTask((layer.name, b), W, H, Grid(b, weight_symmetric(b, options), block),
-                               {"clip": options.clip}, None if H is measured else measured)
+        H, measured = layer_gram(layer, stats[layer.name], layer.name in slots, config)
+        block = layer_block_size(layer, config)
+        tasks += [RoundingTask((layer.name, b), W, H, Grid(b, weight_symmetric(b, config), block),
+                               {"clip": clip}, None if H is measured else measured)
                   for b in widths[layer.name]]
     check_rounding_inputs(tasks)
-    with (progress(len(tasks), f"{options.method} rounding") if progress else NoProgress()) as bar:
-        rounded = round_all(tasks, options.method, options.jobs, on_done=lambda: bar.update(1))
+    with (progress(len(tasks), f"{method} rounding") if progress else NoProgress()) as bar:
+        rounded = round_all(tasks, method, jobs, on_done=lambda: bar.update(1))
     for (name, _), (qw, _) in rounded.items():
         if name in slots:
             qw.bias_shift = output_shift(matrices[name], qw.dequantize(), stats[name].mean)
@@ -271,25 +363,26 @@ def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[st
 
 
 def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str, int], feeds: Iterable[Feed],
-                     options: Options, progress: Callable | None,
+                     config: Config, progress: Callable | None,
                      slots: dict[str, BiasSlot]) -> dict[str, tuple[QuantWeight, float]]:
     """Round the layers stage by stage on the inputs of the model quantized so far (``sequential.py``);
     returns the quantized weights with their errors."""
-    if options.method not in ROUNDING_PASSES:
-        raise OnnxqError(f"unknown method {options.method!r}; choose one of {', '.join(ROUNDING_PASSES)}")
+    rounding = config.rounding
+    if rounding.method not in ROUNDING_PASSES:
+        raise OnnxqError(f"unknown method {rounding.method!r}; choose one of {', '.join(ROUNDING_PASSES)}")
 
     def round_stage(work: list) -> dict[str, tuple[QuantWeight, float]]:
         tasks = []
         for layer, target, S, rows in work:
-            H, rho = shrink_gram(S, rows) if options.shrinkage else (S, 0.0)
+            H, rho = shrink_gram(S, rows) if rounding.shrinkage else (S, 0.0)
             b = bits[layer.name]
-            tasks.append(RoundingTask(layer.name, target, H, Grid(b, weight_symmetric(b, options),
-                                      layer_block_size(layer, options)), {"clip": options.clip},
+            tasks.append(RoundingTask(layer.name, target, H, Grid(b, weight_symmetric(b, config),
+                                      layer_block_size(layer, config)), {"clip": rounding.clip},
                                       S if rho else None))
         check_rounding_inputs(tasks)
-        return round_all(tasks, options.method, options.jobs)
+        return round_all(tasks, rounding.method, rounding.jobs)
 
-    with (progress(len(layers), f"sequential {options.method} rounding") if progress else NoProgress()) as bar:
+    with (progress(len(layers), f"sequential {rounding.method} rounding") if progress else NoProgress()) as bar:
         return round_sequentially(model, layers, feeds, round_stage, slots, on_stage=bar.update)
 
 
@@ -331,56 +424,76 @@ def check_batch(data: CalibrationSet) -> tuple[Feed | None, bool]:
         return None, False
 
 
+def run_outputs(config: Config, output: Path | None = None) -> dict[str, Path | None]:
+    """The files a run writes, by the flag that names them (checked before any work)."""
+    mixed = config.mixed
+    return {"-o": output, "--stats": config.data.stats,
+            "--sensitivity-cache": mixed.sensitivity_cache if mixed is not None else None,
+            "--bits-json": config.layers.bits_json if mixed is not None else None}
+
+
 def quantize_model(model_path: str | Path, calib: object, output: str | Path, config: Config,
-                   progress: Callable | None = None) -> QuantizationResult:
-    """Quantize ``model_path`` with calibration data ``calib`` and write ``output``, as ``config`` says."""
-    options = options_from(config)
-    model_path, output = Path(model_path), Path(output)
-    check_outputs(model_path, {"-o": output, "--stats": options.stats, "--sensitivity-cache": options.sensitivity_cache,
-                               "--bits-json": options.bits_json if options.budget.is_set() else None})
-    original, external = load_model_and_layout(model_path)
-    model = without_inserted_casts(prepare(fit_opset(original)))
-    del original  # a >2 GB model is held in memory several times over; drop the copies as soon as they are done
-    layers, skipped = find_layers(model, tuple(options.op_types_to_quantize), tuple(options.nodes_to_exclude))
-    refuse_float16_activations(model, options.act_bits)
-    if not layers and not options.allow_empty:
-        raise nothing_to_quantize(skipped)
-    mixed = options.budget.is_set()
-    if options.bits_json and not mixed and options.bits_json.exists():
-        options.bits_per_layer = {**read_bits_json(options.bits_json, layers), **options.bits_per_layer}
-    bits = layer_bits(layers, options)
-    data = CalibrationSet(calib, model_inputs(model), options.preprocessing, options.batch_size,
-                          options.calib_size, held_out_needed(options))
-    try:
-        return quantize_with(model, model_path, external, layers, skipped, bits, data, output, options, progress)
-    finally:
-        data.close()
+                   progress: Callable | None = None, statistics: Statistics | None = None,
+                   plan: MixedPlan | None = None) -> QuantizationResult:
+    """Quantize ``model_path`` with calibration data ``calib`` and write ``output``, as ``config`` says; with
+    ``statistics`` (from ``onnxq.calibrate``) and a ``plan`` (from ``onnxq.allocate``) those stages are skipped."""
+    output = Path(output)
+    with opened(model_path, calib, config, run_outputs(config, output)) as run:
+        return quantize_run(run, output, progress, statistics, plan)
 
 
-def quantize_with(model: onnx.ModelProto, model_path: Path, external: bool, layers: list[Layer], skipped: list[str],
-                  bits: dict[str, int], data: CalibrationSet, output: Path, options: Options,
-                  progress: Callable | None) -> QuantizationResult:
+def allocate_run(run: Run, progress: Callable | None, statistics: Statistics | None = None) -> MixedPlan:
+    """The allocation stage alone: CLADO's widths under the config's budget."""
+    if run.config.mixed is None:
+        raise OnnxqError("allocating widths needs a budget: give the config mixed=MixedPrecision(avg_bits=...) "
+                         "(or size_mb, size_ratio)")
+    if not run.layers:
+        raise nothing_to_quantize(run.skipped)
+    statistics = checked_statistics(run, statistics) if statistics is not None else collect_statistics(run, progress)
+    plan, _ = mixed_precision(run.model, run.model_path, run.layers, statistics.layers, run.data, run.config,
+                              progress, run.bias_slots, keep_weights=False)
+    return plan
+
+
+def planned_bits(plan: MixedPlan, layers: list[Layer]) -> dict[str, int]:
+    """The widths of a given plan, which must name exactly these layers."""
+    names = {layer.name for layer in layers}
+    if set(plan.bits) != names:
+        unknown = sorted(set(plan.bits) ^ names)
+        raise OnnxqError(f"the bit plan does not fit this model's layers (e.g. {unknown[0]}); allocate it with the "
+                         "same model and config")
+    return dict(plan.bits)
+
+
+def quantize_run(run: Run, output: Path, progress: Callable | None, statistics: Statistics | None = None,
+                 plan: MixedPlan | None = None) -> QuantizationResult:
     """Calibrate, round (fixed widths, CLADO or sequential), export and check: the stages after loading."""
-    mixed = options.budget.is_set()
-    sequential = options.sequential and bool(layers)
-    if sequential and options.stats and not mixed:
-        log.info("sequential rounding captures its statistics stage by stage; %s is not used", options.stats)
-    stats = {} if (sequential and not mixed) or not layers else collect_stats(model, layers, data, options, progress)
-    slots = corrected_layers(model, layers, options)
-    plan = None
-    samples = next(iter(stats.values())).samples if stats else 0
-    if mixed:  # with --sequential, the allocations it compares and the one it keeps are rounded sequentially
-        plan, chosen = mixed_precision(model, model_path, layers, stats, data, options, progress, slots)
+    config, model, layers, data = run.config, run.model, run.layers, run.data
+    sequential = config.rounding.sequential and bool(layers)
+    allocating = config.mixed is not None and plan is None
+    if statistics is not None:
+        statistics = checked_statistics(run, statistics)
+    elif layers:  # sequential rounding captures its Gram statistics stage by stage
+        statistics = collect_statistics(run, progress, gram=not sequential or allocating)
+    else:
+        statistics = Statistics({})
+    stats = statistics.layers
+    overrides = bits_overrides(layers, config)
+    bits = planned_bits(plan, layers) if plan is not None else layer_bits(layers, config, overrides)
+    slots = run.bias_slots
+    samples = statistics.samples if stats else (data.samples if sequential else 0)
+    if allocating:  # with --sequential, the allocations it compares and the one it keeps are rounded sequentially
+        plan, chosen = mixed_precision(model, run.model_path, layers, stats, data, config, progress, slots)
     elif sequential:
         feeds = data.calibration_batches()  # read back on every pass, one batch in memory at a time
-        chosen = round_sequential(model, layers, bits, feeds, options, progress, slots)
-        samples = data.samples
+        chosen = round_sequential(model, layers, bits, feeds, config, progress, slots)
     else:
-        rounded = round_candidates(model, layers, stats, {n: (b,) for n, b in bits.items()}, options, progress,
+        rounded = round_candidates(model, layers, stats, {n: (b,) for n, b in bits.items()}, config, progress,
                                    slots)
         chosen = {name: rounded[(name, b)] for name, b in bits.items()}
     results = {name: qw for name, (qw, _) in chosen.items()}
-    metadata = {"onnxq.method": options.method, "onnxq.layers": layer_metadata(layers, results)}
+    method = config.rounding.method
+    metadata = {"onnxq.method": method, "onnxq.layers": layer_metadata(layers, results)}
     if sequential:
         metadata["onnxq.sequential"] = "1"  # rounded on the quantized model's inputs (see sequential.py)
     if plan is not None:
@@ -388,20 +501,22 @@ def quantize_with(model: onnx.ModelProto, model_path: Path, external: bool, laye
             "estimator": plan.estimator, "status": plan.status, "gap": plan.gap,
             "predicted_loss": plan.predicted_loss, "prefer": plan.prefer,
             "verified": plan.verified, "picked": plan.picked, "integer_mac_share": plan.integer_mac_share})
-    quantized = build_quantized_model(model, layers, results, metadata, options.matmul_nbits, options.accuracy_level)
-    if options.act_bits is not None and layers:
-        quantized = with_activations(model, quantized, layers, data, options,
-                                     activation_layers(layers, results, options))
+    export = config.export
+    quantized = build_quantized_model(model, layers, results, metadata, export.matmul_nbits,
+                                      export.accuracy_level or DEFAULT_ACCURACY_LEVEL)
+    if act_bits(config) is not None and layers:
+        quantized = with_activations(run, quantized, statistics, activation_layers(layers, results, config))
     check_feed, held_out = check_batch(data)
-    layout = external if options.external_data is None and external else options.external_data
+    layout = run.external if export.external_data is None and run.external else export.external_data
     with progress(None, "writing and checking the model") if progress else NoProgress():
         with staged_model(quantized, output, layout) as (staged, _):  # checked under its temporary name
             sqnr, agreement = verify(staged, model, check_feed)
-    if plan is not None and options.bits_json:  # a result like the model: written once the model passed its check
-        write_bits_json(options.bits_json, layers, plan.bits)
-    method = f"{options.method}, sequential" if sequential else options.method
-    return QuantizationResult(output, method, layer_reports(layers, chosen), skipped,
-                              _file_size(model_path), _file_size(output), samples, sqnr, agreement, plan,
+    bits_json = config.layers.bits_json
+    if plan is not None and config.mixed is not None and bits_json:  # written once the model passed its check
+        write_bits_json(bits_json, layers, plan.bits)
+    method = f"{method}, sequential" if sequential else method
+    return QuantizationResult(output, method, layer_reports(layers, chosen), run.skipped,
+                              _file_size(run.model_path), _file_size(output), samples, sqnr, agreement, plan,
                               check_held_out=held_out)
 
 
@@ -417,31 +532,35 @@ def unquantized_bytes(model: onnx.ModelProto, layers: list[Layer], results: dict
 
 
 def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer], stats: dict[str, LayerStats],
-                    data: CalibrationSet, options: Options, progress: Callable | None,
-                    slots: dict[str, BiasSlot] | None = None) -> tuple[MixedPlan, dict[str, tuple[QuantWeight, float]]]:
-    """CLADO: round every candidate width, measure sensitivities, allocate under the budget."""
-    choices = tuple(sorted(set(options.bit_choices)))
-    fixed = {layers[0].name, layers[-1].name} if options.first_last_bits else set()
-    widths = {layer.name: (options.first_last_bits,) if layer.name in fixed else choices for layer in layers}
-    widths.update({name: (b,) for name, b in options.bits_per_layer.items()})
-    candidates = round_candidates(model, layers, stats, widths, options, progress, slots)
+                    data: CalibrationSet, config: Config, progress: Callable | None,
+                    slots: dict[str, BiasSlot] | None = None, keep_weights: bool = True
+                    ) -> tuple[MixedPlan, dict[str, tuple[QuantWeight, float]]]:
+    """CLADO: round every candidate width, measure sensitivities, allocate under the budget; returns the plan
+    and (``keep_weights``) the weights it picked."""
+    mixed, first_last, sequential = config.mixed, config.layers.first_last_bits, config.rounding.sequential
+    choices = tuple(sorted(set(mixed.bit_choices)))
+    fixed = {layers[0].name, layers[-1].name} if first_last else set()
+    widths = {layer.name: (first_last,) if layer.name in fixed else choices for layer in layers}
+    widths.update({name: (b,) for name, b in config.layers.bits_per_layer.items()})
+    candidates = round_candidates(model, layers, stats, widths, config, progress, slots)
 
     warned: list[bool] = []  # the sensitivity and the verification oracle share one fallback warning
 
-    def oracle(samples: int = options.clado_samples) -> LossOracle:
+    def oracle(samples: int = mixed.samples) -> LossOracle:
         feeds = oracle_feeds(data, samples, warn=not warned)
         warned.append(True)
         return LossOracle(model, layers, feeds, slots=slots)
 
     float_bytes = _file_size(model_path)
     fixed_bytes = unquantized_bytes(model, layers, {name: candidates[(name, w[0])][0] for name, w in widths.items()})
-    fingerprint = (sensitivity_fingerprint(model, layers, data.identity(), data.inputs, options)
-                   if options.sensitivity_cache else "")
+    fingerprint = (sensitivity_fingerprint(model, layers, data.identity(), data.inputs, config)
+                   if mixed.sensitivity_cache else "")
     per_layer = [widths[layer.name] for layer in layers]
-    method = options.method + ("+bias_correction" if slots else "") + ("+shrinkage" if options.shrinkage else "")
+    shrinkage = "+shrinkage" if config.rounding.shrinkage else ""
+    method = config.rounding.method + ("+bias_correction" if slots else "") + shrinkage
     method += "+held_out"  # sensitivities on samples the statistics did not use
-    key = cache_key(fingerprint, per_layer, method, options.sensitivity, options.clado_samples)
-    macs = layer_macs(layers, stats) if options.prefer == "speed" else None
+    key = cache_key(fingerprint, per_layer, method, mixed.sensitivity, mixed.samples)
+    macs = layer_macs(layers, stats) if prefer(config) == "speed" else None
     rounded_sequentially: dict[tuple, dict[str, tuple[QuantWeight, float]]] = {}
     feeds = data.calibration_batches()  # read back on each sequential rounding
 
@@ -449,16 +568,18 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
         """One allocation rounded sequentially (what --sequential exports), remembered for the final choice."""
         key = tuple(sorted(bits.items()))
         if key not in rounded_sequentially:
-            rounded_sequentially[key] = round_sequential(model, layers, bits, feeds, options, progress, slots)
+            rounded_sequentially[key] = round_sequential(model, layers, bits, feeds, config, progress, slots)
         return rounded_sequentially[key]
 
     plan = sensitivity_and_allocation(oracle, layers, {k: qw for k, (qw, _) in candidates.items()}, per_layer,
-                                      options.budget, options.sensitivity, fixed_bytes, float_bytes,
-                                      options.sensitivity_cache, key, options.clado_time_limit, progress, macs,
-                                      (lambda: oracle(options.verify_samples)) if options.verify_samples else None,
+                                      budget_of(config), mixed.sensitivity, fixed_bytes, float_bytes,
+                                      mixed.sensitivity_cache, key, mixed.time_limit, progress, macs,
+                                      (lambda: oracle(verify_samples(config))) if verify_samples(config) else None,
                                       (lambda bits: {n: qw for n, (qw, _) in sequential_weights(bits).items()})
-                                      if options.sequential else None)
-    if options.sequential:
+                                      if sequential else None)
+    if not keep_weights:
+        return plan, {}
+    if sequential:
         return plan, sequential_weights(plan.bits)
     return plan, {name: candidates[(name, b)] for name, b in plan.bits.items()}
 

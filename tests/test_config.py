@@ -40,10 +40,16 @@ def test_vocabularies_match_the_modules_that_implement_them():
 
 
 def test_defaults_are_the_pipelines_former_defaults():
-    from onnxq.pipeline import Options, options_from
+    from onnxq.pipeline import act_bits, budget_of, held_out_needed, prefer, verify_samples
 
-    flat = options_from(Config())
-    assert flat == Options(bits_per_layer={})  # the flat view of the default config is the old default run
+    config = Config()  # the default run: 4-bit COMQ, asymmetric, clipped, bias-corrected, shrunk, weight-only
+    rounding = config.rounding
+    assert (config.layers.bits, rounding.method, bool(rounding.symmetric), rounding.clip) == (None, "comq", False, True)
+    assert rounding.bias_correction and rounding.shrinkage and not rounding.sequential
+    assert (act_bits(config), prefer(config), budget_of(config).is_set(), verify_samples(config)) == (
+        None, "size", False, 0)
+    assert (config.data.calib_size, config.data.batch_size, held_out_needed(config)) == (256, 16, 16)
+    assert verify_samples(Config.from_options(avg_bits=3)) == 512
 
 
 INVALID = [

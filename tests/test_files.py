@@ -26,10 +26,12 @@ import onnxq.export.atomic
 import onnxq.export.qdq
 import onnxq.pipeline
 from onnxq.allocation.mixed import Budget
+from onnxq.calibration.activations import HistogramObserver, ranges_from
 from onnxq.calibration.calibrate import calibrate
-from onnxq.calibration.stats_cache import load_stats, save_stats
+from onnxq.calibration.stats_cache import STATS_FORMAT, Statistics, load_stats
 from onnxq.cli import _terminate
 from onnxq.errors import OnnxqError
+from onnxq.export.act_qdq import calibration_candidates
 from onnxq.export.atomic import Staging, staged, write_text
 from onnxq.graph.layers import find_layers
 from onnxq.graph.prepare import prepare
@@ -400,18 +402,28 @@ def test_save_and_load_round_trip(tmp_path):
     model = prepare(tiny.cnn_model())
     layers, _ = find_layers(model)
     x = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
-    stats = calibrate(model, layers, [{"x": x}])
+    tensors = calibration_candidates(model, layers)
+    observer = HistogramObserver(tensors)
+    stats = calibrate(model, layers, [{"x": x}], observers=[observer])
     path = tmp_path / "stats.npz"
-    key = {"format": 4, "model": "m", "data": {"samples": 1, "hash": "h"}, "preprocessing": {}, "calib_size": None,
-           "layers": [layer.name for layer in layers]}
-    save_stats(path, stats, key)
-    loaded = load_stats(path, key, layers)
-    assert list(loaded) == list(stats)
+    key = {"format": STATS_FORMAT, "model": "m", "data": {"samples": 1, "hash": "h"}, "preprocessing": {},
+           "calib_size": None, "layers": [layer.name for layer in layers]}
+    Statistics(stats, observer.hists, key).save(path)
+    loaded = load_stats(path, key, layers, tensors, histograms=True)
+    assert list(loaded.layers) == list(stats) and list(loaded.activations) == tensors
     for name in stats:
-        np.testing.assert_array_equal(loaded[name].gram, stats[name].gram)
-        np.testing.assert_array_equal(loaded[name].row_sum, stats[name].row_sum)
-        assert (loaded[name].rows, loaded[name].samples) == (stats[name].rows, 4)
+        np.testing.assert_array_equal(loaded.layers[name].gram, stats[name].gram)
+        np.testing.assert_array_equal(loaded.layers[name].row_sum, stats[name].row_sum)
+        assert (loaded.layers[name].rows, loaded.layers[name].samples) == (stats[name].rows, 4)
+    for tensor, hist in observer.hists.items():  # the restored histograms give the very same ranges
+        assert ranges_from({tensor: loaded.activations[tensor]}) == ranges_from({tensor: hist})
+        assert ranges_from({tensor: loaded.activations[tensor]}, "percentile") == ranges_from({tensor: hist},
+                                                                                               "percentile")
     assert load_stats(path, {**key, "model": "other"}, layers) is None
+    assert load_stats(path, key, layers, [*tensors, "unseen"], histograms=True) is None  # activations it lacks
+    Statistics(stats, {}, key).save(path)
+    assert load_stats(path, key, layers).layers.keys() == stats.keys()  # weight-only runs need no activations
+    assert load_stats(path, key, layers, tensors, histograms=False) is None
     assert not leftovers(tmp_path)
 
 

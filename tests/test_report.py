@@ -243,8 +243,6 @@ def test_any_model_two_inputs_no_classifier(tmp_path):
     assert "output SQNR dB" in page and "top-1" not in page
 
 
-@pytest.mark.skipif(not {"block_size", "matmul_nbits"} <= set(onnxq.pipeline.Options.__dataclass_fields__),
-                    reason="block-wise grids and MatMulNBits export are not in this build")
 @pytest.mark.parametrize("options", [{"block_size": 16}, {"matmul_nbits": True}])
 def test_blocked_and_matmul_nbits_weights(tmp_path, options):
     reference = save(tiny.two_input_model(features=40), tmp_path / "float.onnx")

@@ -37,6 +37,14 @@ class RunningHistogram:
         self.zeros = 0
         self.low, self.high = np.inf, -np.inf
 
+    @classmethod
+    def restored(cls, width: float, start: int, counts: np.ndarray, zeros: int, low: float, high: float
+                 ) -> RunningHistogram:
+        """A histogram from its saved state (the ``--stats`` file), equal to the one that was saved."""
+        hist = cls()
+        hist.width, hist.start, hist.counts, hist.zeros, hist.low, hist.high = width, start, counts, zeros, low, high
+        return hist
+
     @property
     def total(self) -> float:
         return float(self.counts.sum()) + self.zeros

@@ -9,14 +9,14 @@ are left out of every (batch, tokens, features) layer input (``masking.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from onnxq.calibration.capture import capture
+from onnxq.calibration.capture import Observer, capture
 from onnxq.calibration.gram import COLUMN_CHUNK_ELEMENTS, add_columns, add_conv, add_pointwise
 from onnxq.calibration.unfold import unfold_columns
 from onnxq.data.masking import attention_mask_name, batch_mask, token_rows
@@ -131,9 +131,11 @@ class GramObserver:
 
 
 def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Feed],
-              on_batch: Callable[[int], None] | None = None) -> dict[str, LayerStats]:
-    """Stream the batches through the float model and return each layer's statistics."""
+              on_batch: Callable[[int], None] | None = None, observers: Sequence[Observer] = ()
+              ) -> dict[str, LayerStats]:
+    """Stream the batches through the float model and return each layer's statistics (``observers`` see the same
+    pass: activation histograms for W8A8)."""
     observer = GramObserver(layers, attention_mask_name(model_inputs(model)))
     with threadpool_limits(1):  # one BLAS thread: small GEMMs lose to thread hand-offs; forward uses the other core
-        capture(model, batches, [observer], on_batch)
+        capture(model, batches, [observer, *observers], on_batch)
     return observer.stats

@@ -160,6 +160,20 @@ def plan_qdq(model: onnx.ModelProto, layers: list[Layer], act_layers: Collection
     return plan
 
 
+def calibration_candidates(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
+    """Every tensor that :func:`plan_qdq` may calibrate for any subset of ``layers`` (so one calibration pass
+    serves whichever layers end up with activation Q/DQ): each layer's input and output, and the output of each
+    op with an integer version whose inputs are all activations (a folded Relu/Clip's output where one follows)."""
+    graph = _Graph(model)
+    acts = {layer.name for layer in layers if layer.name in graph.by_name and graph.is_activation(layer.activation)}
+    qlinear = {n.name for n in graph.nodes if n.op_type in QLINEAR_OPS
+               and all(graph.is_activation(t) for t in n.input if t)}
+    folds = _foldable(graph, acts | {n.name for n in graph.nodes if n.op_type in QLINEAR_OPS})
+    output_of = {name: folds[name][0].output[0] if name in folds else graph.by_name[name].output[0]
+                 for name in acts | qlinear}
+    return sorted({graph.by_name[name].input[0] for name in acts} | set(output_of.values()))
+
+
 def _groups_reaching_outputs(graph: _Graph, plan: QdqPlan, output_of: dict[str, str]) -> set[str]:
     """Groups whose values reach a graph output unchanged or only averaged (the logits and their evidence)."""
     reach = {plan.source[t] for t in plan.source if t in graph.outputs}
