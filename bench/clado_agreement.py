@@ -25,7 +25,7 @@ from onnxq.graph.layers import find_layers
 from onnxq.graph.loading import load_model_and_layout
 from onnxq.graph.prepare import prepare
 from onnxq.passes import clado
-from onnxq.pipeline import Options, collect_stats, corrected_layers, oracle_feeds, round_candidates
+from onnxq.pipeline import Options, collect_stats, oracle_feeds, round_candidates, with_bias_slots
 
 
 @click.command()
@@ -42,7 +42,7 @@ def main(name: str, pairs: int, samples: int, bits: str) -> None:
     data = CalibrationSet(CALIB, model_inputs(model), MODELS[name], options.batch_size, options.calib_size,
                           held_out=samples)
     stats = collect_stats(model, layers, data, options, None)
-    slots = corrected_layers(model, layers, options)
+    model, slots = with_bias_slots(model, layers, options)
     widths = tuple(int(b) for b in bits.split(","))
     rounded = round_candidates(model, layers, stats, {layer.name: widths for layer in layers}, options, None, slots)
     oracle = LossOracle(model, layers, oracle_feeds(data, samples), slots=slots)

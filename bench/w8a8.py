@@ -38,7 +38,7 @@ from onnxq.graph.layers import Layer, find_layers
 from onnxq.graph.loading import load_model
 from onnxq.graph.prepare import prepare
 from onnxq.passes import Grid, QuantWeight
-from onnxq.pipeline import Options, corrected_layers, round_candidates
+from onnxq.pipeline import Options, round_candidates, with_bias_slots
 from onnxq.report.kernels import compare_latency, kernel_report, kernel_summary
 
 CALIB_SIZE, CALIB_BATCH = 256, 32
@@ -82,7 +82,7 @@ def onnxq_models(name: str, folder: Path, feeds: list[dict]) -> dict[str, tuple[
     stats = cached_stats(RESULTS / "cache" / f"stats_{name}_{CALIB_SIZE}.npz", layers)
     if not stats:
         raise SystemExit(f"no cached statistics for {name}; run bench/methods.py first")
-    slots = corrected_layers(model, layers, Options())
+    model, slots = with_bias_slots(model, layers, Options())
     out = {}
     start = time.perf_counter()
     plan = plan_qdq(model, layers, [layer.name for layer in layers])

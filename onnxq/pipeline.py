@@ -31,7 +31,7 @@ from onnxq.errors import OnnxqError, first_line
 from onnxq.export.act_qdq import quantize_activations
 from onnxq.export.outputs import check_outputs, model_files
 from onnxq.export.qdq import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
-from onnxq.graph.bias import BiasSlot, add_missing_biases, bias_slots, output_shift
+from onnxq.graph.bias import BiasSlot, bias_slots, output_shift, with_zero_biases
 from onnxq.graph.float16 import refuse_float16_activations, without_inserted_casts
 from onnxq.graph.layers import QUANTIZABLE_OPS, Layer, find_layers, nothing_to_quantize
 from onnxq.graph.loading import load_model_and_layout, proto_size
@@ -221,13 +221,14 @@ def layer_block_size(layer: Layer, options: Options) -> int | None:
     return options.block_size if options.block_size and len(layer.shape) == 2 else None
 
 
-def corrected_layers(model: onnx.ModelProto, layers: list[Layer], options: Options) -> dict[str, BiasSlot]:
-    """With bias correction on, give bias-less Conv/Gemm layers a zero bias (in place) and return the layers
-    whose bias can absorb the error mean."""
+def with_bias_slots(model: onnx.ModelProto, layers: list[Layer], options: Options
+                    ) -> tuple[onnx.ModelProto, dict[str, BiasSlot]]:
+    """With bias correction on, the model with a zero bias on bias-less Conv/Gemm layers (a new model; the
+    input is not changed) and the layers whose bias can absorb the error mean; else the model and no slots."""
     if not options.bias_correction:
-        return {}
-    add_missing_biases(model, layers)
-    return bias_slots(model, layers)
+        return model, {}
+    model = with_zero_biases(model, layers)
+    return model, bias_slots(model, layers)
 
 
 def layer_gram(layer: Layer, stats: LayerStats, centred: bool, options: Options) -> tuple[np.ndarray, np.ndarray]:
@@ -366,7 +367,7 @@ def quantize_with(model: onnx.ModelProto, model_path: Path, external: bool, laye
     if sequential and options.stats and not mixed:
         log.info("sequential rounding captures its statistics stage by stage; %s is not used", options.stats)
     stats = {} if (sequential and not mixed) or not layers else collect_stats(model, layers, data, options, progress)
-    slots = corrected_layers(model, layers, options)
+    model, slots = with_bias_slots(model, layers, options)
     plan = None
     samples = next(iter(stats.values())).samples if stats else 0
     if mixed:  # with --sequential, the allocations it compares and the one it keeps are rounded sequentially
