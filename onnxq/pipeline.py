@@ -45,7 +45,7 @@ from onnxq.errors import OnnxqError, first_line
 from onnxq.export.act_qdq import calibration_candidates, insert_activation_qdq, plan_qdq
 from onnxq.export.outputs import check_outputs, model_files
 from onnxq.export.qdq import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
-from onnxq.graph.bias import BiasSlot, add_missing_biases, bias_slots, output_shift
+from onnxq.graph.bias import BiasSlot, bias_slots, output_shift, with_zero_biases
 from onnxq.graph.float16 import refuse_float16_activations, without_inserted_casts
 from onnxq.graph.layers import Layer, find_layers, nothing_to_quantize
 from onnxq.graph.loading import load_model_and_layout, proto_size
@@ -121,9 +121,10 @@ class Run:
 
     @cached_property
     def bias_slots(self) -> dict[str, BiasSlot]:
-        """The layers whose bias absorbs their error mean (with bias correction on; bias-less ones get a zero bias
-        in the model, once)."""
-        return corrected_layers(self.model, self.layers, self.config)
+        """The layers whose bias absorbs their error mean (with bias correction on; bias-less ones get a zero bias:
+        ``model`` becomes the model with them, once, so read ``model`` after this)."""
+        self.model, slots = with_bias_slots(self.model, self.layers, self.config)
+        return slots
 
     def calibrate(self, progress: Callable | None = None) -> Statistics:
         """The statistics of this run, with their key (reused from, or saved to, ``stats`` in the config)."""
@@ -133,15 +134,15 @@ class Run:
               progress: Callable | None = None) -> dict[tuple[str, int], QuantWeight]:
         """Every layer rounded at each of ``widths`` as a run rounds it (the config's method, grid options, bias
         correction and shrinkage): ``(layer, bits) -> QuantWeight``."""
-        widths = tuple(widths)
+        widths, slots = tuple(widths), self.bias_slots  # slots first: they give the model its zero biases
         rounded = round_candidates(self.model, self.layers, statistics.layers,
-                                   {layer.name: widths for layer in self.layers}, self.config, progress,
-                                   self.bias_slots)
+                                   {layer.name: widths for layer in self.layers}, self.config, progress, slots)
         return {key: qw for key, (qw, _) in rounded.items()}
 
     def loss_oracle(self, samples: int) -> LossOracle:
         """CLADO's loss oracle on ``samples`` held-out samples (calibration ones when the data has no more)."""
-        return LossOracle(self.model, self.layers, oracle_feeds(self.data, samples), slots=self.bias_slots)
+        slots = self.bias_slots  # first: they give the model its zero biases
+        return LossOracle(self.model, self.layers, oracle_feeds(self.data, samples), slots=slots)
 
 
 @contextmanager
@@ -312,13 +313,14 @@ def layer_block_size(layer: Layer, config: Config) -> int | None:
     return block_size if block_size and len(layer.shape) == 2 else None
 
 
-def corrected_layers(model: onnx.ModelProto, layers: list[Layer], config: Config) -> dict[str, BiasSlot]:
-    """With bias correction on, give bias-less Conv/Gemm layers a zero bias (in place) and return the layers
-    whose bias can absorb the error mean."""
+def with_bias_slots(model: onnx.ModelProto, layers: list[Layer], config: Config
+                    ) -> tuple[onnx.ModelProto, dict[str, BiasSlot]]:
+    """With bias correction on, the model with a zero bias on bias-less Conv/Gemm layers (a new model; the
+    input is not changed) and the layers whose bias can absorb the error mean; else the model and no slots."""
     if not config.rounding.bias_correction:
-        return {}
-    add_missing_biases(model, layers)
-    return bias_slots(model, layers)
+        return model, {}
+    model = with_zero_biases(model, layers)
+    return model, bias_slots(model, layers)
 
 
 def layer_gram(layer: Layer, stats: LayerStats, centred: bool, config: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -450,8 +452,9 @@ def allocate_run(run: Run, progress: Callable | None, statistics: Statistics | N
     if not run.layers:
         raise nothing_to_quantize(run.skipped)
     statistics = checked_statistics(run, statistics) if statistics is not None else collect_statistics(run, progress)
+    slots = run.bias_slots  # first: it gives run.model its zero biases
     plan, _ = mixed_precision(run.model, run.model_path, run.layers, statistics.layers, run.data, run.config,
-                              progress, run.bias_slots, keep_weights=False)
+                              progress, slots, keep_weights=False)
     return plan
 
 
@@ -481,6 +484,7 @@ def quantize_run(run: Run, output: Path, progress: Callable | None, statistics: 
     overrides = bits_overrides(layers, config)
     bits = planned_bits(plan, layers) if plan is not None else layer_bits(layers, config, overrides)
     slots = run.bias_slots
+    model = run.model  # with the zero biases the slots added
     samples = statistics.samples if stats else (data.samples if sequential else 0)
     if allocating:  # with --sequential, the allocations it compares and the one it keeps are rounded sequentially
         plan, chosen = mixed_precision(model, run.model_path, layers, stats, data, config, progress, slots)

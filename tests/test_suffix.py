@@ -11,7 +11,7 @@ from test_transformer import sample, transformer
 
 from onnxq.allocation.oracle import LossOracle
 from onnxq.data.sources import model_inputs
-from onnxq.graph.bias import add_missing_biases, bias_slots, output_shift
+from onnxq.graph.bias import bias_slots, output_shift, with_zero_biases
 from onnxq.graph.layers import find_layers
 from onnxq.graph.prepare import prepare
 from onnxq.graph.suffix import SuffixProbes, downstream_nodes, suffix_of
@@ -44,7 +44,7 @@ def test_each_probe_equals_the_whole_model_with_that_layer_replaced(name):
     build, make_feeds = MODELS[name]
     model = prepare(build())
     layers, _ = find_layers(model)
-    add_missing_biases(model, layers)
+    model = with_zero_biases(model, layers)
     slots = bias_slots(model, layers)
     rng = np.random.default_rng(0)
     feeds = make_feeds(rng) if make_feeds else random_feeds(model, rng)

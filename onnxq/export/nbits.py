@@ -15,10 +15,10 @@ A per-channel grid is one block per output channel: block_size is the next power
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from onnxq.graph.layers import Layer
+from onnxq.graph.model import GraphModel
 from onnxq.passes import QuantWeight
 
 DOMAIN = "com.microsoft"
@@ -75,26 +75,25 @@ def dequantize_nbits(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
     return (codes - zp[:, index].astype(np.float32)) * scales[:, index]
 
 
-def nbits_node(node: onnx.NodeProto, layer: Layer, qw: QuantWeight, accuracy_level: int = 0
-               ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
-    """The MatMulNBits node replacing a MatMul, and its initializers (named as onnxruntime names them).
+def replace_with_nbits(graph: GraphModel, layer: Layer, qw: QuantWeight, accuracy_level: int = 0) -> None:
+    """Edit ``graph``: swap a MatMul and its float weight for a MatMulNBits node (same place, same output) and
+    its packed initializers (named as onnxruntime names them).
 
     ``accuracy_level`` is the node's attribute: 0 computes in float as the file says, 4 lets onnxruntime
     quantize the activations to int8 (faster, slightly less exact)."""
+    node = graph.node(layer.name)
     block = nbits_block_size(qw)
     B, scales, zero_points = packed_tensors(qw, block)
     name = layer.weight
-    inits = [numpy_helper.from_array(B, f"{name}_Q4"), numpy_helper.from_array(scales, f"{name}_scales")]
+    arrays = {f"{name}_Q4": B, f"{name}_scales": scales}
     if not qw.grid.symmetric:
-        inits.append(numpy_helper.from_array(zero_points, f"{name}_zero_points"))
+        arrays[f"{name}_zero_points"] = zero_points
+    tensors = [graph.add_constant(numpy_helper.from_array(array, key)) for key, array in arrays.items()]
     k, n = layer.shape
-    new = helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in inits)], list(node.output),
-                           name=f"{node.name}_Q4", domain=DOMAIN, K=k, N=n, bits=4, block_size=block,
-                           **({"accuracy_level": accuracy_level} if accuracy_level else {}))
-    return new, inits
-
-
-def ensure_domain(model: onnx.ModelProto) -> None:
-    """Import the com.microsoft domain (version 1) if the model does not already."""
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    new = graph.make_node("MatMulNBits", f"{node.name}_Q4", [node.inputs[0], *tensors], list(node.outputs),
+                          domain=DOMAIN, K=k, N=n, bits=4, block_size=block,
+                          **({"accuracy_level": accuracy_level} if accuracy_level else {}))
+    graph.place([new], before=node)
+    graph.remove_node(node)
+    graph.drop_unused([name])
+    graph.set_opset(DOMAIN, 1)

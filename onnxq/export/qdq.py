@@ -19,15 +19,17 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import TensorProto, numpy_helper, version_converter
 
 from onnxq import __version__
 from onnxq.errors import OnnxqError
 from onnxq.export.atomic import Staging
-from onnxq.export.nbits import ensure_domain, nbits_node, supports_nbits
+from onnxq.export.nbits import replace_with_nbits, supports_nbits
 from onnxq.graph.bias import apply_bias_shifts
 from onnxq.graph.layers import Layer
 from onnxq.graph.loading import proto_size
+from onnxq.graph.model import GraphModel
 from onnxq.passes import Grid, QuantWeight
 
 CONTAINERS = {2: (ml_dtypes.int2, TensorProto.INT2, 25), 4: (ml_dtypes.int4, TensorProto.INT4, 21),
@@ -66,16 +68,23 @@ def required_opset(layers: list[Layer], results: dict[str, QuantWeight]) -> int:
 
 
 def raise_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """Convert the model to ``opset`` only if it is below it, and raise the IR version to match."""
+    """``model`` converted to ``opset`` (a new model, IR version raised to match) if it is below it, else
+    ``model`` itself; the input is never changed."""
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    if current < opset:
-        try:
-            model = _convert_without_weights(model, opset)
-        except Exception as err:  # noqa: BLE001 - the converter raises bare RuntimeErrors
-            raise OnnxqError(f"cannot convert the model from opset {current} to {opset} for low-bit weights "
-                             f"({str(err).splitlines()[0][:160]}); use --bits 8 or convert the model first") from err
-    model.ir_version = max(model.ir_version, IR_FOR_OPSET[max(k for k in IR_FOR_OPSET if k <= opset)])
-    return model
+    if current >= opset:
+        return model
+    try:
+        converted = _convert_without_weights(model, opset)
+    except Exception as err:  # noqa: BLE001 - the converter raises bare RuntimeErrors
+        raise OnnxqError(f"cannot convert the model from opset {current} to {opset} for low-bit weights "
+                         f"({str(err).splitlines()[0][:160]}); use --bits 8 or convert the model first") from err
+    converted.ir_version = max(converted.ir_version, ir_version_for(opset))
+    return converted
+
+
+def ir_version_for(opset: int) -> int:
+    """The lowest IR version a default-domain ``opset`` needs (INT4 needs IR 10, INT2 IR 11)."""
+    return IR_FOR_OPSET[max(k for k in IR_FOR_OPSET if k <= opset)]
 
 
 def _convert_without_weights(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -109,57 +118,58 @@ def nbits_layers(layers: list[Layer], results: dict[str, QuantWeight], matmul_nb
 def build_quantized_model(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight],
                           metadata: dict[str, str], matmul_nbits: bool = False,
                           nbits_accuracy_level: int = 0) -> onnx.ModelProto:
-    """A copy of ``model`` with every quantized layer's weight replaced by integer codes and a DQ node
-    (or, with ``matmul_nbits``, 4-bit MatMul layers replaced by MatMulNBits nodes)."""
+    """A new model: ``model`` with every quantized layer's weight replaced by integer codes and a DQ node
+    (or, with ``matmul_nbits``, 4-bit MatMul layers replaced by MatMulNBits nodes); ``model`` is not changed."""
+    graph = quantized_graph(model, layers, results, matmul_nbits, nbits_accuracy_level)
+    set_metadata(graph, {"onnxq.version": __version__, **metadata})
+    return graph.to_proto()
+
+
+def quantized_graph(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight],
+                    matmul_nbits: bool = False, nbits_accuracy_level: int = 0) -> GraphModel:
+    """The weight edits of :func:`build_quantized_model` on the model's graph (at the opset the codes need)."""
     for layer in layers:
         if layer.name in results and results[layer.name].grid.block_size and len(layer.shape) != 2:
             raise OnnxqError(f"{layer.name}: block-wise scales need a 2-D weight (MatMul/Gemm), not a "
                              f"{len(layer.shape)}-D {layer.op_type} weight; quantize it per channel")
-    half = frozenset(t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16)
-    nbits = nbits_layers(layers, results, matmul_nbits, half)
-    out = raise_opset(_copy(model), required_opset([layer for layer in layers if layer.name not in nbits], results))
-    apply_bias_shifts(out, layers, results)
-    inits = {t.name: t for t in out.graph.initializer}
+    float16 = frozenset(t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16)
+    nbits = nbits_layers(layers, results, matmul_nbits, float16)
+    opset = required_opset([layer for layer in layers if layer.name not in nbits], results)
+    graph = GraphModel(raise_opset(model, opset))
+    graph.min_ir_version = ir_version_for(opset)
+    apply_bias_shifts(graph, layers, results)
     dq_nodes = []
     for layer in layers:
         if layer.name in nbits:
-            _replace_with_nbits(out, layer, results[layer.name], inits, nbits_accuracy_level)
+            replace_with_nbits(graph, layer, results[layer.name], nbits_accuracy_level)
         elif layer.name in results:
-            dq_nodes.extend(_quantize_weight(out, layer, results[layer.name], inits))
-    nodes = dq_nodes + list(out.graph.node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    _set_metadata(out, {"onnxq.version": __version__, **metadata})
-    return out
+            dq_nodes.extend(_quantize_weight(graph, layer, results[layer.name]))
+    graph.place(dq_nodes, first=True)
+    return graph
 
 
-def _quantize_weight(model: onnx.ModelProto, layer: Layer, qw: QuantWeight, inits: dict) -> list[onnx.NodeProto]:
+def _quantize_weight(graph: GraphModel, layer: Layer, qw: QuantWeight) -> list[gs.Node]:
     """Swap one float initializer for codes, scale and zero point; return its DequantizeLinear node, followed
     for a float16 weight by a Cast to float16 (float32 scales: the file holds exactly codes x scale, and
     onnxruntime's CPU provider ran that 1.0-1.9x faster than float16 scales in README's measurement)."""
     numpy_type, _, _ = CONTAINERS[container_bits(layer, qw.grid.bits)]
     name = layer.weight
-    half = inits[name].data_type == TensorProto.FLOAT16
-    codes = layer.tensor(qw.codes).astype(numpy_type)
-    _remove_float_weight(model, name, inits)
-    model.graph.initializer.extend([
-        numpy_helper.from_array(codes, f"{name}_quantized"),
-        numpy_helper.from_array(_param_tensor(layer, qw.scale).astype(np.float32), f"{name}_scale"),
-        numpy_helper.from_array(_param_tensor(layer, qw.zero_point).astype(numpy_type), f"{name}_zero_point"),
-    ])
-    output = f"{name}_DequantizeLinear_Output"
-    for node in model.graph.node:
-        for index, tensor in enumerate(node.input):
-            if tensor == name:
-                node.input[index] = output
+    half = graph.tensor_proto(name).data_type == TensorProto.FLOAT16
+    parts = {"quantized": layer.tensor(qw.codes).astype(numpy_type),
+             "scale": _param_tensor(layer, qw.scale).astype(np.float32),
+             "zero_point": _param_tensor(layer, qw.zero_point).astype(numpy_type)}
+    codes, scale, zero_point = (graph.add_constant(numpy_helper.from_array(array, f"{name}_{part}"))
+                                for part, array in parts.items())
+    output = graph.variable(f"{name}_DequantizeLinear_Output")
+    graph.replace_input(name, output)
+    graph.drop_unused([name])
     blocked = {"axis": layer.input_axis, "block_size": qw.grid.block_size} if qw.grid.block_size else None
-    dequantized = f"{output}_float32" if half else output
-    dq = onnx.helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
-                               [dequantized], name=f"{name}_DequantizeLinear",
-                               **(blocked or {"axis": layer.channel_axis}))
+    dequantized = graph.variable(f"{output.name}_float32") if half else output
+    dq = graph.make_node("DequantizeLinear", f"{name}_DequantizeLinear", [codes, scale, zero_point], [dequantized],
+                         **(blocked or {"axis": layer.channel_axis}))
     if not half:
         return [dq]
-    return [dq, onnx.helper.make_node("Cast", [dequantized], [output], name=f"{name}_Cast", to=TensorProto.FLOAT16)]
+    return [dq, graph.make_node("Cast", f"{name}_Cast", [dequantized], [output], to=TensorProto.FLOAT16)]
 
 
 def _param_tensor(layer: Layer, values: np.ndarray) -> np.ndarray:
@@ -167,36 +177,11 @@ def _param_tensor(layer: Layer, values: np.ndarray) -> np.ndarray:
     return values.T if values.ndim == 2 and layer.transposed else values
 
 
-def _remove_float_weight(model: onnx.ModelProto, name: str, inits: dict) -> None:
-    """Drop the float initializer (and its graph input entry, if the model lists one)."""
-    model.graph.initializer.remove(inits[name])
-    for value in [v for v in model.graph.input if v.name == name]:
-        model.graph.input.remove(value)
-
-
-def _replace_with_nbits(model: onnx.ModelProto, layer: Layer, qw: QuantWeight, inits: dict,
-                        accuracy_level: int = 0) -> None:
-    """Swap a MatMul and its float weight for a MatMulNBits node (same place in the graph) and packed blocks."""
-    index, node = next((i, n) for i, n in enumerate(model.graph.node) if n.name == layer.name)
-    new, tensors = nbits_node(node, layer, qw, accuracy_level)
-    _remove_float_weight(model, layer.weight, inits)
-    model.graph.initializer.extend(tensors)
-    model.graph.node[index].CopyFrom(new)
-    ensure_domain(model)
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
-
-
-def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
-    kept = [p for p in model.metadata_props if p.key not in values]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    for key, value in values.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+def set_metadata(graph: GraphModel, values: dict[str, str]) -> None:
+    """Set metadata entries; a key already present moves to the end with its new value."""
+    for key in values:
+        graph.metadata.pop(key, None)
+    graph.metadata.update(values)
 
 
 def layer_metadata(layers: list[Layer], results: dict[str, QuantWeight]) -> str:

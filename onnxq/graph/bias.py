@@ -9,14 +9,15 @@ vector of the Add that follows them. A layer with nowhere to put a shift keeps t
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxq.graph.layers import Layer
+from onnxq.graph.model import GraphModel
 from onnxq.passes import QuantWeight
 from onnxq.passes.grid import group_of_rows
 
@@ -31,53 +32,57 @@ class BiasSlot:
     factor: float = 1.0
 
 
-def add_missing_biases(model: onnx.ModelProto, layers: list[Layer]) -> None:
-    """Give Conv and Gemm layers without a bias a zero one (in place), so their error mean can be corrected."""
-    nodes = {n.name: n for n in model.graph.node}
-    weight_types = {t.name: t.data_type for t in model.graph.initializer}
+def add_zero_biases(graph: GraphModel, layers: list[Layer]) -> None:
+    """Edit ``graph``: give Conv and Gemm layers without a bias a zero one, so their error mean can be corrected."""
     for layer in layers:
-        node = nodes[layer.name]
-        if layer.op_type not in ("Conv", "Gemm") or (len(node.input) > 2 and node.input[2]):
+        node = graph.node(layer.name)
+        if layer.op_type not in ("Conv", "Gemm") or (len(node.inputs) > 2 and node.inputs[2].name):
             continue
-        name = f"{layer.weight}_bias"
-        dtype = FLOAT_DTYPES[weight_types[layer.weight]]  # the weight's type: float16 models get a float16 bias
-        model.graph.initializer.append(numpy_helper.from_array(np.zeros(layer.out_channels, dtype), name))
-        inputs = list(node.input)[:2] + [name]
-        del node.input[:]
-        node.input.extend(inputs)
+        dtype = FLOAT_DTYPES[graph.tensor_proto(layer.weight).data_type]  # float16 models get a float16 bias
+        bias = graph.add_constant(numpy_helper.from_array(np.zeros(layer.out_channels, dtype), f"{layer.weight}_bias"))
+        if len(node.inputs) > 2:
+            node.inputs[2] = bias  # an empty optional input
+        else:
+            node.inputs.append(bias)
 
 
-def bias_slots(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, BiasSlot]:
+def with_zero_biases(model: onnx.ModelProto, layers: list[Layer]) -> onnx.ModelProto:
+    """``model`` with :func:`add_zero_biases` applied: a new model when a bias was added, else ``model`` itself."""
+    graph = GraphModel(model)
+    missing = [layer for layer in layers if layer.op_type in ("Conv", "Gemm") and not layer.bias]
+    if not missing:
+        return model
+    add_zero_biases(graph, missing)
+    return graph.to_proto()
+
+
+def bias_slots(model: onnx.ModelProto | GraphModel, layers: list[Layer]) -> dict[str, BiasSlot]:
     """The layers whose output can be shifted per channel through a float initializer used by them alone."""
-    inits = {t.name: t for t in model.graph.initializer}
-    uses = Counter(name for n in model.graph.node for name in n.input)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    nodes = {n.name: n for n in model.graph.node}
+    graph = model if isinstance(model, GraphModel) else GraphModel(model)
     slots = {}
     for layer in layers:
-        slot = _slot(nodes[layer.name], layer, consumers)
-        if slot and slot.tensor in inits and uses[slot.tensor] == 1 and _is_channel_vector(inits[slot.tensor], layer):
+        slot = _slot(graph.node(layer.name), layer, graph)
+        if (slot and graph.constant(slot.tensor) is not None and len(graph.consumers(slot.tensor)) == 1
+                and _is_channel_vector(graph.tensor_proto(slot.tensor), layer)):
             slots[layer.name] = slot
     return slots
 
 
-def _slot(node: onnx.NodeProto, layer: Layer, consumers: dict[str, list[onnx.NodeProto]]) -> BiasSlot | None:
+def _slot(node: gs.Node, layer: Layer, graph: GraphModel) -> BiasSlot | None:
     """Where the layer's bias lives: Conv/Gemm's third input, or the constant of the Add after a MatMul."""
+    bias = node.inputs[2].name if len(node.inputs) > 2 else ""
     if layer.op_type == "Conv":
-        return BiasSlot(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return BiasSlot(bias) if bias else None
     if layer.op_type == "Gemm":
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        beta = float(attrs.get("beta", 1.0))
-        if len(node.input) < 3 or not node.input[2] or beta == 0:
+        beta = float(node.attrs.get("beta", 1.0))
+        if not bias or beta == 0:
             return None
-        return BiasSlot(node.input[2], float(attrs.get("alpha", 1.0)) / beta)
-    after = consumers.get(node.output[0], [])
-    if len(after) != 1 or after[0].op_type != "Add":
+        return BiasSlot(bias, float(node.attrs.get("alpha", 1.0)) / beta)
+    output = node.outputs[0].name
+    after = graph.consumers(output)
+    if len(after) != 1 or after[0].op != "Add":
         return None
-    others = [name for name in after[0].input if name != node.output[0]]
+    others = [t.name for t in after[0].inputs if t.name != output]
     return BiasSlot(others[0]) if len(others) == 1 else None
 
 
@@ -113,14 +118,12 @@ def replacement_tensors(layer: Layer, qw: QuantWeight, slots: dict[str, BiasSlot
     return tensors
 
 
-def apply_bias_shifts(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight]) -> None:
-    """Rewrite (in place) the bias of every layer whose quantized weight carries a shift."""
-    slots = bias_slots(model, layers)
-    inits = {t.name: t for t in model.graph.initializer}
+def apply_bias_shifts(graph: GraphModel, layers: list[Layer], results: dict[str, QuantWeight]) -> None:
+    """Edit ``graph``: rewrite the bias of every layer whose quantized weight carries a shift."""
+    slots = bias_slots(graph, layers)
     for layer in layers:
         qw = results.get(layer.name)
         if qw is None or qw.bias_shift is None or layer.name not in slots:
             continue
         slot = slots[layer.name]
-        tensor = inits[slot.tensor]
-        tensor.CopyFrom(numpy_helper.from_array(corrected_bias(numpy_helper.to_array(tensor), qw, slot), slot.tensor))
+        graph.set_values(slot.tensor, corrected_bias(graph.array(slot.tensor), qw, slot))

@@ -1,4 +1,4 @@
-"""Find the quantizable layers of a model and map their weights to and from the matrix view.
+"""Find the quantizable layers of a model (a query on its ``GraphModel``) and map weights to and from the matrix view.
 
 A layer is one constant float weight feeding a Conv, Gemm or MatMul. Passes see it as a matrix
 ``out_channels x fan_in`` (Conv: ``Cout x Cin/g*kh*kw``); export maps codes back to the ONNX layout.
@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_graphsurgeon as gs
 
 from onnxq.errors import OnnxqError
+from onnxq.graph.model import GraphModel
 
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # float16 weights are rounded in float64
@@ -21,7 +22,9 @@ FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # float16 weig
 
 @dataclass
 class Layer:
-    """One weight to quantize, with what is needed to unfold its input and rebuild its tensor."""
+    """A view of one Conv/Gemm/MatMul node and its constant weight: the names that find them in the model's
+    ``GraphModel`` and the geometry needed to unfold the input and rebuild the tensor (plain data, so it
+    pickles to worker processes and keys the statistics cache)."""
 
     name: str
     op_type: str
@@ -66,18 +69,6 @@ class Layer:
         return np.ascontiguousarray(matrix.T) if self.transposed else matrix.reshape(self.shape)
 
 
-def name_nodes(model: onnx.ModelProto) -> None:
-    """Give every unnamed node a unique name so layers can be reported and excluded by name."""
-    seen: set[str] = {n.name for n in model.graph.node if n.name}
-    for index, node in enumerate(model.graph.node):
-        if not node.name:
-            candidate = f"{node.op_type}_{index}"
-            while candidate in seen:
-                candidate += "_"
-            node.name = candidate
-            seen.add(candidate)
-
-
 def _exclusion_pattern(text: str) -> re.Pattern:
     """A --nodes_to_exclude entry as a compiled regular expression, or a one-line error saying why not."""
     try:
@@ -87,49 +78,44 @@ def _exclusion_pattern(text: str) -> re.Pattern:
                          "escape special characters, e.g. 'conv\\[1\\]' for a node named conv[1]") from err
 
 
-def find_layers(model: onnx.ModelProto, op_types: tuple[str, ...] = QUANTIZABLE_OPS,
+def find_layers(model: onnx.ModelProto | GraphModel, op_types: tuple[str, ...] = QUANTIZABLE_OPS,
                 exclude: tuple[str, ...] = ()) -> tuple[list[Layer], list[str]]:
-    """Every quantizable layer in graph order, and human-readable reasons for what was skipped."""
+    """Every quantizable layer in graph order, and human-readable reasons for what was skipped. The model is
+    not changed: an unnamed node's layer gets the node's derived name (``graph.model.derived_names``)."""
     unknown = set(op_types) - set(QUANTIZABLE_OPS)
     if unknown:
         raise OnnxqError(f"cannot quantize op types {sorted(unknown)}; choose from {', '.join(QUANTIZABLE_OPS)}")
-    name_nodes(model)
-    inits = {t.name: t for t in model.graph.initializer}
-    consumers: dict[str, list[str]] = {}
-    for n in model.graph.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n.name)
-    producers = {out: n for n in model.graph.node for out in n.output}
+    graph = model if isinstance(model, GraphModel) else GraphModel(model)
     patterns = [_exclusion_pattern(p) for p in exclude]
     layers, skipped = [], []
-    for node in model.graph.node:
-        if node.op_type not in QUANTIZABLE_OPS or len(node.input) < 2:
+    for node in graph.nodes:
+        if node.op not in QUANTIZABLE_OPS or len(node.inputs) < 2:
             continue
-        if node.op_type not in op_types:
-            skipped.append(f"{node.name}: {node.op_type} is not in --op_types_to_quantize ({', '.join(op_types)})")
+        if node.op not in op_types:
+            skipped.append(f"{node.name}: {node.op} is not in --op_types_to_quantize ({', '.join(op_types)})")
             continue
         if any(p.fullmatch(node.name) for p in patterns):
             skipped.append(f"{node.name}: excluded by --nodes_to_exclude")
             continue
-        weight = inits.get(node.input[1])
-        if weight is None:
-            reason = _no_constant_weight(node, inits, producers)
+        if graph.constant(node.inputs[1].name) is None:
+            reason = _no_constant_weight(node, graph)
             if reason:
                 skipped.append(f"{node.name}: {reason}")
             continue  # otherwise activation x activation (attention): not a layer
-        reason = _unsupported(node, weight, consumers)
+        weight = graph.tensor_proto(node.inputs[1].name)
+        reason = _unsupported(node, weight, graph)
         if reason:
             skipped.append(f"{node.name}: {reason}")
             continue
         layers.append(_make_layer(node, weight))
-    refuse_non_finite(layers, inits)
+    refuse_non_finite(layers, graph)
     return layers, skipped
 
 
-def refuse_non_finite(layers: list[Layer], inits: dict[str, onnx.TensorProto]) -> None:
+def refuse_non_finite(layers: list[Layer], graph: GraphModel) -> None:
     """One error naming every layer whose weight holds NaN or Inf (a model to fix, not to quantize)."""
     bad = [f"weight {layer.weight} of {layer.name}" for layer in layers
-           if not np.isfinite(numpy_helper.to_array(inits[layer.weight])).all()]
+           if not np.isfinite(graph.array(layer.weight)).all()]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise OnnxqError(f"{', '.join(bad[:3])}{more} contain{'s' if len(bad) == 1 else ''} NaN or Inf; "
@@ -160,49 +146,50 @@ def nothing_to_quantize(skipped: list[str]) -> OnnxqError:
                       "pass --allow-empty to write the model unchanged")
 
 
-def _no_constant_weight(node: onnx.NodeProto, inits: dict, producers: dict) -> str | None:
+def _no_constant_weight(node: gs.Node, graph: GraphModel) -> str | None:
     """Why a Conv/Gemm/MatMul whose second input is not an initializer is no layer (None: activation x activation)."""
-    if node.op_type == "MatMul" and node.input[0] in inits:
-        return (f"its constant {node.input[0]} is the first input (W @ x); only x @ W with the weight second is "
+    first, second = node.inputs[0].name, node.inputs[1].name
+    if node.op == "MatMul" and graph.constant(first) is not None:
+        return (f"its constant {first} is the first input (W @ x); only x @ W with the weight second is "
                 "supported (rewrite it as x^T @ W^T or Gemm)")
-    source = producers.get(node.input[1])
-    if node.op_type != "MatMul" and source is not None:
-        return f"its weight {node.input[1]} is computed in the graph (by a {source.op_type} node), not stored"
+    source = graph.producer(second)
+    if node.op != "MatMul" and source is not None:
+        return f"its weight {second} is computed in the graph (by a {source.op} node), not stored"
     return None
 
 
-def _unsupported(node: onnx.NodeProto, weight: onnx.TensorProto, consumers: dict[str, list[str]]) -> str | None:
+def _unsupported(node: gs.Node, weight: onnx.TensorProto, graph: GraphModel) -> str | None:
     """Why a candidate node cannot be quantized, or None."""
     if weight.data_type not in FLOAT_TYPES:
         kind = onnx.TensorProto.DataType.Name(weight.data_type)
         return f"weight {weight.name} is {kind}, not FLOAT or FLOAT16"
-    users = consumers.get(weight.name, [])
+    users = [user.name for user in graph.consumers(weight.name)]
     if len(users) > 1:
         return (f"weight {weight.name} is shared by {len(users)} uses ({', '.join(dict.fromkeys(users))}); "
                 "tied weights stay in float")
     dims = len(weight.dims)
-    if node.op_type == "Conv" and dims not in (3, 4):
+    if node.op == "Conv" and dims not in (3, 4):
         return f"{dims - 2}-D Conv is not supported (1-D and 2-D are)"
-    if node.op_type in ("Gemm", "MatMul") and dims != 2:
+    if node.op in ("Gemm", "MatMul") and dims != 2:
         return f"weight has {dims} dimensions (a 2-D weight is needed)"
     return None
 
 
-def _make_layer(node: onnx.NodeProto, weight: onnx.TensorProto) -> Layer:
+def _make_layer(node: gs.Node, weight: onnx.TensorProto) -> Layer:
     """Build the Layer record for a supported node."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node.attrs
     shape = tuple(int(d) for d in weight.dims)
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    common = dict(name=node.name, op_type=node.op_type, weight=weight.name, activation=node.input[0],
+    bias = node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2].name else None
+    common = dict(name=node.name, op_type=node.op, weight=weight.name, activation=node.inputs[0].name,
                   shape=shape, bias=bias)
-    if node.op_type == "Conv":
+    if node.op == "Conv":
         spatial = len(shape) - 2
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = attrs.get("auto_pad", "NOTSET")
         conv = dict(kernel_shape=list(shape[2:]), strides=list(attrs.get("strides", [1] * spatial)),
                     pads=list(attrs.get("pads", [0] * 2 * spatial)),
                     dilations=list(attrs.get("dilations", [1] * spatial)),
                     auto_pad=auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad)
         return Layer(**common, groups=int(attrs.get("group", 1)), conv=conv)
-    if node.op_type == "Gemm":
+    if node.op == "Gemm":
         return Layer(**common, transposed=not attrs.get("transB", 0), trans_a=bool(attrs.get("transA", 0)))
     return Layer(**common, transposed=True)

@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from onnxq.errors import OnnxqError
 from onnxq.graph.loading import proto_size
+from onnxq.graph.model import name_unnamed_nodes
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulNBits",
                  "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
@@ -29,7 +30,8 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return an optimised copy with folded BatchNorm/constants and inferred shapes."""
+    """Return an optimised copy with folded BatchNorm/constants, inferred shapes and every node named (unnamed
+    ones get ``graph.model.derived_names``, so a layer's name is its node's name in this copy)."""
     refuse_quantized(model)
     with tempfile.TemporaryDirectory(prefix="onnxq-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "prepared.onnx"
@@ -50,6 +52,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
                              "check that it runs in onnxruntime before quantizing") from err
         prepared = onnx.load(str(dst), load_external_data=True)
     prepared = _keep_metadata(prepared, model)
+    name_unnamed_nodes(prepared)
     return _infer_shapes(prepared)
 
 

@@ -1,0 +1,217 @@
+"""One graph model: an onnx-graphsurgeon graph with its lookups by name, built once.
+
+Finding layers, bias slots, weight and activation Q/DQ, MatMulNBits and the kernel report all walk or edit a
+``GraphModel`` instead of rebuilding name -> node and name -> tensor dicts. Producers and consumers come from
+onnx-graphsurgeon's own links (``tensor.inputs`` / ``tensor.outputs``), which stay right through edits; the
+name lookups here are updated by the edit methods. Export is the edits plus one serialisation (:meth:`to_proto`).
+
+Importing never changes the caller's ``ModelProto``: onnx-graphsurgeon builds its own nodes (unnamed ones get a
+stable derived name, see :func:`derived_names`) and refers to the caller's initializers without copying them; an
+edit replaces a constant's values, it never writes into the original tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+MODEL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
+
+
+def derived_names(names: Sequence[str], op_types: Sequence[str]) -> list[str]:
+    """Each node's name, or for an unnamed one ``<op_type>_<index>`` (``_`` appended until unique): the names
+    layers are reported, excluded and stored by."""
+    seen = {name for name in names if name}
+    named = []
+    for index, (name, op_type) in enumerate(zip(names, op_types, strict=True)):
+        if not name:
+            name = f"{op_type}_{index}"
+            while name in seen:
+                name += "_"
+            seen.add(name)
+        named.append(name)
+    return named
+
+
+def name_unnamed_nodes(model: onnx.ModelProto) -> None:
+    """Edit ``model`` in place: give its unnamed top-level nodes their :func:`derived_names` (for a model this
+    package made itself, such as the prepared copy, so the names layers are found by are the nodes' names)."""
+    nodes = model.graph.node
+    for node, name in zip(nodes, derived_names([n.name for n in nodes], [n.op_type for n in nodes]), strict=True):
+        if node.name != name:
+            node.name = name
+
+
+class GraphModel:
+    """An onnx-graphsurgeon graph of one model, with its nodes and tensors by name and its model-level fields."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.graph: gs.Graph = gs.import_onnx(model)
+        self.template = model  # model-level fields (metadata, producer, IR version) for the serialisation
+        self.opset_import = [_copy(o, onnx.OperatorSetIdProto()) for o in model.opset_import]
+        self.metadata = {p.key: p.value for p in model.metadata_props}
+        self.min_ir_version = 0  # raised by edits that need a newer IR (INT4 codes: 10)
+        nodes = self.graph.nodes
+        for node, name in zip(nodes, derived_names([n.name for n in nodes], [n.op for n in nodes]), strict=True):
+            node.name = name
+        self._doc_strings = {name: n.doc_string for n, name in zip(model.graph.node, (n.name for n in nodes),
+                                                                    strict=True) if n.doc_string}
+        self._order = {t.name: i for i, t in enumerate(model.graph.initializer)}
+        self._value_order = {v.name: i for i, v in enumerate(model.graph.value_info)}
+        self._tensors: dict[str, gs.Tensor] = self.graph.tensors()
+        self._nodes: dict[str, gs.Node] = {node.name: node for node in nodes}
+
+    # Queries ----------------------------------------------------------------------------------------------
+    @property
+    def nodes(self) -> list[gs.Node]:
+        """Top-level nodes in graph order."""
+        return self.graph.nodes
+
+    def node(self, name: str) -> gs.Node | None:
+        return self._nodes.get(name)
+
+    def tensor(self, name: str) -> gs.Tensor | None:
+        return self._tensors.get(name) if name else None
+
+    def constant(self, name: str) -> gs.Constant | None:
+        """The initializer (or Constant-valued tensor) called ``name``, or None."""
+        tensor = self.tensor(name)
+        return tensor if isinstance(tensor, gs.Constant) else None
+
+    def array(self, name: str) -> np.ndarray:
+        """The values of constant ``name`` as a numpy array."""
+        return numpy_helper.to_array(self.tensor_proto(name))
+
+    def tensor_proto(self, name: str) -> onnx.TensorProto:
+        """Constant ``name`` as an ONNX tensor (its original message for an imported initializer: do not edit)."""
+        constant = self.constant(name)
+        if constant is None:
+            raise KeyError(name)
+        if isinstance(constant._values, LazyValues):
+            return constant._values.tensor
+        return numpy_helper.from_array(constant.values, name)
+
+    def producer(self, name: str) -> gs.Node | None:
+        tensor = self.tensor(name)
+        return tensor.inputs[0] if tensor is not None and tensor.inputs else None
+
+    def consumers(self, name: str) -> list[gs.Node]:
+        """Nodes reading ``name``, once per input slot, subgraph nodes that read it from the outer scope included."""
+        tensor = self.tensor(name)
+        return list(tensor.outputs) if tensor is not None else []
+
+    def is_output(self, name: str) -> bool:
+        return any(t.name == name for t in self.graph.outputs)
+
+    @property
+    def output_names(self) -> set[str]:
+        return {t.name for t in self.graph.outputs}
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.graph.inputs]
+
+    # Edits ------------------------------------------------------------------------------------------------
+    def add_constant(self, tensor: onnx.TensorProto) -> gs.Constant:
+        """A new initializer holding exactly ``tensor`` (packed INT4/INT2 included); not yet used by a node."""
+        constant = gs.Constant(tensor.name, LazyValues(tensor))
+        self._tensors[tensor.name] = constant
+        self._order.setdefault(tensor.name, len(self._order))
+        return constant
+
+    def set_values(self, name: str, array: np.ndarray) -> None:
+        """Replace the values of constant ``name`` (the original tensor message is left as it was)."""
+        self.constant(name)._values = LazyValues(numpy_helper.from_array(array, name))
+
+    def variable(self, name: str) -> gs.Variable:
+        """A new activation tensor (no type recorded, so it gets no value_info)."""
+        tensor = gs.Variable(name)
+        self._tensors[name] = tensor
+        return tensor
+
+    def make_node(self, op: str, name: str, inputs: Iterable[gs.Tensor], outputs: Iterable[gs.Tensor],
+                  domain: str | None = None, **attrs: object) -> gs.Node:
+        """A new node (not yet placed in the graph: see :meth:`place`); attributes in name order, as
+        ``onnx.helper.make_node`` writes them."""
+        node = gs.Node(op, name, dict(sorted(attrs.items())), list(inputs), list(outputs), domain=domain)
+        self._nodes[name] = node
+        return node
+
+    def place(self, nodes: list[gs.Node], before: gs.Node | None = None, first: bool = False) -> None:
+        """Put new nodes into the graph order: at the front, just before ``before``, or at the end."""
+        if first:
+            self.graph.nodes[:0] = nodes
+        elif before is not None:
+            index = next(i for i, n in enumerate(self.graph.nodes) if n is before)
+            self.graph.nodes[index:index] = nodes
+        else:
+            self.graph.nodes.extend(nodes)
+
+    def remove_node(self, node: gs.Node) -> None:
+        """Drop a node; its tensors stay (a tensor nothing reads any more is not exported)."""
+        self.graph.nodes.remove(node)
+        self._nodes.pop(node.name, None)
+        node.inputs.clear()
+        node.outputs.clear()
+
+    def replace_input(self, old: str, new: gs.Tensor) -> None:
+        """Point every reader of tensor ``old`` (graph outputs excepted) at ``new``."""
+        for node in {id(n): n for n in self.consumers(old)}.values():
+            for index, tensor in enumerate(node.inputs):
+                if tensor.name == old:
+                    node.inputs[index] = new
+
+    def rename_tensor(self, old: str, new: str) -> None:
+        tensor = self._tensors.pop(old)
+        tensor.name = new
+        self._tensors[new] = tensor
+
+    def drop_unused(self, names: Iterable[str]) -> None:
+        """Forget the given constants once nothing reads them (they are then left out of the export)."""
+        for name in names:
+            tensor = self._tensors.get(name)
+            if tensor is not None and not tensor.outputs and not self.is_output(name):
+                del self._tensors[name]
+                self.graph.inputs[:] = [t for t in self.graph.inputs if t.name != name]
+
+    def set_opset(self, domain: str, version: int) -> None:
+        """Import ``domain`` at ``version`` (raising an existing import, never lowering it)."""
+        for opset in self.opset_import:
+            if opset.domain == domain or (domain == "" and opset.domain == "ai.onnx"):
+                opset.version = max(opset.version, version)
+                return
+        self.opset_import.append(onnx.OperatorSetIdProto(domain=domain, version=version))
+
+    # Serialisation -----------------------------------------------------------------------------------------
+    def to_proto(self) -> onnx.ModelProto:
+        """The edited model as one ``ModelProto``: the template's model fields, initializers and value_info in
+        their original order (new ones after, in the order they were made), node doc strings kept."""
+        model = gs.export_onnx(self.graph, do_type_check=False)
+        for field in MODEL_FIELDS:  # onnx.proto is proto2: a field the template leaves unset stays unset
+            model.ClearField(field)
+            if self.template.HasField(field):
+                setattr(model, field, getattr(self.template, field))
+        model.graph.ClearField("doc_string")
+        if self.template.graph.HasField("doc_string"):
+            model.graph.doc_string = self.template.graph.doc_string
+        model.ir_version = max(model.ir_version, self.min_ir_version)
+        del model.opset_import[:]
+        model.opset_import.extend(self.opset_import)
+        model.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in self.metadata.items())
+        unknown = len(self._order)
+        model.graph.initializer.sort(key=lambda t: self._order.get(t.name, unknown))
+        model.graph.value_info.sort(key=lambda v: self._value_order.get(v.name, len(self._value_order)))
+        for node in model.graph.node:
+            if node.name in self._doc_strings:
+                node.doc_string = self._doc_strings[node.name]
+        return model
+
+
+def _copy(message, into):
+    into.CopyFrom(message)
+    return into
