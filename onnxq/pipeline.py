@@ -26,6 +26,7 @@ from onnxq.calibration.stats_cache import load_stats, save_stats, sensitivity_fi
 from onnxq.config import DEFAULT_ACCURACY_LEVEL, DEFAULT_BITS, DEFAULT_VERIFY_SAMPLES, Config
 from onnxq.data.calibration_set import CalibrationSet
 from onnxq.data.images import ImagePreprocessing
+from onnxq.data.preprocess_check import preprocessing_for
 from onnxq.data.sources import Feed, model_inputs
 from onnxq.errors import OnnxqError, first_line
 from onnxq.export.act_qdq import quantize_activations
@@ -114,6 +115,7 @@ class Options:
     batch_size: int = 16
     stats: Path | None = None
     preprocessing: ImagePreprocessing | None = None
+    preprocessing_metadata: dict[str, str] = field(default_factory=dict)  # what the output records of it
     allow_empty: bool = False
     external_data: bool | None = None
     jobs: int | None = None
@@ -349,6 +351,7 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, co
     if options.bits_json and not mixed and options.bits_json.exists():
         options.bits_per_layer = {**read_bits_json(options.bits_json, layers), **options.bits_per_layer}
     bits = layer_bits(layers, options)
+    options.preprocessing, options.preprocessing_metadata = preprocessing_for(model, calib, options.preprocessing)
     data = CalibrationSet(calib, model_inputs(model), options.preprocessing, options.batch_size,
                           options.calib_size, held_out_needed(options))
     try:
@@ -380,7 +383,8 @@ def quantize_with(model: onnx.ModelProto, model_path: Path, external: bool, laye
                                    slots)
         chosen = {name: rounded[(name, b)] for name, b in bits.items()}
     results = {name: qw for name, (qw, _) in chosen.items()}
-    metadata = {"onnxq.method": options.method, "onnxq.layers": layer_metadata(layers, results)}
+    metadata = {"onnxq.method": options.method, "onnxq.layers": layer_metadata(layers, results),
+                **options.preprocessing_metadata}
     if sequential:
         metadata["onnxq.sequential"] = "1"  # rounded on the quantized model's inputs (see sequential.py)
     if plan is not None:
