@@ -69,11 +69,13 @@ def parse_widths(text: str, flag: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{flag} takes widths such as 2,3,4,8") from err
 
 
-def image_preprocessing(image_size, resize, mean, std, scale, channel_order) -> ImagePreprocessing | None:
-    """Build the preprocessing from the flags, leaving unset fields at their defaults."""
+def image_preprocessing(image_size, resize, mean, std, scale, channel_order, preprocess=None,
+                        resize_mode=None) -> ImagePreprocessing | None:
+    """Build the preprocessing from the flags; unset fields come from the preset, the model's metadata or
+    torchvision (``ImagePreprocessing.completed``)."""
     from onnxq.data.images import ImagePreprocessing
 
-    fields = {}
+    fields: dict[str, Any] = {"preset": preprocess, "resize_mode": resize_mode} if preprocess or resize_mode else {}
     size = parse_size(image_size)
     if size is not None:
         fields["size"] = (size, size) if isinstance(size, int) else size
@@ -90,20 +92,29 @@ def image_preprocessing(image_size, resize, mean, std, scale, channel_order) -> 
     return ImagePreprocessing(**fields) if fields else None
 
 
+PRESET_NAMES = ("torchvision", "caffe", "inception", "tflite", "unit", "none")  # onnxq.data.presets.PRESETS
 PREPROCESSING_OPTIONS = [
-    click.option("--image-size", default=None, help="Crop size HxW for image folders (default: the model input)."),
+    click.option("--preprocess", type=click.Choice(PRESET_NAMES), default=None,
+                 help="Image preprocessing convention: torchvision (RGB, ImageNet mean/std), caffe (BGR minus "
+                      "104,117,123, 256x256), inception (RGB in [-1, 1]), tflite ((x - 127) / 128), unit (RGB in "
+                      "[0, 1]) or none (0..255). The flags below change single values of it. [default: the "
+                      "model's onnxq.preprocess metadata, else torchvision; README section 'Preprocessing']"),
+    click.option("--image-size", default=None, help="Crop size HxW for image folders (default: the model input, "
+                                                     "or its onnxq.image_size metadata when dynamic, else 224)."),
     click.option("--resize", default=None,
-                 help="Resize before the centre crop: 256 (short side) or 256x256 (default: crop size / 0.875)."),
-    click.option("--mean", default=None,
-                 help="Per-channel mean subtracted after scaling [default: 0.485,0.456,0.406]."),
-    click.option("--std", default=None, help="Per-channel std divided by [default: 0.229,0.224,0.225]."),
-    click.option("--scale", type=float, default=None, help="Pixel multiplier applied first [default: 1/255]."),
+                 help="Resize before the centre crop: 256 (short side) or 256x256 (default: the preset's)."),
+    click.option("--resize-mode", type=click.Choice(["crop", "letterbox"]), default=None,
+                 help="crop: resize and centre-crop; letterbox: fit the whole image inside and pad with grey "
+                      "(detectors). [default: crop]"),
+    click.option("--mean", default=None, help="Per-channel mean subtracted after scaling [default: the preset's]."),
+    click.option("--std", default=None, help="Per-channel std divided by [default: the preset's]."),
+    click.option("--scale", type=float, default=None, help="Pixel multiplier applied first [default: the preset's]."),
     click.option("--channel-order", type=click.Choice(["RGB", "BGR"], case_sensitive=False), default=None,
-                 help="Channel order the model expects [default: RGB]."),
+                 help="Channel order the model expects [default: the preset's]."),
 ]
 
 
-PREPROCESSING_NAMES = ("image_size", "resize", "mean", "std", "scale", "channel_order")
+PREPROCESSING_NAMES = ("image_size", "resize", "mean", "std", "scale", "channel_order", "preprocess", "resize_mode")
 
 
 def preprocessing_options(command):
@@ -317,7 +328,8 @@ cli.add_command(sweep_command())
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def eval_command(quantized, reference, data, labels, limit, batch_size, as_json, report, report_json,
-                 diagnostic_samples, image_size, resize, mean, std, scale, channel_order, quiet, debug) -> None:
+                 diagnostic_samples, image_size, resize, mean, std, scale, channel_order, quiet, debug,
+                 preprocess=None, resize_mode=None) -> None:
     """Compare QUANTIZED with its float --reference on --data: agreement, KL, SQNR, and top-1/top-5."""
     from onnxq.export.atomic import check_target
     from onnxq.export.outputs import check_outputs
@@ -333,7 +345,7 @@ def eval_command(quantized, reference, data, labels, limit, batch_size, as_json,
                 check_outputs(model_path, {flag: path})
     if report:
         require_matplotlib()  # fail before the evaluation, not after it
-    preprocessing = image_preprocessing(image_size, resize, mean, std, scale, channel_order)
+    preprocessing = image_preprocessing(image_size, resize, mean, std, scale, channel_order, preprocess, resize_mode)
     result = evaluate(quantized, reference, data, preprocessing, labels, batch_size, limit,
                       progress_factory(not quiet))
     click.echo(json.dumps(result.as_dict(), indent=1) if as_json else eval_summary(result))

@@ -182,8 +182,9 @@ class Data(_Section):
                                 "calibration data, the preprocessing and --calib-size match, written otherwise, so a "
                                 "second run with other bits skips calibration.",
                                 "--stats", kind="path")
-    preprocessing: ImagePreprocessing | None = option(None, "Image preprocessing (the CLI's --image-size, "
-                                                      "--resize, --mean, --std, --scale, --channel-order).",
+    preprocessing: ImagePreprocessing | None = option(None, "Image preprocessing (the CLI's --preprocess, "
+                                                      "--image-size, --resize, --resize-mode, --mean, --std, "
+                                                      "--scale, --channel-order).",
                                                       kind="preprocessing")
 
 

@@ -7,11 +7,12 @@ and call the stages below in order.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from onnxq.calibration.stats_cache import (
 )
 from onnxq.config import DEFAULT_ACCURACY_LEVEL, DEFAULT_BITS, DEFAULT_VERIFY_SAMPLES, Config
 from onnxq.data.calibration_set import CalibrationSet
+from onnxq.data.preprocess_check import preprocessing_for
 from onnxq.data.sources import Feed, model_inputs
 from onnxq.errors import OnnxqError, first_line
 from onnxq.export.act_qdq import calibration_candidates, insert_activation_qdq, plan_qdq
@@ -117,7 +119,8 @@ class Run:
     layers: list[Layer]
     skipped: list[str]
     data: CalibrationSet
-    config: Config
+    config: Config  # with the preprocessing the run uses (flags, preset, the model's metadata, the default)
+    preprocessing_metadata: dict[str, str] = field(default_factory=dict)  # what the output records of it
 
     @cached_property
     def bias_slots(self) -> dict[str, BiasSlot]:
@@ -159,10 +162,12 @@ def opened(model_path: str | Path, calib: object, config: Config, outputs: dict[
     refuse_float16_activations(model, act_bits(config))
     if not layers and not config.layers.allow_empty:
         raise nothing_to_quantize(skipped)
-    data = CalibrationSet(calib, model_inputs(model), config.data.preprocessing, config.data.batch_size,
+    preprocessing, recorded = preprocessing_for(model, calib, config.data.preprocessing)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, preprocessing=preprocessing))
+    data = CalibrationSet(calib, model_inputs(model), preprocessing, config.data.batch_size,
                           config.data.calib_size or None, held_out_needed(config))
     try:
-        yield Run(model, model_path, external, layers, skipped, data, config)
+        yield Run(model, model_path, external, layers, skipped, data, config, recorded)
     finally:
         data.close()
 
@@ -497,7 +502,7 @@ def quantize_run(run: Run, output: Path, progress: Callable | None, statistics: 
         chosen = {name: rounded[(name, b)] for name, b in bits.items()}
     results = {name: qw for name, (qw, _) in chosen.items()}
     method = config.rounding.method
-    metadata = {"onnxq.method": method, "onnxq.layers": layer_metadata(layers, results)}
+    metadata = {"onnxq.method": method, "onnxq.layers": layer_metadata(layers, results), **run.preprocessing_metadata}
     if sequential:
         metadata["onnxq.sequential"] = "1"  # rounded on the quantized model's inputs (see sequential.py)
     if plan is not None:

@@ -148,8 +148,7 @@ def test_round_trip_a_full_command_line():
         rounding=cfg.Rounding(method="gptq", symmetric=True, clip=False, sequential=True, block_size=64),
         layers=cfg.Layers(bits=3, first_last_bits=8, nodes_to_exclude=("a", "b"), op_types_to_quantize=("MatMul",)),
         activations=cfg.Activations(method="minmax", prefer="speed"),
-        data=cfg.Data(calib_size=0, batch_size=4, preprocessing=ImagePreprocessing(mean=(1, 2, 3), std=(
-            0.229, 0.224, 0.225), scale=1.0)),
+        data=cfg.Data(calib_size=0, batch_size=4, preprocessing=ImagePreprocessing(mean=(1, 2, 3), scale=1.0)),
         export=cfg.Export(matmul_nbits=True, accuracy_level=4, external_data=False))
     assert parse() == Config()
 

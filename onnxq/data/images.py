@@ -1,4 +1,4 @@
-"""Turn image files into model inputs with the preprocessing users know from torchvision and caffe."""
+"""Turn image files into model inputs with the preprocessing conventions of ``onnxq.data.presets``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from onnxq.data.presets import DEFAULT_PRESET, DEFAULT_SIZE, RESIZE_MODES, preset_fields
 from onnxq.errors import OnnxqError
 
 log = logging.getLogger("onnxq")
@@ -19,41 +20,83 @@ MAX_SIDE = 8192  # crop and resize sides; a larger request is a typo, refused be
 MAX_PIXELS = MAX_SIDE * MAX_SIDE  # the resized image (before the crop) may not exceed this many pixels
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # how Pillow opens 16-bit greyscale PNGs
 CHANNELS = 3
+LETTERBOX_GREY = 114.0  # the padding value of YOLO's letterbox, on the 0..255 scale
 
 
 @dataclass(frozen=True)
 class ImagePreprocessing:
-    """Resize, centre-crop, scale, normalise: ``((pixel * scale) - mean) / std`` per channel."""
+    """Resize, centre-crop (or letterbox), scale, normalise: ``((pixel * scale) - mean) / std`` per channel.
 
-    size: tuple[int, int] = (224, 224)  # (height, width) after the crop: the model's input size
+    A field left at None comes from ``preset`` when one is named, else from the model's metadata, else from
+    torchvision's convention (``onnxq.data.presets``); :meth:`completed` fills them in. ``size`` None is the
+    model's input size (224 x 224 when its height and width are dynamic and nothing else says).
+    """
+
+    size: tuple[int, int] | None = None  # (height, width) after the crop: the model's input size
     resize: tuple[int, int] | int | None = None  # int: short side; (h, w): exact; None: size / 0.875
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    scale: float = 1 / 255
-    channel_order: str = "RGB"
-    layout: str = "NCHW"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    scale: float | None = None
+    channel_order: str | None = None
+    layout: str | None = None
+    preset: str | None = None  # a name from onnxq.data.presets.PRESETS
+    resize_mode: str | None = None  # crop (default) or letterbox (fit inside, pad with grey)
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot describe an image, before any file is read or memory allocated."""
-        _check_sides(self.size, "--image-size")
+        if self.size is not None:
+            _check_sides(self.size, "--image-size")
         if self.resize is not None:
             _check_sides((self.resize,) if isinstance(self.resize, int) else self.resize, "--resize")
         for name, values in (("--mean", self.mean), ("--std", self.std)):
+            if values is None:
+                continue
             if len(values) not in (1, CHANNELS):
                 raise OnnxqError(f"{name} has {len(values)} values; give one per channel ({CHANNELS}, "
                                  "comma-separated) or a single value for all channels")
             if not np.isfinite(np.asarray(values, np.float64)).all():
                 raise OnnxqError(f"{name} must be finite numbers, got {','.join(map(str, values))}")
-        if not all(self.std):
+        if self.std is not None and not all(self.std):
             raise OnnxqError("--std must not contain 0 (every value is divided by it)")
-        if not np.isfinite(self.scale) or self.scale == 0:
+        if self.scale is not None and (not np.isfinite(self.scale) or self.scale == 0):
             raise OnnxqError(f"--scale must be a finite, non-zero number, got {self.scale}")
-        if self.channel_order.upper() not in ("RGB", "BGR") or self.layout.upper() not in ("NCHW", "NHWC"):
+        if (self.channel_order or "RGB").upper() not in ("RGB", "BGR") or \
+                (self.layout or "NCHW").upper() not in ("NCHW", "NHWC"):
             raise OnnxqError(f"unknown channel order {self.channel_order!r} or layout {self.layout!r}; use RGB or "
                              "BGR, NCHW or NHWC")
+        if self.preset is not None:
+            preset_fields(self.preset)
+        if self.resize_mode is not None and self.resize_mode not in RESIZE_MODES:
+            raise OnnxqError(f"unknown resize mode {self.resize_mode!r}; use {' or '.join(RESIZE_MODES)}")
+
+    def completed(self, declared: dict | None = None, model_size: tuple[int, int] | None = None,
+                  layout: str | None = None) -> ImagePreprocessing:
+        """Every field set: given fields, then the given preset, then what the model declares (``declared``:
+        :func:`onnxq.data.presets.from_metadata`), then torchvision. The size: given, the model's static input
+        size, the declared one, 224 x 224."""
+        declared = declared or {}
+        if self.preset is not None:
+            name, base = self.preset, preset_fields(self.preset)
+        else:
+            name = declared.get("preset", DEFAULT_PRESET if not declared else None)
+            base = preset_fields(name or DEFAULT_PRESET)
+            base.update({k: v for k, v in declared.items() if k in base})
+        mine = {k: v for k, v in vars(self).items() if v is not None}
+        fields = {**base, "preset": name, "resize_mode": declared.get("resize_mode", "crop"),
+                  "layout": layout or "NCHW", **mine}
+        fields["size"] = self.size or model_size or _declared_size(declared) or DEFAULT_SIZE
+        if fields["preset"] is not None and any(k in mine for k in ("mean", "std", "scale", "channel_order")):
+            fields["preset"] = None  # a preset changed by explicit values is no longer that preset
+        return ImagePreprocessing(**fields)
+
+    def description(self) -> dict:
+        """The fields as plain JSON values (for metadata and cache keys)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
 
     def load(self, path: Path) -> np.ndarray:
         """One preprocessed image with a batch dimension of 1, float32."""
+        if None in (self.size, self.mean, self.std, self.scale, self.channel_order, self.layout, self.resize_mode):
+            return self.completed().load(path)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is an unreadable image
             with Image.open(path) as image:
@@ -72,10 +115,14 @@ class ImagePreprocessing:
         RGB conversion (which turned such images white)."""
         if image.mode in SIXTEEN_BIT_MODES:
             grey = Image.fromarray(np.asarray(image, dtype=np.float32) * np.float32(255 / 65535))
+            if self.resize_mode == "letterbox":
+                return letterboxed(np.repeat(np.asarray(grey, np.float32)[:, :, None], CHANNELS, axis=2), self.size)
             grey = self._cropped(self._resized(grey))
             return np.repeat(np.asarray(grey, dtype=np.float32)[:, :, None], CHANNELS, axis=2)
-        rgb = self._cropped(self._resized(image.convert("RGB")))
-        return np.asarray(rgb, dtype=np.float32)
+        rgb = image.convert("RGB")
+        if self.resize_mode == "letterbox":
+            return letterboxed(np.asarray(rgb, dtype=np.float32), self.size)
+        return np.asarray(self._cropped(self._resized(rgb)), dtype=np.float32)
 
     def _resized(self, image: Image.Image) -> Image.Image:
         height, width = self.size
@@ -94,6 +141,29 @@ class ImagePreprocessing:
         height, width = self.size
         left, top = (image.width - width) // 2, (image.height - height) // 2
         return image.crop((left, top, left + width, top + height))
+
+
+def letterboxed(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The (height, width, 3) pixels scaled to fit inside ``size`` with their aspect ratio kept and centred on a
+    grey (114) canvas, as YOLO-style detectors are trained; the whole image is seen, nothing is cropped."""
+    height, width = size
+    ratio = min(height / pixels.shape[0], width / pixels.shape[1])
+    new_h, new_w = max(1, round(pixels.shape[0] * ratio)), max(1, round(pixels.shape[1] * ratio))
+    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, c])).resize(
+        (new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32) for c in range(pixels.shape[2])]
+    canvas = np.full((height, width, pixels.shape[2]), LETTERBOX_GREY, np.float32)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    canvas[top:top + new_h, left:left + new_w] = np.stack(channels, axis=2)
+    return canvas
+
+
+def _declared_size(declared: dict) -> tuple[int, int] | None:
+    size = declared.get("size")
+    if size is None:
+        return None
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    _check_sides(size, "the model's metadata size")
+    return (int(size[0]), int(size[-1]))
 
 
 def _check_sides(sides: tuple, flag: str) -> None:

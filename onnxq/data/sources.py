@@ -8,9 +8,10 @@ onnxruntime's ``test_data_set_*/input_*.pb``. In Python: any ``CalibrationDataRe
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from onnx import numpy_helper
 
 from onnxq.data.images import ImagePreprocessing, list_images, read_image
 from onnxq.data.npz import load_npy, load_npz
+from onnxq.data.presets import DEFAULT_SIZE, SIZE_METADATA_KEY, from_metadata
 from onnxq.errors import OnnxqError, first_line
 
 log = logging.getLogger("onnxq")
@@ -59,13 +61,44 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def default_preprocessing(inputs: list[InputSpec], given: ImagePreprocessing | None) -> ImagePreprocessing:
-    """Fill in the crop size and layout from the model's image input when the user did not."""
+def declared_preprocessing(model: onnx.ModelProto) -> dict:
+    """The preprocessing a model declares in its metadata (``onnxq.data.presets``), empty when none."""
+    return from_metadata({p.key: p.value for p in model.metadata_props})
+
+
+def default_preprocessing(inputs: list[InputSpec], given: ImagePreprocessing | None,
+                          declared: dict | None = None) -> ImagePreprocessing:
+    """Every preprocessing field set: the given ones, the given preset, what the model ``declared``, torchvision;
+    the crop size and layout from the model's image input when the user did not set them."""
     base = given or ImagePreprocessing()
     if len(inputs) != 1:
-        return base
-    size = inputs[0].image_size() if given is None or given.size == ImagePreprocessing().size else given.size
-    return replace(base, size=size or base.size, layout="NHWC" if inputs[0].is_nhwc() else "NCHW")
+        return base.completed(declared)
+    return base.completed(declared, inputs[0].image_size(), "NHWC" if inputs[0].is_nhwc() else "NCHW")
+
+
+def has_dynamic_image_size(spec: InputSpec) -> bool:
+    """A 4-D image input whose height or width is not fixed."""
+    return len(spec.shape) == 4 and spec.image_size() is None
+
+
+def layout_of(path: Path, names: list[str]) -> str:
+    """Which calibration layout a folder holds: pb, per_input, npz, npy or images (checked in that order)."""
+    if any(path.glob("test_data_set_*")):
+        return "pb"
+    per_input = [path / name.replace("/", "_") for name in names]
+    if all(folder.is_dir() for folder in per_input) and any(per_input[0].glob("*.npy")):
+        return "per_input"
+    if any(path.glob("*.npz")):
+        return "npz"
+    if any(path.glob("*.npy")):
+        return "npy"
+    return "images"
+
+
+def reads_images(calib: object, inputs: list[InputSpec]) -> bool:
+    """Whether ``calib`` is a folder of images (so the preprocessing applies to it)."""
+    return isinstance(calib, str | Path) and Path(calib).is_dir() and \
+        layout_of(Path(calib), [spec.name for spec in inputs]) == "images"
 
 
 def feeds_from(calib: object, inputs: list[InputSpec], preprocessing: ImagePreprocessing | None = None
@@ -117,23 +150,25 @@ def _feeds_from_path(path: Path, inputs: list[InputSpec], preprocessing: ImagePr
         if path.suffix == ".npy" and len(names) == 1:
             return iter([{names[0]: load_npy(path)}]), 1
         raise OnnxqError(f"calibration file {path} is not .npz or .npy; pass a folder or an .npz keyed by input name")
-    pb_sets = _spread(sorted(path.glob("test_data_set_*")))
-    if pb_sets:
+    layout = layout_of(path, names)
+    if layout == "pb":
+        pb_sets = _spread(sorted(path.glob("test_data_set_*")))
         return _pb_feeds(pb_sets, names), len(pb_sets)
-    per_input = [path / name.replace("/", "_") for name in names]
-    if all(folder.is_dir() for folder in per_input) and any(per_input[0].glob("*.npy")):
+    if layout == "per_input":
+        per_input = [path / name.replace("/", "_") for name in names]
         return _per_input_npy_feeds(per_input, names), len(list(per_input[0].glob("*.npy")))
-    npz, npy = _spread(sorted(path.glob("*.npz"))), _spread(sorted(path.glob("*.npy")))
-    if npz:
+    if layout == "npz":
+        npz = _spread(sorted(path.glob("*.npz")))
         return _npz_feeds(npz, names), len(npz)
-    if npy:
+    if layout == "npy":
         if len(names) != 1:
             raise OnnxqError(f"{path} holds .npy files but the model has {len(names)} inputs; use one folder "
                              f"per input ({', '.join(names)}) or .npz files keyed by input name")
+        npy = _spread(sorted(path.glob("*.npy")))
         return ({names[0]: load_npy(f)} for f in npy), len(npy)
     images = _spread(list_images(path))
     if images:
-        return _image_feeds(images, inputs, preprocessing or ImagePreprocessing()), len(images)
+        return _image_feeds(images, inputs, default_preprocessing(inputs, preprocessing)), len(images)
     raise OnnxqError(f"no calibration data found in {path}; expected images (jpg/png/bmp/webp), .npy, .npz "
                      "or test_data_set_*/input_*.pb files")
 
@@ -186,6 +221,8 @@ def _image_feeds(files: list[Path], inputs: list[InputSpec], preprocessing: Imag
     if len(inputs) != 1:
         raise OnnxqError(f"an image folder can only feed a single-input model, this one has {len(inputs)}; "
                          "save the inputs as .npz files keyed by input name")
+    if has_dynamic_image_size(inputs[0]):
+        say_image_size(inputs[0], preprocessing)
     good = 0
     for file in files:
         image = read_image(file, preprocessing)  # None (with a warning) for a file that is not a usable image
@@ -195,6 +232,21 @@ def _image_feeds(files: list[Path], inputs: list[InputSpec], preprocessing: Imag
         yield {inputs[0].name: image}
     if not good:
         raise OnnxqError("none of the calibration images could be read; check the files")
+
+
+@functools.lru_cache(maxsize=8)
+def say_image_size(spec: InputSpec, preprocessing: ImagePreprocessing) -> None:
+    """Say once which size images are brought to for an input with dynamic height and width; a warning when
+    nothing chose it (the 224 x 224 default), since a detector trained at 640 loses much at 224."""
+    height, width = preprocessing.size
+    how = "letterboxed" if preprocessing.resize_mode == "letterbox" else "resized and centre-cropped"
+    if (height, width) == DEFAULT_SIZE:
+        log.warning("%s has dynamic height and width: images are %s to the default %dx%d; set the size the model "
+                    "was trained at with --image-size HxW (or the model's %s metadata)", spec.name, how, height,
+                    width, SIZE_METADATA_KEY)
+    else:
+        log.info("%s has dynamic height and width: images are %s to %dx%d (--image-size or the model's metadata)",
+                 spec.name, how, height, width)
 
 
 def check_feed(feed: Feed, inputs: list[InputSpec]) -> Feed:

@@ -21,7 +21,15 @@ from onnx import numpy_helper
 from onnxq.allocation.mixed import MixedPlan
 from onnxq.calibration.capture import CaptureEngine
 from onnxq.data.images import ImagePreprocessing
-from onnxq.data.sources import Feed, batches, default_preprocessing, feed_samples, feeds_from, model_inputs
+from onnxq.data.sources import (
+    Feed,
+    batches,
+    declared_preprocessing,
+    default_preprocessing,
+    feed_samples,
+    feeds_from,
+    model_inputs,
+)
 from onnxq.errors import OnnxqError
 from onnxq.graph.layers import Layer, find_layers
 from onnxq.graph.loading import load_model
@@ -172,8 +180,10 @@ def diagnostics_on_data(quantized_path: str | Path, reference_path: str | Path, 
                         batch_size: int = DIAGNOSTIC_BATCH, grams: dict[str, np.ndarray] | None = None,
                         plan: MixedPlan | None = None) -> list[dict]:
     """:func:`layer_diagnostics` on the first ``samples`` samples of a data folder or file (any calib layout)."""
-    inputs = model_inputs(load_model(reference_path))
-    raw, _ = feeds_from(data, inputs, default_preprocessing(inputs, preprocessing))
+    reference = load_model(reference_path)
+    inputs = model_inputs(reference)
+    declared = declared_preprocessing(load_model(quantized_path)) or declared_preprocessing(reference)
+    raw, _ = feeds_from(data, inputs, default_preprocessing(inputs, preprocessing, declared))
     feeds = batches(raw, inputs, batch_size, samples)
     return layer_diagnostics(quantized_path, reference_path, feeds, grams, plan)
 

@@ -15,7 +15,15 @@ import onnxruntime as ort
 
 from onnxq.allocation.oracle import log_softmax
 from onnxq.data.images import ImagePreprocessing, list_images, read_image
-from onnxq.data.sources import InputSpec, batches, default_preprocessing, feed_samples, feeds_from, model_inputs
+from onnxq.data.sources import (
+    InputSpec,
+    batches,
+    declared_preprocessing,
+    default_preprocessing,
+    feed_samples,
+    feeds_from,
+    model_inputs,
+)
 from onnxq.errors import OnnxqError
 from onnxq.graph.loading import load_model
 from onnxq.report.progress import NoProgress
@@ -185,9 +193,11 @@ def evaluate(quantized: Path, reference: Path, data: Path, preprocessing: ImageP
     """Run both models on the data and compare them (and score them against labels when available)."""
     reference_model = load_model(reference)
     inputs = model_inputs(reference_model)
-    _check_same_inputs(inputs, model_inputs(load_model(quantized)), quantized)
+    quantized_model = load_model(quantized)
+    _check_same_inputs(inputs, model_inputs(quantized_model), quantized)
     sessions = [_session(p) for p in (reference, quantized)]
-    prep = default_preprocessing(inputs, preprocessing)
+    declared = declared_preprocessing(quantized_model) or declared_preprocessing(reference_model)
+    prep = default_preprocessing(inputs, preprocessing, declared)
     batch = fixed_batch(inputs[0]) if len(inputs) == 1 else None  # several inputs: each feed as it comes
     labels = None
     if len(inputs) == 1 and data.is_dir() and list_images(data):
