@@ -30,11 +30,19 @@ from onnxq.data.sources import Feed, model_inputs
 from onnxq.errors import OnnxqError, first_line
 from onnxq.export.act_qdq import quantize_activations
 from onnxq.export.outputs import check_outputs, model_files
-from onnxq.export.qdq import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
+from onnxq.export.qdq import (
+    build_quantized_model,
+    container_bits,
+    layer_metadata,
+    quantized_graph,
+    staged_model,
+    stored_weight_bits,
+)
 from onnxq.graph.bias import BiasSlot, bias_slots, output_shift, with_zero_biases
 from onnxq.graph.float16 import refuse_float16_activations, without_inserted_casts
 from onnxq.graph.layers import QUANTIZABLE_OPS, Layer, find_layers, nothing_to_quantize
 from onnxq.graph.loading import load_model_and_layout, proto_size
+from onnxq.graph.model import GraphModel
 from onnxq.graph.opset import fit_opset
 from onnxq.graph.prepare import prepare
 from onnxq.passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight
@@ -203,15 +211,15 @@ def activation_layers(layers: list[Layer], results: dict[str, QuantWeight], opti
     return [layer.name for layer in layers]
 
 
-def with_activations(model: onnx.ModelProto, quantized: onnx.ModelProto, layers: list[Layer], data: CalibrationSet,
-                     options: Options, act_layers: list[str]) -> onnx.ModelProto:
-    """Add uint8 activation Q/DQ around the given quantized layers, ranges calibrated on the float model."""
+def add_activations(model: onnx.ModelProto, quantized: GraphModel, layers: list[Layer], data: CalibrationSet,
+                    options: Options, act_layers: list[str]) -> None:
+    """Edit ``quantized``: uint8 activation Q/DQ around the given layers, ranges calibrated on the float model."""
     if options.act_bits != 8:
         raise OnnxqError(f"--act-bits {options.act_bits} is not supported; use --act-bits 8")
     if not act_layers:
         log.warning("no layer is at 8 bits, so none runs in integer kernels; the model stays weight-only")
-        return quantized
-    return quantize_activations(model, quantized, layers, data.calibration(), options.act_method, act_layers)
+        return
+    quantize_activations(model, quantized, layers, data.calibration(), options.act_method, act_layers)
 
 
 def layer_block_size(layer: Layer, options: Options) -> int | None:
@@ -389,10 +397,10 @@ def quantize_with(model: onnx.ModelProto, model_path: Path, external: bool, laye
             "estimator": plan.estimator, "status": plan.status, "gap": plan.gap,
             "predicted_loss": plan.predicted_loss, "prefer": plan.prefer,
             "verified": plan.verified, "picked": plan.picked, "integer_mac_share": plan.integer_mac_share})
-    quantized = build_quantized_model(model, layers, results, metadata, options.matmul_nbits, options.accuracy_level)
+    graph = quantized_graph(model, layers, results, metadata, options.matmul_nbits, options.accuracy_level)
     if options.act_bits is not None and layers:
-        quantized = with_activations(model, quantized, layers, data, options,
-                                     activation_layers(layers, results, options))
+        add_activations(model, graph, layers, data, options, activation_layers(layers, results, options))
+    quantized = graph.to_proto()  # every export edit above, serialised once
     check_feed, held_out = check_batch(data)
     layout = external if options.external_data is None and external else options.external_data
     with progress(None, "writing and checking the model") if progress else NoProgress():
