@@ -190,11 +190,6 @@ class GraphModel:
                 if tensor.name == old:
                     node.inputs[index] = new
 
-    def rename_tensor(self, old: str, new: str) -> None:
-        tensor = self._tensors.pop(old)
-        tensor.name = new
-        self._tensors[new] = tensor
-
     def drop_unused(self, names: Iterable[str]) -> None:
         """Forget the given constants once nothing reads them (they are then left out of the export)."""
         for name in names:
