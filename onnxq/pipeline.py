@@ -44,13 +44,21 @@ from onnxq.data.calibration_set import CalibrationSet
 from onnxq.data.preprocess_check import preprocessing_for
 from onnxq.data.sources import Feed, model_inputs
 from onnxq.errors import OnnxqError, first_line
-from onnxq.export.act_qdq import calibration_candidates, insert_activation_qdq, plan_qdq
+from onnxq.export.act_qdq import add_activation_qdq, calibration_candidates, plan_qdq
 from onnxq.export.outputs import check_outputs, model_files
-from onnxq.export.qdq import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
+from onnxq.export.qdq import (
+    build_quantized_model,
+    container_bits,
+    layer_metadata,
+    quantized_graph,
+    staged_model,
+    stored_weight_bits,
+)
 from onnxq.graph.bias import BiasSlot, bias_slots, output_shift, with_zero_biases
 from onnxq.graph.float16 import refuse_float16_activations, without_inserted_casts
 from onnxq.graph.layers import Layer, find_layers, nothing_to_quantize
 from onnxq.graph.loading import load_model_and_layout, proto_size
+from onnxq.graph.model import GraphModel
 from onnxq.graph.opset import fit_opset
 from onnxq.graph.prepare import prepare
 from onnxq.passes import ROUNDING_PASSES, Grid, QuantWeight
@@ -295,19 +303,19 @@ def activation_layers(layers: list[Layer], results: dict[str, QuantWeight], conf
     return [layer.name for layer in layers]
 
 
-def with_activations(run: Run, quantized: onnx.ModelProto, statistics: Statistics,
-                     act_layers: list[str]) -> onnx.ModelProto:
-    """Add uint8 activation Q/DQ around the given quantized layers, ranges from the float model's histograms."""
+def add_activations(run: Run, quantized: GraphModel, statistics: Statistics, act_layers: list[str]) -> None:
+    """Edit ``quantized``: uint8 activation Q/DQ around the given layers, ranges from the float model's
+    histograms (collected with the Gram statistics, in one capture pass)."""
     config = run.config
     if act_bits(config) != 8:
         raise OnnxqError(f"--act-bits {act_bits(config)} is not supported; use --act-bits 8")
     if not act_layers:
         log.warning("no layer is at 8 bits, so none runs in integer kernels; the model stays weight-only")
-        return quantized
+        return
     plan = plan_qdq(run.model, run.layers, act_layers)
     hists = {tensor: statistics.activations[tensor] for tensor in plan.calibrated}
     ranges = ranges_from(hists, config.activations.method, methods={t: "minmax" for t in plan.exact})
-    return insert_activation_qdq(quantized, run.layers, ranges, act_layers)
+    add_activation_qdq(quantized, run.layers, ranges, act_layers)
 
 
 def layer_block_size(layer: Layer, config: Config) -> int | None:
@@ -511,10 +519,11 @@ def quantize_run(run: Run, output: Path, progress: Callable | None, statistics: 
             "predicted_loss": plan.predicted_loss, "prefer": plan.prefer,
             "verified": plan.verified, "picked": plan.picked, "integer_mac_share": plan.integer_mac_share})
     export = config.export
-    quantized = build_quantized_model(model, layers, results, metadata, export.matmul_nbits,
-                                      export.accuracy_level or DEFAULT_ACCURACY_LEVEL)
+    graph = quantized_graph(model, layers, results, metadata, export.matmul_nbits,
+                            export.accuracy_level or DEFAULT_ACCURACY_LEVEL)
     if act_bits(config) is not None and layers:
-        quantized = with_activations(run, quantized, statistics, activation_layers(layers, results, config))
+        add_activations(run, graph, statistics, activation_layers(layers, results, config))
+    quantized = graph.to_proto()  # every export edit above, serialised once
     check_feed, held_out = check_batch(data)
     layout = run.external if export.external_data is None and run.external else export.external_data
     with progress(None, "writing and checking the model") if progress else NoProgress():

@@ -135,3 +135,29 @@ def test_shared_model_round_trips_and_exports_what_the_passes_computed():
     run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
            for m in (out, by_hand)]
     np.testing.assert_allclose(run[0], run[1], rtol=1e-4, atol=1e-4)
+
+
+def test_raised_weight_scale_replaces_the_stored_codes_and_the_int32_bias_fits():
+    """A near-dead channel next to a large bias: the W8A8 edit raises that channel's scale, re-rounds its codes
+    and writes both in place of the weight-only ones, so the int32 bias code stays within its headroom."""
+    from onnxq.export.act_qdq import BIAS_LIMIT, quantize_activations
+
+    model = tiny.cnn_model()
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor).copy()
+        if tensor.name in ("c2_w", "c2_b"):
+            array[0] = array[0] * 1e-12 if tensor.name == "c2_w" else 50.0
+            tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    model = prepare(model)
+    layers, _ = find_layers(model)
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    results = {layer.name: rtn.quantize(layer.matrix(arrays[layer.weight]).astype(np.float64), None, Grid(8, True))
+               for layer in layers}
+    qmodel = build_quantized_model(model, layers, results, {})
+    feeds = [{"x": np.random.default_rng(i).normal(size=(2, 3, 16, 16)).astype(np.float32)} for i in range(3)]
+    out = quantize_activations(model, qmodel, layers, iter(feeds), act_layers=[layer.name for layer in layers])
+    before = {t.name: numpy_helper.to_array(t) for t in qmodel.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert after["c2_w_scale"][0] > before["c2_w_scale"][0]
+    np.testing.assert_array_equal(after["c2_w_scale"][1:], before["c2_w_scale"][1:])
+    assert np.abs(after["c2_b_quantized"]).max() <= BIAS_LIMIT

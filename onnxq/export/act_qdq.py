@@ -38,12 +38,14 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, numpy_helper
 
 from onnxq.calibration.activations import activation_ranges
 from onnxq.data.sources import Feed
 from onnxq.errors import OnnxqError
 from onnxq.graph.layers import Layer
+from onnxq.graph.model import GraphModel
 
 log = logging.getLogger("onnxq")
 SAME_SCALE_OPS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
@@ -109,47 +111,39 @@ class _Groups:
             self.parent[second] = first
 
 
-class _Graph:
-    """Producers, consumers and constants of a graph, for planning."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        graph = model.graph
-        self.nodes = list(graph.node)
-        self.by_name = {n.name: n for n in self.nodes}
-        self.outputs = {v.name for v in graph.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.nodes:
-            for tensor in dict.fromkeys(node.input):
-                self.consumers.setdefault(tensor, []).append(node)
-        inits = {t.name for t in graph.initializer}
-        self.constants = inits | {o for n in self.nodes if n.op_type == "Constant" for o in n.output}
-        self.constants |= {n.output[0] for n in self.nodes if n.op_type == "DequantizeLinear" and n.input[0] in inits}
-        bounds = {t for n in self.nodes if n.op_type == "Clip" for t in n.input[1:]}
-        self.values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in bounds}
-
-    def is_activation(self, tensor: str) -> bool:
-        return bool(tensor) and tensor not in self.constants
+def _is_activation(graph: GraphModel, tensor: str) -> bool:
+    """A tensor computed from the inputs: not an initializer, a Constant's output or a dequantized initializer."""
+    if not tensor or graph.constant(tensor) is not None:
+        return False
+    producer = graph.producer(tensor)
+    return producer is None or not (producer.op == "Constant" or (
+        producer.op == "DequantizeLinear" and graph.constant(producer.inputs[0].name) is not None))
 
 
-def plan_qdq(model: onnx.ModelProto, layers: list[Layer], act_layers: Collection[str]) -> QdqPlan:
+def _names(tensors: list[gs.Tensor]) -> list[str]:
+    return [t.name for t in tensors]
+
+
+def plan_qdq(model: onnx.ModelProto | GraphModel, layers: list[Layer], act_layers: Collection[str]) -> QdqPlan:
     """Decide the Q/DQ placement for the act layers of ``model`` (float or weight-quantized: same tensors)."""
-    graph = _Graph(model)
-    lost = [layer.name for layer in layers if layer.name in act_layers and layer.name not in graph.by_name]
+    graph = model if isinstance(model, GraphModel) else GraphModel(model)
+    lost = [layer.name for layer in layers if layer.name in act_layers and graph.node(layer.name) is None]
     if lost:
         raise OnnxqError(f"layer {lost[0]} is not a node of the model; pass the prepared model the layers were "
                          "found in (and the model exported from it)")
-    acts = [graph.by_name[layer.name] for layer in layers
-            if layer.name in act_layers and graph.is_activation(layer.activation)]
-    folds = _foldable(graph, {n.name for n in acts} | {n.name for n in graph.nodes if n.op_type in QLINEAR_OPS})
-    output_of = {n.name: folds[n.name][0].output[0] if n.name in folds else n.output[0] for n in graph.nodes}
-    position = {t: index for index, node in enumerate(graph.nodes) for t in node.output}
+    acts = [graph.node(layer.name) for layer in layers
+            if layer.name in act_layers and _is_activation(graph, layer.activation)]
+    folds = _foldable(graph, [n.name for n in acts] + [n.name for n in graph.nodes if n.op in QLINEAR_OPS])
+    output_of = {n.name: folds[n.name][0].outputs[0].name if n.name in folds else n.outputs[0].name
+                 for n in graph.nodes}
+    position = {t.name: index for index, node in enumerate(graph.nodes) for t in node.outputs}
     bounds = {output_of[name]: fold_bounds for name, (_, fold_bounds) in folds.items()}
     groups, plan, tentative = _Groups(position, bounds), QdqPlan(), set()
     for node in acts:
-        for tensor in (node.input[0], output_of[node.name]):
+        for tensor in (node.inputs[0].name, output_of[node.name]):
             groups.add(tensor)
             plan.ranged.add(tensor)
-        if node.op_type != "Conv":
+        if node.op != "Conv":
             tentative.add(output_of[node.name])
     _propagate(graph, groups, plan.ranged, output_of)
     plan.source = {tensor: groups.find(tensor) for tensor in groups.parent}
@@ -160,41 +154,43 @@ def plan_qdq(model: onnx.ModelProto, layers: list[Layer], act_layers: Collection
     return plan
 
 
-def calibration_candidates(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
+def calibration_candidates(model: onnx.ModelProto | GraphModel, layers: list[Layer]) -> list[str]:
     """Every tensor that :func:`plan_qdq` may calibrate for any subset of ``layers`` (so one calibration pass
     serves whichever layers end up with activation Q/DQ): each layer's input and output, and the output of each
     op with an integer version whose inputs are all activations (a folded Relu/Clip's output where one follows)."""
-    graph = _Graph(model)
-    acts = {layer.name for layer in layers if layer.name in graph.by_name and graph.is_activation(layer.activation)}
-    qlinear = {n.name for n in graph.nodes if n.op_type in QLINEAR_OPS
-               and all(graph.is_activation(t) for t in n.input if t)}
-    folds = _foldable(graph, acts | {n.name for n in graph.nodes if n.op_type in QLINEAR_OPS})
-    output_of = {name: folds[name][0].output[0] if name in folds else graph.by_name[name].output[0]
-                 for name in acts | qlinear}
-    return sorted({graph.by_name[name].input[0] for name in acts} | set(output_of.values()))
+    graph = model if isinstance(model, GraphModel) else GraphModel(model)
+    acts = [layer.name for layer in layers
+            if graph.node(layer.name) is not None and _is_activation(graph, layer.activation)]
+    qlinear_ops = [n.name for n in graph.nodes if n.op in QLINEAR_OPS]
+    qlinear = [name for name in qlinear_ops
+               if all(_is_activation(graph, t) for t in _names(graph.node(name).inputs) if t)]
+    folds = _foldable(graph, list(dict.fromkeys(acts + qlinear_ops)))
+    output_of = {name: folds[name][0].outputs[0].name if name in folds else graph.node(name).outputs[0].name
+                 for name in {*acts, *qlinear}}
+    return sorted({graph.node(name).inputs[0].name for name in acts} | set(output_of.values()))
 
 
-def _groups_reaching_outputs(graph: _Graph, plan: QdqPlan, output_of: dict[str, str]) -> set[str]:
+def _groups_reaching_outputs(graph: GraphModel, plan: QdqPlan, output_of: dict[str, str]) -> set[str]:
     """Groups whose values reach a graph output unchanged or only averaged (the logits and their evidence)."""
-    reach = {plan.source[t] for t in plan.source if t in graph.outputs}
-    pools = [n for n in graph.nodes if n.op_type in POOLING_OPS and n.input[0] in plan.source
+    reach = {plan.source[t] for t in plan.source if graph.is_output(t)}
+    pools = [n for n in graph.nodes if n.op in POOLING_OPS and n.inputs[0].name in plan.source
              and output_of[n.name] in plan.source]
     grown = True
     while grown:
         before = len(reach)
-        reach |= {plan.source[n.input[0]] for n in pools if plan.source[output_of[n.name]] in reach}
+        reach |= {plan.source[n.inputs[0].name] for n in pools if plan.source[output_of[n.name]] in reach}
         grown = len(reach) > before
     return reach
 
 
-def _foldable(graph: _Graph, producers: set[str]) -> dict[str, tuple[onnx.NodeProto, tuple[float, float]]]:
+def _foldable(graph: GraphModel, producers: list[str]) -> dict[str, tuple[gs.Node, tuple[float, float]]]:
     """Producer node -> the Relu/Clip that alone consumes its output and that a uint8 Q can replace, with its
     bounds (the Q node's range must stay inside them, which the calibrated range of its output does)."""
     folds = {}
     for name in producers:
-        out = graph.by_name[name].output[0]
-        users = graph.consumers.get(out, [])
-        if out in graph.outputs or len(users) != 1 or users[0].op_type not in FOLDABLE_OPS:
+        out = graph.node(name).outputs[0].name
+        users = graph.readers(out)
+        if graph.is_output(out) or len(users) != 1 or users[0].op not in FOLDABLE_OPS:
             continue
         bounds = _activation_bounds(graph, users[0])
         if bounds is not None and bounds[0] <= 0 <= bounds[1]:
@@ -202,32 +198,31 @@ def _foldable(graph: _Graph, producers: set[str]) -> dict[str, tuple[onnx.NodePr
     return folds
 
 
-def _activation_bounds(graph: _Graph, node: onnx.NodeProto) -> tuple[float, float] | None:
+def _activation_bounds(graph: GraphModel, node: gs.Node) -> tuple[float, float] | None:
     """A Relu's or Clip's output bounds, or None when a Clip bound is not a known constant."""
-    if node.op_type == "Relu":
+    if node.op == "Relu":
         return (0.0, np.inf)
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    bounds = [float(attrs.get("min", -np.inf)), float(attrs.get("max", np.inf))]
-    for index, tensor in enumerate(node.input[1:3]):
+    bounds = [float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))]
+    for index, tensor in enumerate(_names(node.inputs[1:3])):
         if tensor:
-            if tensor not in graph.values:
+            if graph.constant(tensor) is None:
                 return None
-            bounds[index] = float(graph.values[tensor])
+            bounds[index] = float(graph.array(tensor))
     return bounds[0], bounds[1]
 
 
-def _propagate(graph: _Graph, groups: _Groups, ranged: set[str], output_of: dict[str, str]) -> None:
+def _propagate(graph: GraphModel, groups: _Groups, ranged: set[str], output_of: dict[str, str]) -> None:
     """Extend quantization through pass-through ops and Concat (one shared scale: onnxruntime then copies
     bytes) and through ops with integer versions (their own range)."""
     for node in graph.nodes:
-        if node.op_type in SAME_SCALE_OPS and node.input[0] in groups:
-            _join_all(groups, ranged, [node.input[0]], node.output[0])
+        if node.op in SAME_SCALE_OPS and node.inputs[0].name in groups:
+            _join_all(groups, ranged, [node.inputs[0].name], node.outputs[0].name)
             continue
-        inputs = [t for t in node.input if t]
-        if node.op_type not in QLINEAR_OPS or not inputs or not all(
-                graph.is_activation(t) and t in groups for t in inputs):
+        inputs = [t for t in _names(node.inputs) if t]
+        if node.op not in QLINEAR_OPS or not inputs or not all(
+                _is_activation(graph, t) and t in groups for t in inputs):
             continue
-        if node.op_type == "Concat" and len({groups.bound(t) for t in inputs}) == 1:
+        if node.op == "Concat" and len({groups.bound(t) for t in inputs}) == 1:
             _join_all(groups, ranged, inputs, output_of[node.name])  # equal bounds: every folded Relu/Clip holds
         else:
             groups.add(output_of[node.name])
@@ -242,16 +237,17 @@ def _join_all(groups: _Groups, ranged: set[str], inputs: list[str], output: str)
         groups.join(tensor, output)
 
 
-def _drop_unneeded(graph: _Graph, plan: QdqPlan, tentative: set[str], acts: set[str],
+def _drop_unneeded(graph: GraphModel, plan: QdqPlan, tentative: set[str], acts: set[str],
                    output_of: dict[str, str]) -> None:
     """Forget Gemm/MatMul outputs (and tensors sharing their scale) that no integer consumer reads."""
     needed: set[str] = set()
     for node in reversed(graph.nodes):
-        for tensor in node.input:
+        first = node.inputs[0].name if node.inputs else None
+        for tensor in _names(node.inputs):
             if tensor in plan.source and (
-                    (node.name in acts and tensor == node.input[0])
-                    or (node.op_type in QLINEAR_OPS and output_of[node.name] in plan.source)
-                    or (node.op_type in SAME_SCALE_OPS and node.output[0] in needed)):
+                    (node.name in acts and tensor == first)
+                    or (node.op in QLINEAR_OPS and output_of[node.name] in plan.source)
+                    or (node.op in SAME_SCALE_OPS and node.outputs[0].name in needed)):
                 needed.add(tensor)
     for tensor in tentative - needed:
         group = [t for t, owner in plan.source.items() if owner == plan.source[tensor]]
@@ -271,84 +267,81 @@ def quant_params(low: float, high: float) -> tuple[np.float32, np.uint8]:
 
 def insert_activation_qdq(qmodel: onnx.ModelProto, layers: list[Layer], ranges: dict[str, tuple[float, float]],
                           act_layers: Collection[str]) -> onnx.ModelProto:
-    """A copy of ``qmodel`` with uint8 Q/DQ around the act layers, folded Relu/Clip and int32 biases."""
-    plan = plan_qdq(qmodel, layers, act_layers)
+    """A new model: ``qmodel`` with uint8 Q/DQ around the act layers, folded Relu/Clip and int32 biases."""
+    graph = GraphModel(qmodel)
+    add_activation_qdq(graph, layers, ranges, act_layers)
+    return graph.to_proto()
+
+
+def add_activation_qdq(graph: GraphModel, layers: list[Layer], ranges: dict[str, tuple[float, float]],
+                       act_layers: Collection[str]) -> None:
+    """Edit ``graph`` (weights already quantized): uint8 Q/DQ around the act layers, folded Relu/Clip and int32
+    biases."""
+    plan = plan_qdq(graph, layers, act_layers)
     missing = [t for t in plan.calibrated if t not in ranges]
     if missing:
         raise OnnxqError(f"no calibrated range for {len(missing)} tensors (e.g. {missing[0]}); "
                          "calibrate the tensors listed by plan_qdq(...).calibrated")
-    out = onnx.ModelProto()
-    out.CopyFrom(qmodel)
-    _fold_activations(out, plan)
+    _fold_activations(graph, plan)
     params = {owner: quant_params(*bounds) for owner, bounds in plan.group_ranges(ranges).items()}
-    out.graph.initializer.extend(_param_initializers(params))
-    bias_nodes = _quantize_biases(out, layers, act_layers, plan, params)
-    _insert_pairs(out, plan, bias_nodes)
-    return out
-
-
-def _fold_activations(model: onnx.ModelProto, plan: QdqPlan) -> None:
-    """Remove folded Relu/Clip nodes: their producer now writes the activation's output tensor."""
-    nodes = {n.name: n for n in model.graph.node}
-    bounds = set()
-    for activation, producer in plan.folded.items():
-        nodes[producer].output[0] = nodes[activation].output[0]
-        bounds.update(nodes[activation].input[1:])
-        model.graph.node.remove(nodes[activation])
-    used = {t for n in model.graph.node for t in n.input}
-    for init in [t for t in model.graph.initializer if t.name in bounds - used]:
-        model.graph.initializer.remove(init)
-
-
-def _param_initializers(params: dict[str, tuple[np.float32, np.uint8]]) -> list[onnx.TensorProto]:
-    inits = []
     for tensor, (scale, zero_point) in params.items():
-        inits.append(numpy_helper.from_array(np.array(scale, np.float32), f"{tensor}_scale"))
-        inits.append(numpy_helper.from_array(np.array(zero_point, np.uint8), f"{tensor}_zero_point"))
-    return inits
+        graph.add_constant(numpy_helper.from_array(np.array(scale, np.float32), f"{tensor}_scale"))
+        graph.add_constant(numpy_helper.from_array(np.array(zero_point, np.uint8), f"{tensor}_zero_point"))
+    bias_nodes = _quantize_biases(graph, layers, act_layers, plan, params)
+    _insert_pairs(graph, plan, bias_nodes)
 
 
-def _quantize_biases(model: onnx.ModelProto, layers: list[Layer], act_layers: Collection[str], plan: QdqPlan,
-                     params: dict[str, tuple[np.float32, np.uint8]]) -> list[onnx.NodeProto]:
+def _fold_activations(graph: GraphModel, plan: QdqPlan) -> None:
+    """Remove folded Relu/Clip nodes: their producer now writes the activation's output tensor."""
+    bounds = []
+    for activation, producer in plan.folded.items():
+        node = graph.node(activation)
+        output = node.outputs[0]
+        bounds += [t.name for t in node.inputs[1:]]
+        graph.remove_node(node)
+        graph.node(producer).outputs[0] = output
+    graph.drop_unused(bounds)
+
+
+def _quantize_biases(graph: GraphModel, layers: list[Layer], act_layers: Collection[str], plan: QdqPlan,
+                     params: dict[str, tuple[np.float32, np.uint8]]) -> list[gs.Node]:
     """Replace each act layer's float bias by int32 codes on scale ``s_in * s_w``; return their DQ nodes."""
-    inits = {t.name: t for t in model.graph.initializer}
-    nodes = {n.name: n for n in model.graph.node}
-    uses = [t for n in model.graph.node for t in n.input]
     dq_nodes = []
     for layer in layers:
-        node = nodes.get(layer.name)
-        if layer.name not in act_layers or node is None or node.input[0] not in plan.source:
+        node = graph.node(layer.name)
+        if layer.name not in act_layers or node is None or node.inputs[0].name not in plan.source:
             continue
-        if len(node.input) < 3 or node.input[2] not in inits or uses.count(node.input[2]) != 1:
+        bias_name = node.inputs[2].name if len(node.inputs) > 2 else ""
+        if graph.constant(bias_name) is None or len(graph.consumers(bias_name)) != 1:
             continue
-        bias = _bias_vector(node, numpy_helper.to_array(inits[node.input[2]]), layer.out_channels)
+        bias = _bias_vector(node, graph.array(bias_name), layer.out_channels)
         if bias is None:
             continue
-        if f"{layer.weight}_scale" not in inits:
+        scale_name = f"{layer.weight}_scale"
+        if graph.constant(scale_name) is None:
             raise OnnxqError(f"the weight of {layer.name} is not quantized; export the weights of every act layer "
                              "with build_quantized_model first")
-        if len(inits[f"{layer.weight}_scale"].dims) > 1:
+        if graph.constant(scale_name).shape and len(graph.constant(scale_name).shape) > 1:
             continue  # block-wise weights have no per-channel s_w; such a layer runs in float, bias and all
-        in_scale = params[plan.source[node.input[0]]][0]
-        weight_scale = _fit_weight_scale(model, layer, inits, bias, in_scale)
-        dq_nodes.append(_replace_bias(model, node, bias, in_scale * np.broadcast_to(weight_scale, bias.shape)))
+        in_scale = params[plan.source[node.inputs[0].name]][0]
+        weight_scale = _fit_weight_scale(graph, layer, bias, in_scale)
+        dq_nodes.append(_replace_bias(graph, node, bias, in_scale * np.broadcast_to(weight_scale, bias.shape)))
     return dq_nodes
 
 
-def _fit_weight_scale(model: onnx.ModelProto, layer: Layer, inits: dict[str, onnx.TensorProto], bias: np.ndarray,
-                      in_scale: np.float32) -> np.ndarray:
+def _fit_weight_scale(graph: GraphModel, layer: Layer, bias: np.ndarray, in_scale: np.float32) -> np.ndarray:
     """The weight scale, raised where the int32 bias would overflow (as onnxruntime does), codes re-rounded.
 
     Only near-dead channels are touched (weights ~1e-12 next to a bias ~1, e.g. MobileNet v1's BN-folded convs):
     their codes shrink towards the zero point, which changes the weights by less than their old step.
     """
-    scale = numpy_helper.to_array(inits[f"{layer.weight}_scale"]).astype(np.float32)
+    scale = graph.array(f"{layer.weight}_scale").astype(np.float32)
     needed = (np.abs(bias).astype(np.float64) / (float(in_scale) * BIAS_LIMIT)).astype(np.float32)
     needed = needed if scale.ndim else needed.max(initial=0)
     grow = needed > scale
     if not grow.any():
         return scale
-    codes, zero_point = (numpy_helper.to_array(inits[f"{layer.weight}_{part}"]) for part in ("quantized", "zero_point"))
+    codes, zero_point = (graph.array(f"{layer.weight}_{part}") for part in ("quantized", "zero_point"))
     shape = [1] * codes.ndim
     if scale.ndim:
         shape[layer.channel_axis] = -1
@@ -357,107 +350,102 @@ def _fit_weight_scale(model: onnx.ModelProto, layer: Layer, inits: dict[str, onn
     requantized = np.round(centred * (scale / new_scale).reshape(shape)) + zero_point.astype(np.float64).reshape(shape)
     limits = ml_dtypes.iinfo(codes.dtype)
     codes = np.where(grow.reshape(shape), np.clip(requantized, limits.min, limits.max), codes).astype(codes.dtype)
-    for name, array in ((f"{layer.weight}_quantized", codes), (f"{layer.weight}_scale", new_scale)):
-        model.graph.initializer.remove(inits[name])
-        inits[name] = numpy_helper.from_array(array, name)
-        model.graph.initializer.append(inits[name])
+    graph.set_values(f"{layer.weight}_quantized", codes, last=True)
+    graph.set_values(f"{layer.weight}_scale", new_scale, last=True)
     log.info("%s: weight scale raised on %d channels so the int32 bias fits", layer.name, int(np.sum(grow)))
     return new_scale
 
 
-def _bias_vector(node: onnx.NodeProto, bias: np.ndarray, channels: int) -> np.ndarray | None:
-    """The bias as one value per output channel (Gemm's beta folded in), or None if it is not one."""
+def _bias_vector(node: gs.Node, bias: np.ndarray, channels: int) -> np.ndarray | None:
+    """The bias as one value per output channel (Gemm's beta folded into it and dropped from the node), or None
+    if it is not one."""
     if bias.dtype != np.float32 or bias.size not in (1, channels) or (bias.ndim > 1 and bias.shape[-1] != bias.size):
         return None
-    beta = 1.0
-    if node.op_type == "Gemm":
-        attrs = {a.name: a for a in node.attribute}
-        if "beta" in attrs:
-            beta = attrs["beta"].f
-            node.attribute.remove(attrs["beta"])
+    beta = float(node.attrs.pop("beta", 1.0)) if node.op == "Gemm" else 1.0
     return np.broadcast_to(bias.reshape(-1) * np.float32(beta), (channels,)).astype(np.float32)
 
 
-def _replace_bias(model: onnx.ModelProto, node: onnx.NodeProto, bias: np.ndarray, scale: np.ndarray
-                  ) -> onnx.NodeProto:
+def _replace_bias(graph: GraphModel, node: gs.Node, bias: np.ndarray, scale: np.ndarray) -> gs.Node:
     """Swap the float bias initializer for int32 codes, a scale and a zero point; return the DQ node."""
-    name = node.input[2]
+    name = node.inputs[2].name
     codes = np.round(bias.astype(np.float64) / scale.astype(np.float64))
     if np.abs(codes).max(initial=0) > INT32_MAX:
         log.warning("bias %s overflows int32 at scale s_in * s_w; clipped", name)
     codes = np.clip(codes, -INT32_MAX, INT32_MAX).astype(np.int32)
-    old = next(t for t in model.graph.initializer if t.name == name)
-    model.graph.initializer.remove(old)
-    model.graph.initializer.extend([
-        numpy_helper.from_array(codes, f"{name}_quantized"),
-        numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
-        numpy_helper.from_array(np.zeros(codes.shape, np.int32), f"{name}_zero_point"),
-    ])
-    output = f"{name}_DequantizeLinear_Output"
-    node.input[2] = output
-    return helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
-                            [output], name=f"{name}_DequantizeLinear", axis=0)
+    parts = [graph.add_constant(numpy_helper.from_array(array, f"{name}_{part}")) for part, array in (
+        ("quantized", codes), ("scale", scale.astype(np.float32)), ("zero_point", np.zeros(codes.shape, np.int32)))]
+    output = graph.variable(f"{name}_DequantizeLinear_Output")
+    node.inputs[2] = output
+    graph.drop_unused([name])
+    return graph.make_node("DequantizeLinear", f"{name}_DequantizeLinear", parts, [output], axis=0)
 
 
-def _insert_pairs(model: onnx.ModelProto, plan: QdqPlan, bias_nodes: list[onnx.NodeProto]) -> None:
+def _insert_pairs(graph: GraphModel, plan: QdqPlan, bias_nodes: list[gs.Node]) -> None:
     """Insert a Q/DQ pair after each planned tensor's producer and point its consumers at the DQ output.
 
     A graph output keeps its name on the DQ output; its producer then writes ``<t>_QuantizeLinear_Input``.
     """
-    outputs = {v.name for v in model.graph.output}
-    pairs = {}
+    pairs: dict[str, list[gs.Node]] = {}
     for tensor, owner in plan.source.items():
-        q_input = f"{tensor}_QuantizeLinear_Input" if tensor in outputs else tensor
-        pairs[q_input] = _pair(tensor, owner, q_input, tensor if tensor in outputs else _dq_output(tensor))
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in plan.source and name not in outputs:
-                node.input[i] = _dq_output(name)
-        for i, name in enumerate(node.output):
-            if name in plan.source and name in outputs:
-                node.output[i] = f"{name}_QuantizeLinear_Input"
-    ordered = list(bias_nodes) + [n for v in model.graph.input for n in pairs.get(v.name, [])]
-    for node in model.graph.node:
-        ordered += [node] + [n for name in node.output for n in pairs.get(name, [])]
-    del model.graph.node[:]
-    model.graph.node.extend(ordered)
+        original = graph.tensor(tensor)
+        readers = graph.readers(tensor)
+        if graph.is_output(tensor):
+            q_input = graph.variable(f"{tensor}_QuantizeLinear_Input")
+            producer = graph.producer(tensor)
+            producer.outputs[[t.name for t in producer.outputs].index(tensor)] = q_input
+            dq_output = original
+        else:
+            q_input, dq_output = original, graph.variable(_dq_output(tensor))
+            for node in readers:
+                for index, name in enumerate(_names(node.inputs)):
+                    if name == tensor:
+                        node.inputs[index] = dq_output
+        pairs[q_input.name] = _pair(graph, tensor, owner, q_input, dq_output)
+    ordered = list(bias_nodes) + [n for name in graph.input_names for n in pairs.get(name, [])]
+    for node in graph.nodes:
+        ordered += [node] + [n for t in node.outputs for n in pairs.get(t.name, [])]
+    graph.reorder(ordered)
 
 
 def _dq_output(tensor: str) -> str:
     return f"{tensor}_DequantizeLinear_Output"
 
 
-def _pair(tensor: str, owner: str, q_input: str, dq_output: str) -> list[onnx.NodeProto]:
+def _pair(graph: GraphModel, tensor: str, owner: str, q_input: gs.Tensor, dq_output: gs.Tensor) -> list[gs.Node]:
     """The Q and DQ nodes of one tensor, on the scale and zero point initializers of ``owner``."""
-    scale, zero_point = f"{owner}_scale", f"{owner}_zero_point"
-    q_output = f"{tensor}_QuantizeLinear_Output"
-    return [helper.make_node("QuantizeLinear", [q_input, scale, zero_point], [q_output],
-                             name=f"{tensor}_QuantizeLinear"),
-            helper.make_node("DequantizeLinear", [q_output, scale, zero_point], [dq_output],
-                             name=f"{tensor}_DequantizeLinear")]
+    scale, zero_point = graph.constant(f"{owner}_scale"), graph.constant(f"{owner}_zero_point")
+    q_output = graph.variable(f"{tensor}_QuantizeLinear_Output")
+    return [graph.make_node("QuantizeLinear", f"{tensor}_QuantizeLinear", [q_input, scale, zero_point], [q_output]),
+            graph.make_node("DequantizeLinear", f"{tensor}_DequantizeLinear", [q_output, scale, zero_point],
+                            [dq_output])]
 
 
-def default_act_layers(qmodel: onnx.ModelProto, layers: list[Layer]) -> list[str]:
+def default_act_layers(qmodel: onnx.ModelProto | GraphModel, layers: list[Layer]) -> list[str]:
     """Layers whose weight is INT8 per channel with zero point 0: those onnxruntime runs as integer kernels."""
-    inits = {t.name: t for t in qmodel.graph.initializer}
+    graph = qmodel if isinstance(qmodel, GraphModel) else GraphModel(qmodel)
     chosen = []
     for layer in layers:
-        codes, zp = inits.get(f"{layer.weight}_quantized"), inits.get(f"{layer.weight}_zero_point")
-        if (codes is not None and zp is not None and codes.data_type == TensorProto.INT8 and len(zp.dims) <= 1
-                and not np.any(numpy_helper.to_array(zp))):
+        codes, zp = f"{layer.weight}_quantized", f"{layer.weight}_zero_point"
+        if graph.constant(codes) is None or graph.constant(zp) is None:
+            continue
+        if (graph.tensor_proto(codes).data_type == TensorProto.INT8 and len(graph.tensor_proto(zp).dims) <= 1
+                and not np.any(graph.array(zp))):
             chosen.append(layer.name)
     return chosen
 
 
-def quantize_activations(model: onnx.ModelProto, qmodel: onnx.ModelProto, layers: list[Layer],
+def quantize_activations(model: onnx.ModelProto, qmodel: onnx.ModelProto | GraphModel, layers: list[Layer],
                          batches: Iterable[Feed], method: str = "mse", act_layers: Collection[str] | None = None,
-                         percentile: float = 99.999) -> onnx.ModelProto:
-    """Calibrate the activation ranges on the float ``model`` and return ``qmodel`` with activation Q/DQ."""
-    act = default_act_layers(qmodel, layers) if act_layers is None else list(act_layers)
+                         percentile: float = 99.999) -> onnx.ModelProto | None:
+    """Calibrate the activation ranges on the float ``model`` and add activation Q/DQ to ``qmodel``: a new model
+    for a ``ModelProto``; a ``GraphModel`` is edited in place (and None returned), to be serialised once."""
+    graph = qmodel if isinstance(qmodel, GraphModel) else GraphModel(qmodel)
+    act = default_act_layers(graph, layers) if act_layers is None else list(act_layers)
     unknown = set(act) - {layer.name for layer in layers}
     if unknown:
         raise OnnxqError(f"activation quantization asked for unknown layers {sorted(unknown)[:3]}")
     plan = plan_qdq(model, layers, act)
     ranges = activation_ranges(model, plan.calibrated, batches, method, percentile,
                                methods={t: "minmax" for t in plan.exact})
-    return insert_activation_qdq(qmodel, layers, ranges, act)
+    add_activation_qdq(graph, layers, ranges, act)
+    return None if isinstance(qmodel, GraphModel) else graph.to_proto()

@@ -120,14 +120,13 @@ def build_quantized_model(model: onnx.ModelProto, layers: list[Layer], results: 
                           nbits_accuracy_level: int = 0) -> onnx.ModelProto:
     """A new model: ``model`` with every quantized layer's weight replaced by integer codes and a DQ node
     (or, with ``matmul_nbits``, 4-bit MatMul layers replaced by MatMulNBits nodes); ``model`` is not changed."""
-    graph = quantized_graph(model, layers, results, matmul_nbits, nbits_accuracy_level)
-    set_metadata(graph, {"onnxq.version": __version__, **metadata})
-    return graph.to_proto()
+    return quantized_graph(model, layers, results, metadata, matmul_nbits, nbits_accuracy_level).to_proto()
 
 
 def quantized_graph(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight],
-                    matmul_nbits: bool = False, nbits_accuracy_level: int = 0) -> GraphModel:
-    """The weight edits of :func:`build_quantized_model` on the model's graph (at the opset the codes need)."""
+                    metadata: dict[str, str], matmul_nbits: bool = False, nbits_accuracy_level: int = 0) -> GraphModel:
+    """The edits of :func:`build_quantized_model` on the model's graph (at the opset the codes need), for more
+    edits (activation Q/DQ) before the one serialisation."""
     for layer in layers:
         if layer.name in results and results[layer.name].grid.block_size and len(layer.shape) != 2:
             raise OnnxqError(f"{layer.name}: block-wise scales need a 2-D weight (MatMul/Gemm), not a "
@@ -145,6 +144,7 @@ def quantized_graph(model: onnx.ModelProto, layers: list[Layer], results: dict[s
         elif layer.name in results:
             dq_nodes.extend(_quantize_weight(graph, layer, results[layer.name]))
     graph.place(dq_nodes, first=True)
+    set_metadata(graph, {"onnxq.version": __version__, **metadata})
     return graph
 
 

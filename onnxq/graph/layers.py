@@ -108,6 +108,8 @@ def find_layers(model: onnx.ModelProto | GraphModel, op_types: tuple[str, ...] =
             skipped.append(f"{node.name}: {reason}")
             continue
         layers.append(_make_layer(node, weight))
+    skipped += [f"{node.name}: {where}; layers in If/Loop/Scan bodies stay in float"
+                for node, where in _body_layers(graph.nodes)]
     refuse_non_finite(layers, graph)
     return layers, skipped
 
@@ -158,11 +160,26 @@ def _no_constant_weight(node: gs.Node, graph: GraphModel) -> str | None:
     return None
 
 
+def _body_layers(nodes: list[gs.Node], where: str = "") -> list[tuple[gs.Node, str]]:
+    """Conv/Gemm/MatMul nodes inside If/Loop/Scan bodies (at any depth), with where they are."""
+    found = []
+    for node in nodes:
+        for attribute, body in node.attrs.items():
+            if isinstance(body, gs.Graph):
+                inside = f"{where}inside the {attribute} of {node.op} {node.name}"
+                found += [(n, inside) for n in body.nodes if n.op in QUANTIZABLE_OPS and len(n.inputs) > 1
+                          and isinstance(n.inputs[1], gs.Constant)]
+                found += _body_layers(body.nodes, f"{inside}, ")
+    return found
+
+
 def _unsupported(node: gs.Node, weight: onnx.TensorProto, graph: GraphModel) -> str | None:
     """Why a candidate node cannot be quantized, or None."""
     if weight.data_type not in FLOAT_TYPES:
         kind = onnx.TensorProto.DataType.Name(weight.data_type)
         return f"weight {weight.name} is {kind}, not FLOAT or FLOAT16"
+    if graph.is_output(weight.name):
+        return f"weight {weight.name} is also a graph output; it stays in float"
     users = [user.name for user in graph.consumers(weight.name)]
     if len(users) > 1:
         return (f"weight {weight.name} is shared by {len(users)} uses ({', '.join(dict.fromkeys(users))}); "

@@ -12,12 +12,14 @@ edit replaces a constant's values, it never writes into the original tensor.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 MODEL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
@@ -62,8 +64,13 @@ class GraphModel:
         self._doc_strings = {name: n.doc_string for n, name in zip(model.graph.node, (n.name for n in nodes),
                                                                     strict=True) if n.doc_string}
         self._order = {t.name: i for i, t in enumerate(model.graph.initializer)}
+        self._positions = len(self._order)
         self._value_order = {v.name: i for i, v in enumerate(model.graph.value_info)}
         self._tensors: dict[str, gs.Tensor] = self.graph.tensors()
+        for subgraph in self.graph.subgraphs(recursive=True):  # top-level weights only If/Loop/Scan bodies read
+            for name, tensor in subgraph.tensors().items():
+                if name in self._order and name not in self._tensors:
+                    self._tensors[name] = tensor
         self._nodes: dict[str, gs.Node] = {node.name: node for node in nodes}
 
     # Queries ----------------------------------------------------------------------------------------------
@@ -105,6 +112,10 @@ class GraphModel:
         tensor = self.tensor(name)
         return list(tensor.outputs) if tensor is not None else []
 
+    def readers(self, name: str) -> list[gs.Node]:
+        """The distinct nodes reading ``name`` (a node reading it twice is listed once), in reading order."""
+        return list({id(node): node for node in self.consumers(name)}.values())
+
     def is_output(self, name: str) -> bool:
         return any(t.name == name for t in self.graph.outputs)
 
@@ -121,12 +132,20 @@ class GraphModel:
         """A new initializer holding exactly ``tensor`` (packed INT4/INT2 included); not yet used by a node."""
         constant = gs.Constant(tensor.name, LazyValues(tensor))
         self._tensors[tensor.name] = constant
-        self._order.setdefault(tensor.name, len(self._order))
+        if tensor.name not in self._order:
+            self._order[tensor.name] = self._next_position()
         return constant
 
-    def set_values(self, name: str, array: np.ndarray) -> None:
-        """Replace the values of constant ``name`` (the original tensor message is left as it was)."""
+    def set_values(self, name: str, array: np.ndarray, last: bool = False) -> None:
+        """Replace the values of constant ``name`` (the original tensor message is left as it was); ``last``
+        lists it after every other initializer in the file, as a removed and re-added one would be."""
         self.constant(name)._values = LazyValues(numpy_helper.from_array(array, name))
+        if last:
+            self._order[name] = self._next_position()
+
+    def _next_position(self) -> int:
+        self._positions += 1
+        return self._positions
 
     def variable(self, name: str) -> gs.Variable:
         """A new activation tensor (no type recorded, so it gets no value_info)."""
@@ -152,6 +171,11 @@ class GraphModel:
         else:
             self.graph.nodes.extend(nodes)
 
+    def reorder(self, nodes: list[gs.Node]) -> None:
+        """Set the graph order to ``nodes`` (the same nodes plus any new ones, each once)."""
+        self.graph.nodes = list(nodes)
+        self._nodes = {node.name: node for node in self.graph.nodes}
+
     def remove_node(self, node: gs.Node) -> None:
         """Drop a node; its tensors stay (a tensor nothing reads any more is not exported)."""
         self.graph.nodes.remove(node)
@@ -161,15 +185,10 @@ class GraphModel:
 
     def replace_input(self, old: str, new: gs.Tensor) -> None:
         """Point every reader of tensor ``old`` (graph outputs excepted) at ``new``."""
-        for node in {id(n): n for n in self.consumers(old)}.values():
+        for node in self.readers(old):
             for index, tensor in enumerate(node.inputs):
                 if tensor.name == old:
                     node.inputs[index] = new
-
-    def rename_tensor(self, old: str, new: str) -> None:
-        tensor = self._tensors.pop(old)
-        tensor.name = new
-        self._tensors[new] = tensor
 
     def drop_unused(self, names: Iterable[str]) -> None:
         """Forget the given constants once nothing reads them (they are then left out of the export)."""
@@ -191,7 +210,16 @@ class GraphModel:
     def to_proto(self) -> onnx.ModelProto:
         """The edited model as one ``ModelProto``: the template's model fields, initializers and value_info in
         their original order (new ones after, in the order they were made), node doc strings kept."""
-        model = gs.export_onnx(self.graph, do_type_check=False)
+        with _payloads_held(self._tensors.values()) as held:  # each weight is copied once, into the result
+            model = gs.export_onnx(self.graph, do_type_check=False)
+        for tensor in model.graph.initializer:
+            if tensor.name in held:
+                tensor.CopyFrom(held[tensor.name])
+        exported = {t.name for t in model.graph.initializer}
+        model.graph.initializer.extend(  # top-level weights only If/Loop/Scan bodies read
+            OnnxExporter.export_tensor_proto(tensor) for name, tensor in self._tensors.items()
+            if isinstance(tensor, gs.Constant) and name not in exported and tensor.outputs)
+        _store_once(model.graph, set())
         for field in MODEL_FIELDS:  # onnx.proto is proto2: a field the template leaves unset stays unset
             model.ClearField(field)
             if self.template.HasField(field):
@@ -203,8 +231,7 @@ class GraphModel:
         del model.opset_import[:]
         model.opset_import.extend(self.opset_import)
         model.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in self.metadata.items())
-        unknown = len(self._order)
-        model.graph.initializer.sort(key=lambda t: self._order.get(t.name, unknown))
+        model.graph.initializer.sort(key=lambda t: self._order.get(t.name, self._positions + 1))
         model.graph.value_info.sort(key=lambda v: self._value_order.get(v.name, len(self._value_order)))
         for node in model.graph.node:
             if node.name in self._doc_strings:
@@ -215,3 +242,37 @@ class GraphModel:
 def _copy(message, into):
     into.CopyFrom(message)
     return into
+
+
+@contextmanager
+def _payloads_held(tensors: Iterable[gs.Tensor]) -> Iterator[dict[str, onnx.TensorProto]]:
+    """While onnx-graphsurgeon exports (which copies every initializer twice: into a graph, then into the model),
+    its tensors stand in without their raw bytes; yields name -> original tensor, copied in whole afterwards."""
+    held: dict[str, onnx.TensorProto] = {}
+    for tensor in tensors:
+        values = getattr(tensor, "_values", None)
+        if isinstance(values, LazyValues) and values.tensor.HasField("raw_data"):
+            held[tensor.name] = values.tensor
+            stub = onnx.TensorProto()
+            stub.CopyFrom(values.tensor)
+            stub.ClearField("raw_data")
+            tensor._values = LazyValues(stub)
+    try:
+        yield held
+    finally:
+        for tensor in tensors:
+            if tensor.name in held:
+                tensor._values = LazyValues(held[tensor.name])
+
+
+def _store_once(graph: onnx.GraphProto, outer: set[str]) -> None:
+    """Keep each weight once, in the graph that declares it: If/Loop/Scan bodies read an enclosing graph's
+    initializers from its scope, and onnx-graphsurgeon's export would copy them into every body that reads them."""
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name in outer:
+            del graph.initializer[index]
+    scope = outer | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                _store_once(body, scope)

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from onnxq.graph.layers import QUANTIZABLE_OPS
+from onnxq.graph.model import GraphModel
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
                    "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
@@ -44,66 +46,63 @@ def optimized_graph(model: str | Path | onnx.ModelProto, level: str = "extended"
 
 def kernel_report(path: str | Path, level: str = "extended") -> list[dict]:
     """One row per Conv/Gemm/MatMul with a constant weight: its name, op type, the kernel that runs it."""
-    model = onnx.load(str(path))
-    optimized = optimized_graph(path, level)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in optimized.graph.node:
-        for tensor in node.input:
-            consumers.setdefault(tensor, []).append(node)
-    producers = {t: n for n in optimized.graph.node for t in n.output}
+    model = GraphModel(onnx.load(str(path)))
+    optimized = GraphModel(optimized_graph(path, level))
     rows = []
     for node, weight in _layers(model):
-        runner = _follow(weight, consumers) or _by_output(node, producers)
-        kernel = runner.op_type if runner is not None else "removed"
-        rows.append({"layer": node.name, "op_type": node.op_type, "weight": weight, "kernel": kernel,
-                     "runs": _runs(kernel, runner, producers)})
+        runner = _follow(weight, optimized) or _by_output(node, optimized)
+        kernel = runner.op if runner is not None else "removed"
+        rows.append({"layer": node.name, "op_type": node.op, "weight": weight, "kernel": kernel,
+                     "runs": _runs(kernel, runner, optimized)})
     return rows
 
 
-def _layers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
+def _layers(model: GraphModel) -> list[tuple[gs.Node, str]]:
     """Conv/Gemm/MatMul nodes (and exported MatMulNBits) whose weight is an initializer, directly or through a
     DequantizeLinear."""
-    inits = {t.name for t in model.graph.initializer}
-    dq_source = {n.output[0]: n.input[0] for n in model.graph.node
-                 if n.op_type == "DequantizeLinear" and n.input[0] in inits}
     found = []
-    for node in model.graph.node:
-        if node.op_type in (*QUANTIZABLE_OPS, *LOW_BIT_KERNELS) and len(node.input) > 1:
-            weight = dq_source.get(node.input[1], node.input[1])
-            if weight in inits:
+    for node in model.nodes:
+        if node.op in (*QUANTIZABLE_OPS, *LOW_BIT_KERNELS) and len(node.inputs) > 1:
+            weight = node.inputs[1].name
+            source = model.producer(weight)
+            dequantized = source is not None and source.op == "DequantizeLinear"
+            if dequantized and model.constant(source.inputs[0].name) is not None:
+                weight = source.inputs[0].name
+            if model.constant(weight) is not None:
                 found.append((node, weight))
     return found
 
 
-def _follow(weight: str, consumers: dict[str, list[onnx.NodeProto]]) -> onnx.NodeProto | None:
+def _follow(weight: str, graph: GraphModel) -> gs.Node | None:
     """The first node reading the weight that is not a DequantizeLinear or layout change of it."""
     frontier = [weight]
     while frontier:
         tensor = frontier.pop()
-        for node in consumers.get(tensor, []):
-            if node.op_type in WEIGHT_PASSTHROUGH:
-                frontier.extend(node.output)
+        for node in graph.consumers(tensor):
+            if node.op in WEIGHT_PASSTHROUGH:
+                frontier.extend(t.name for t in node.outputs)
             else:
                 return node
     return None
 
 
-def _by_output(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
+def _by_output(node: gs.Node, graph: GraphModel) -> gs.Node | None:
     """Fallback when fusion renamed the weight (MatMulNBits): the node writing the layer's (quantized) output."""
-    for name in (node.output[0], f"{node.output[0]}_QuantizeLinear_Output"):
-        if name in producers:
-            return producers[name]
+    output = node.outputs[0].name
+    for name in (output, f"{output}_QuantizeLinear_Output"):
+        if graph.producer(name) is not None:
+            return graph.producer(name)
     return None
 
 
-def _runs(kernel: str, runner: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto]) -> str:
+def _runs(kernel: str, runner: gs.Node | None, graph: GraphModel) -> str:
     """How the layer's arithmetic is done: integer, low-bit weights, or float."""
     if kernel in INTEGER_KERNELS:
         return "integer"
     if kernel in LOW_BIT_KERNELS:
         return "low-bit weights"
-    if runner is not None and len(runner.input) > 1 and runner.input[1] in producers \
-            and producers[runner.input[1]].op_type == "DequantizeLinear":
+    weight_source = graph.producer(runner.inputs[1].name) if runner is not None and len(runner.inputs) > 1 else None
+    if weight_source is not None and weight_source.op == "DequantizeLinear":
         return "float (dequantized weights)"
     return "float"
 
