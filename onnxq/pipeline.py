@@ -31,14 +31,23 @@ from onnxq.data.sources import Feed, model_inputs
 from onnxq.errors import OnnxqError, first_line
 from onnxq.export.act_qdq import quantize_activations
 from onnxq.export.outputs import check_outputs, model_files
-from onnxq.export.qdq import build_quantized_model, container_bits, layer_metadata, staged_model, stored_weight_bits
+from onnxq.export.qdq import (
+    block_scale_bits,
+    build_quantized_model,
+    container_bits,
+    layer_metadata,
+    staged_model,
+    stored_weight_bits,
+)
 from onnxq.graph.bias import BiasSlot, add_missing_biases, bias_slots, output_shift
+from onnxq.graph.boundary import boundary_layers
 from onnxq.graph.float16 import refuse_float16_activations, without_inserted_casts
 from onnxq.graph.layers import QUANTIZABLE_OPS, Layer, find_layers, nothing_to_quantize
 from onnxq.graph.loading import load_model_and_layout, proto_size
 from onnxq.graph.opset import fit_opset
 from onnxq.graph.prepare import prepare
 from onnxq.passes import DEFAULT_METHOD, ROUNDING_PASSES, Grid, QuantWeight
+from onnxq.report.advice import advise
 from onnxq.report.progress import NoProgress
 from onnxq.rounding.degenerate import check_rounding_inputs
 from onnxq.rounding.pool import RoundingTask, round_all
@@ -60,6 +69,7 @@ class LayerReport:
     stored_bits: int
     relative_error: float
     params: int
+    scale_bits: int = 0  # bits of block-wise scales and zero points (per-channel ones are not counted)
 
 
 @dataclass
@@ -86,7 +96,7 @@ class QuantizationResult:
     def average_bits(self, stored: bool) -> float:
         """Parameter-weighted average width over the quantized layers (logical or as stored)."""
         total = sum(r.params for r in self.layers)
-        width = sum(r.params * (r.stored_bits if stored else r.bits) for r in self.layers)
+        width = sum(r.params * r.stored_bits + r.scale_bits if stored else r.params * r.bits for r in self.layers)
         return width / total if total else 0.0
 
 
@@ -110,6 +120,7 @@ class Options:
     nodes_to_exclude: tuple[str, ...] = ()
     op_types_to_quantize: tuple[str, ...] = QUANTIZABLE_OPS
     first_last_bits: int | None = None
+    edge_layers: list[str] = field(default_factory=list)  # what first_last_bits widens (graph/boundary.py)
     bits_per_layer: dict[str, int] = field(default_factory=dict)
     calib_size: int | None = 256
     batch_size: int = 16
@@ -158,7 +169,7 @@ def layer_bits(layers: list[Layer], options: Options) -> dict[str, int]:
     """The width of each layer: per-layer overrides, then first/last, then the global width."""
     chosen = {layer.name: options.bits for layer in layers}
     if options.first_last_bits and layers:
-        chosen[layers[0].name] = chosen[layers[-1].name] = options.first_last_bits
+        chosen.update(dict.fromkeys(options.edge_layers or (layers[0].name, layers[-1].name), options.first_last_bits))
     unknown = set(options.bits_per_layer) - set(chosen)
     if unknown:
         raise OnnxqError(f"bit widths given for unknown layers {sorted(unknown)[:3]}; use names from the layer table")
@@ -240,7 +251,7 @@ def layer_gram(layer: Layer, stats: LayerStats, centred: bool, options: Options)
         return measured, measured
     H, rho = shrink_gram(measured, stats.rows)
     if rho:
-        log.info("%s: Gram matrix from %d rows shrunk towards its diagonal (rho %.3f)", layer.name, stats.rows, rho)
+        log.debug("%s: Gram matrix from %d rows shrunk towards its diagonal (rho %.3f)", layer.name, stats.rows, rho)
     return H, measured
 
 
@@ -298,7 +309,8 @@ def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str
 def layer_reports(layers: list[Layer], chosen: dict[str, tuple[QuantWeight, float]]) -> list[LayerReport]:
     """The per-layer table rows for the chosen quantized weights."""
     return [LayerReport(layer.name, layer.op_type, layer.shape, chosen[layer.name][0].grid.bits,
-                        container_bits(layer, chosen[layer.name][0].grid.bits), chosen[layer.name][1], layer.params)
+                        container_bits(layer, chosen[layer.name][0].grid.bits), chosen[layer.name][1], layer.params,
+                        block_scale_bits(layer, chosen[layer.name][0].grid))
             for layer in layers]
 
 
@@ -350,6 +362,7 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, co
     mixed = options.budget.is_set()
     if options.bits_json and not mixed and options.bits_json.exists():
         options.bits_per_layer = {**read_bits_json(options.bits_json, layers), **options.bits_per_layer}
+    options.edge_layers = boundary_layers(model, layers)
     bits = layer_bits(layers, options)
     options.preprocessing, options.preprocessing_metadata = preprocessing_for(model, calib, options.preprocessing)
     data = CalibrationSet(calib, model_inputs(model), options.preprocessing, options.batch_size,
@@ -404,9 +417,11 @@ def quantize_with(model: onnx.ModelProto, model_path: Path, external: bool, laye
     if plan is not None and options.bits_json:  # a result like the model: written once the model passed its check
         write_bits_json(options.bits_json, layers, plan.bits)
     method = f"{options.method}, sequential" if sequential else options.method
-    return QuantizationResult(output, method, layer_reports(layers, chosen), skipped,
-                              _file_size(model_path), _file_size(output), samples, sqnr, agreement, plan,
-                              check_held_out=held_out)
+    result = QuantizationResult(output, method, layer_reports(layers, chosen), skipped,
+                                _file_size(model_path), _file_size(output), samples, sqnr, agreement, plan,
+                                check_held_out=held_out)
+    advise(result, stats, options, sequential)
+    return result
 
 
 def unquantized_bytes(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight]) -> int:
@@ -425,7 +440,7 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
                     slots: dict[str, BiasSlot] | None = None) -> tuple[MixedPlan, dict[str, tuple[QuantWeight, float]]]:
     """CLADO: round every candidate width, measure sensitivities, allocate under the budget."""
     choices = tuple(sorted(set(options.bit_choices)))
-    fixed = {layers[0].name, layers[-1].name} if options.first_last_bits else set()
+    fixed = set(options.edge_layers or (layers[0].name, layers[-1].name)) if options.first_last_bits else set()
     widths = {layer.name: (options.first_last_bits,) if layer.name in fixed else choices for layer in layers}
     widths.update({name: (b,) for name, b in options.bits_per_layer.items()})
     candidates = round_candidates(model, layers, stats, widths, options, progress, slots)

@@ -148,7 +148,7 @@ def load_stats(path: Path, key: dict, layers: list[Layer]) -> dict[str, LayerSta
     if differences:
         log.warning("not reusing %s: %s; recalibrating", path, _difference(differences, stored, key))
         return None
-    log.warning("reusing calibration statistics from %s (same model, data, preprocessing and --calib-size)", path)
+    log.info("reusing calibration statistics from %s (same model, data, preprocessing and --calib-size)", path)
     return stats
 
 
