@@ -117,6 +117,34 @@ PREPROCESSING_OPTIONS = [
 PREPROCESSING_NAMES = ("image_size", "resize", "mean", "std", "scale", "channel_order", "preprocess", "resize_mode")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class LevelFormatter(logging.Formatter):
+    """``onnxq: <message>`` for information, ``onnxq: warning: <message>`` (error, debug) for the others, so a
+    line says how much it matters."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"onnxq: {prefix}{record.getMessage()}"
+
+
+def log_level(argv: list[str]) -> int:
+    """The level --log-level asks for (read before click parses, so that import-time messages obey it too);
+    -q/--quiet alone means warning, the default is info."""
+    for index, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--log-level=") else \
+            (argv[index + 1] if arg == "--log-level" and index + 1 < len(argv) else None)
+        if value and value.lower() in LOG_LEVELS:
+            return getattr(logging, value.upper())
+    return logging.WARNING if {"-q", "--quiet"} & set(argv) else logging.INFO
+
+
+LOG_LEVEL_OPTION = click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None,
+                                help="Messages shown: debug, info (what the run decided, caches reused), warning "
+                                     "or error.  [default: info; warning with -q]")
+
+
 def preprocessing_options(command):
     """Add the image preprocessing flags shared by ``quantize`` and ``eval``."""
     for option in reversed(PREPROCESSING_OPTIONS):
@@ -244,7 +272,9 @@ def quantize_command() -> click.Command:
                      click.option("--kernel-report", is_flag=True,
                                   help="After writing, list the onnxruntime kernel each layer runs as and time "
                                        "float vs quantized (median latency at batch 1 and 32)."),
-                     click.option("-q", "--quiet", is_flag=True, help="No progress bars or tables, only errors."),
+                     click.option("-q", "--quiet", is_flag=True,
+                                  help="No progress, tables or information lines: warnings and errors only."),
+                     LOG_LEVEL_OPTION,
                      click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")):
         command = decorate(command)  # on a Command, click.option appends: the order above is the --help order
     return command
@@ -325,11 +355,12 @@ cli.add_command(sweep_command())
 @click.option("--diagnostic-samples", type=click.IntRange(min=1), default=16, show_default=True,
               help="Samples of --data that the reports' per-layer diagnostics run on.")
 @preprocessing_options
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or information lines.")
+@LOG_LEVEL_OPTION
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def eval_command(quantized, reference, data, labels, limit, batch_size, as_json, report, report_json,
                  diagnostic_samples, image_size, resize, mean, std, scale, channel_order, quiet, debug,
-                 preprocess=None, resize_mode=None) -> None:
+                 preprocess=None, resize_mode=None, log_level=None) -> None:
     """Compare QUANTIZED with its float --reference on --data: agreement, KL, SQNR, and top-1/top-5."""
     from onnxq.export.atomic import check_target
     from onnxq.export.outputs import check_outputs
@@ -394,7 +425,9 @@ def main() -> None:
     """Entry point: one-line errors and a non-zero exit for every failure (tracebacks with --debug)."""
     import numpy as np
 
-    logging.basicConfig(format="onnxq: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LevelFormatter())
+    logging.basicConfig(handlers=[handler], level=log_level(sys.argv[1:]))
     signal.signal(signal.SIGTERM, _terminate)
     warnings.showwarning = _show_warning
     debug = "--debug" in sys.argv

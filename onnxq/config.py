@@ -89,7 +89,7 @@ class Rounding(_Section):
                              "global pooling) towards their diagonal (OAS), so rounding does not overfit the "
                              "calibration set.", "--shrinkage", kind="bool", off="--no-shrinkage")
     sequential: bool = option(False, "Round layer after layer on the inputs the already-quantized layers feed "
-                              "it, towards the float model's outputs (most accurate, minutes instead of seconds; "
+                              "it, towards the float model's outputs (most accurate, slower; "
                               f"{README} 'What a run does').", "--sequential", kind="bool", off="--no-sequential")
     block_size: int | None = option(None, "One scale and zero point per block of this many inputs of each "
                                     "MatMul/Gemm weight (Conv layers stay per channel).", "--block-size",
@@ -106,8 +106,11 @@ class Layers(_Section):
     bits: int | None = option(None, "Weight width of every layer. 3-bit codes are stored in INT4 with the range "
                               "[-4, 3]. With a budget, CLADO chooses from --bit-choices instead.", "--bits",
                               kind="int", choices=WIDTHS, shown=str(DEFAULT_BITS))
-    first_last_bits: int | None = option(None, "Width of the first and last quantized layers (the most "
-                                         "sensitive), e.g. 8.", "--first-last-bits", kind="int", choices=WIDTHS)
+    first_last_bits: int | None = option(None, "Width of the layers at the model's edges (the most sensitive), "
+                                         "e.g. 8: every layer reading a graph input and every layer whose output "
+                                         "reaches a graph output without another weighted layer between (each "
+                                         "head of a multi-output model).", "--first-last-bits", kind="int",
+                                         choices=WIDTHS)
     bits_per_layer: Mapping[str, int] = option(help="Width of named layers, over the others (API only).",
                                                kind="widths_by_layer", default_factory=dict)
     bits_json: Path | None = option(None, "With a budget: write the chosen widths here (also in "

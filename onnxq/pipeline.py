@@ -47,6 +47,7 @@ from onnxq.errors import OnnxqError, first_line
 from onnxq.export.act_qdq import add_activation_qdq, calibration_candidates, plan_qdq
 from onnxq.export.outputs import check_outputs, model_files
 from onnxq.export.qdq import (
+    block_scale_bits,
     build_quantized_model,
     container_bits,
     layer_metadata,
@@ -55,6 +56,7 @@ from onnxq.export.qdq import (
     stored_weight_bits,
 )
 from onnxq.graph.bias import BiasSlot, bias_slots, output_shift, with_zero_biases
+from onnxq.graph.boundary import boundary_layers
 from onnxq.graph.float16 import refuse_float16_activations, without_inserted_casts
 from onnxq.graph.layers import Layer, find_layers, nothing_to_quantize
 from onnxq.graph.loading import load_model_and_layout, proto_size
@@ -62,6 +64,7 @@ from onnxq.graph.model import GraphModel
 from onnxq.graph.opset import fit_opset
 from onnxq.graph.prepare import prepare
 from onnxq.passes import ROUNDING_PASSES, Grid, QuantWeight
+from onnxq.report.advice import advise
 from onnxq.report.progress import NoProgress
 from onnxq.rounding.degenerate import check_rounding_inputs
 from onnxq.rounding.pool import RoundingTask, round_all
@@ -83,6 +86,7 @@ class LayerReport:
     stored_bits: int
     relative_error: float
     params: int
+    scale_bits: int = 0  # bits of block-wise scales and zero points (per-channel ones are not counted)
 
 
 @dataclass
@@ -109,7 +113,7 @@ class QuantizationResult:
     def average_bits(self, stored: bool) -> float:
         """Parameter-weighted average width over the quantized layers (logical or as stored)."""
         total = sum(r.params for r in self.layers)
-        width = sum(r.params * (r.stored_bits if stored else r.bits) for r in self.layers)
+        width = sum(r.params * r.stored_bits + r.scale_bits if stored else r.params * r.bits for r in self.layers)
         return width / total if total else 0.0
 
 
@@ -129,6 +133,7 @@ class Run:
     data: CalibrationSet
     config: Config  # with the preprocessing the run uses (flags, preset, the model's metadata, the default)
     preprocessing_metadata: dict[str, str] = field(default_factory=dict)  # what the output records of it
+    edge_layers: list[str] = field(default_factory=list)  # what --first-last-bits widens (graph/boundary.py)
 
     @cached_property
     def bias_slots(self) -> dict[str, BiasSlot]:
@@ -175,7 +180,8 @@ def opened(model_path: str | Path, calib: object, config: Config, outputs: dict[
     data = CalibrationSet(calib, model_inputs(model), preprocessing, config.data.batch_size,
                           config.data.calib_size or None, held_out_needed(config))
     try:
-        yield Run(model, model_path, external, layers, skipped, data, config, recorded)
+        yield Run(model, model_path, external, layers, skipped, data, config, recorded,
+                  boundary_layers(model, layers))
     finally:
         data.close()
 
@@ -215,12 +221,13 @@ def bits_overrides(layers: list[Layer], config: Config) -> dict[str, int]:
     return overrides
 
 
-def layer_bits(layers: list[Layer], config: Config, overrides: dict[str, int]) -> dict[str, int]:
+def layer_bits(layers: list[Layer], config: Config, overrides: dict[str, int], edges: list[str] = ()
+               ) -> dict[str, int]:
     """The width of each layer: per-layer overrides, then first/last, then the global width."""
     chosen = {layer.name: config.layers.bits or DEFAULT_BITS for layer in layers}
     first_last = config.layers.first_last_bits
     if first_last and layers:
-        chosen[layers[0].name] = chosen[layers[-1].name] = first_last
+        chosen.update(dict.fromkeys(edges or (layers[0].name, layers[-1].name), first_last))
     unknown = set(overrides) - set(chosen)
     if unknown:
         raise OnnxqError(f"bit widths given for unknown layers {sorted(unknown)[:3]}; use names from the layer table")
@@ -344,7 +351,7 @@ def layer_gram(layer: Layer, stats: LayerStats, centred: bool, config: Config) -
         return measured, measured
     H, rho = shrink_gram(measured, stats.rows)
     if rho:
-        log.info("%s: Gram matrix from %d rows shrunk towards its diagonal (rho %.3f)", layer.name, stats.rows, rho)
+        log.debug("%s: Gram matrix from %d rows shrunk towards its diagonal (rho %.3f)", layer.name, stats.rows, rho)
     return H, measured
 
 
@@ -404,7 +411,8 @@ def round_sequential(model: onnx.ModelProto, layers: list[Layer], bits: dict[str
 def layer_reports(layers: list[Layer], chosen: dict[str, tuple[QuantWeight, float]]) -> list[LayerReport]:
     """The per-layer table rows for the chosen quantized weights."""
     return [LayerReport(layer.name, layer.op_type, layer.shape, chosen[layer.name][0].grid.bits,
-                        container_bits(layer, chosen[layer.name][0].grid.bits), chosen[layer.name][1], layer.params)
+                        container_bits(layer, chosen[layer.name][0].grid.bits), chosen[layer.name][1], layer.params,
+                        block_scale_bits(layer, chosen[layer.name][0].grid))
             for layer in layers]
 
 
@@ -467,7 +475,7 @@ def allocate_run(run: Run, progress: Callable | None, statistics: Statistics | N
     statistics = checked_statistics(run, statistics) if statistics is not None else collect_statistics(run, progress)
     slots = run.bias_slots  # first: it gives run.model its zero biases
     plan, _ = mixed_precision(run.model, run.model_path, run.layers, statistics.layers, run.data, run.config,
-                              progress, slots, keep_weights=False)
+                              progress, slots, keep_weights=False, edges=run.edge_layers)
     return plan
 
 
@@ -495,12 +503,14 @@ def quantize_run(run: Run, output: Path, progress: Callable | None, statistics: 
         statistics = Statistics({})
     stats = statistics.layers
     overrides = bits_overrides(layers, config)
-    bits = planned_bits(plan, layers) if plan is not None else layer_bits(layers, config, overrides)
+    bits = planned_bits(plan, layers) if plan is not None else layer_bits(layers, config, overrides,
+                                                                             run.edge_layers)
     slots = run.bias_slots
     model = run.model  # with the zero biases the slots added
     samples = statistics.samples if stats else (data.samples if sequential else 0)
     if allocating:  # with --sequential, the allocations it compares and the one it keeps are rounded sequentially
-        plan, chosen = mixed_precision(model, run.model_path, layers, stats, data, config, progress, slots)
+        plan, chosen = mixed_precision(model, run.model_path, layers, stats, data, config, progress, slots,
+                                       edges=run.edge_layers)
     elif sequential:
         feeds = data.calibration_batches()  # read back on every pass, one batch in memory at a time
         chosen = round_sequential(model, layers, bits, feeds, config, progress, slots)
@@ -533,9 +543,11 @@ def quantize_run(run: Run, output: Path, progress: Callable | None, statistics: 
     if plan is not None and config.mixed is not None and bits_json:  # written once the model passed its check
         write_bits_json(bits_json, layers, plan.bits)
     method = f"{method}, sequential" if sequential else method
-    return QuantizationResult(output, method, layer_reports(layers, chosen), run.skipped,
-                              _file_size(run.model_path), _file_size(output), samples, sqnr, agreement, plan,
-                              check_held_out=held_out)
+    result = QuantizationResult(output, method, layer_reports(layers, chosen), run.skipped,
+                                _file_size(run.model_path), _file_size(output), samples, sqnr, agreement, plan,
+                                check_held_out=held_out)
+    advise(result, stats, config, sequential, run.edge_layers)
+    return result
 
 
 def unquantized_bytes(model: onnx.ModelProto, layers: list[Layer], results: dict[str, QuantWeight]) -> int:
@@ -551,13 +563,13 @@ def unquantized_bytes(model: onnx.ModelProto, layers: list[Layer], results: dict
 
 def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer], stats: dict[str, LayerStats],
                     data: CalibrationSet, config: Config, progress: Callable | None,
-                    slots: dict[str, BiasSlot] | None = None, keep_weights: bool = True
+                    slots: dict[str, BiasSlot] | None = None, keep_weights: bool = True, edges: list[str] = ()
                     ) -> tuple[MixedPlan, dict[str, tuple[QuantWeight, float]]]:
     """CLADO: round every candidate width, measure sensitivities, allocate under the budget; returns the plan
-    and (``keep_weights``) the weights it picked."""
+    and (``keep_weights``) the weights it picked. ``edges``: the layers --first-last-bits fixes."""
     mixed, first_last, sequential = config.mixed, config.layers.first_last_bits, config.rounding.sequential
     choices = tuple(sorted(set(mixed.bit_choices)))
-    fixed = {layers[0].name, layers[-1].name} if first_last else set()
+    fixed = set(edges or (layers[0].name, layers[-1].name)) if first_last else set()
     widths = {layer.name: (first_last,) if layer.name in fixed else choices for layer in layers}
     widths.update({name: (b,) for name, b in config.layers.bits_per_layer.items()})
     candidates = round_candidates(model, layers, stats, widths, config, progress, slots)

@@ -323,11 +323,11 @@ def test_every_key_entry_invalidates_the_cache(tmp_path, cnn_path, cnn_calib, ca
         model = save(edited, tmp_path / "edited.onnx")
     else:
         options["nodes_to_exclude"] = ("fc",)
-    with caplog.at_level(logging.WARNING, logger="onnxq"):
+    with caplog.at_level(logging.INFO, logger="onnxq"):
         onnxq.quantize(model, cnn_calib, tmp_path / "b.onnx", stats=stats, **RTN, **options)
     assert any("not reusing" in r.message for r in caplog.records), caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="onnxq"):
+    with caplog.at_level(logging.INFO, logger="onnxq"):
         onnxq.quantize(model, cnn_calib, tmp_path / "c.onnx", stats=stats, **RTN, **options)
     assert any("reusing calibration statistics" in r.message for r in caplog.records), caplog.text
 
@@ -337,12 +337,12 @@ def test_samples_given_in_python_are_hashed(tmp_path, cnn_path, caplog):
     samples = [{"x": rng.normal(size=(2, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
     stats = tmp_path / "stats.npz"
     onnxq.quantize(cnn_path, samples, tmp_path / "a.onnx", stats=stats, **RTN)
-    with caplog.at_level(logging.WARNING, logger="onnxq"):
+    with caplog.at_level(logging.INFO, logger="onnxq"):
         onnxq.quantize(cnn_path, iter(samples), tmp_path / "b.onnx", stats=stats, **RTN)  # one-shot, same values
     assert "reusing calibration statistics" in caplog.text
     caplog.clear()
     changed = [{"x": s["x"] * 2} for s in samples]
-    with caplog.at_level(logging.WARNING, logger="onnxq"):
+    with caplog.at_level(logging.INFO, logger="onnxq"):
         onnxq.quantize(cnn_path, (s for s in changed), tmp_path / "c.onnx", stats=stats, **RTN)
     assert "other calibration data" in caplog.text
     onnxq.quantize(cnn_path, changed, tmp_path / "d.onnx", **RTN)
@@ -376,14 +376,14 @@ def test_a_bad_statistics_cache_is_recomputed_not_used(tmp_path, cnn_path, cnn_c
     stats = tmp_path / "stats.npz"
     onnxq.quantize(cnn_path, cnn_calib, tmp_path / "a.onnx", stats=stats, **RTN)
     crafted_cache(stats, edit)
-    with caplog.at_level(logging.WARNING, logger="onnxq"):
+    with caplog.at_level(logging.INFO, logger="onnxq"):
         onnxq.quantize(cnn_path, cnn_calib, tmp_path / "b.onnx", stats=stats, **RTN)
     warnings = [r.message for r in caplog.records if "not reusing" in r.message]
     assert len(warnings) == 1 and "\n" not in warnings[0], caplog.text
     a, b = initializers(tmp_path / "a.onnx"), initializers(tmp_path / "b.onnx")
     assert all(np.array_equal(a[k], b[k]) for k in a)  # recalibrated: the same model as without the bad cache
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="onnxq"):  # and the cache was rewritten, valid
+    with caplog.at_level(logging.INFO, logger="onnxq"):  # and the cache was rewritten, valid
         onnxq.quantize(cnn_path, cnn_calib, tmp_path / "c.onnx", stats=stats, **RTN)
     assert "reusing calibration statistics" in caplog.text
 
@@ -446,7 +446,7 @@ def test_a_bad_sensitivity_cache_is_measured_again(tmp_path, cnn_path, cnn_calib
             else:
                 arrays["omega"] = omega[:-1, :-1]
         crafted_cache(cache, change)
-    with caplog.at_level(logging.WARNING, logger="onnxq"):
+    with caplog.at_level(logging.INFO, logger="onnxq"):
         second = onnxq.quantize(cnn_path, cnn_calib, tmp_path / "b.onnx", **RTN, **options)
     assert "not reusing" in caplog.text and "measuring sensitivities" in caplog.text
     np.testing.assert_array_equal(second.mixed.omega, first.mixed.omega)
@@ -559,15 +559,15 @@ def test_a_sensitivity_cache_from_other_data_is_measured_again(tmp_path, cnn_pat
     cache = tmp_path / "omega.npz"
     options = {"budget": Budget(avg_bits=3.0), "clado_samples": 4, "verify_samples": 0, "sensitivity_cache": cache}
     onnxq.quantize(cnn_path, cnn_calib, tmp_path / "a.onnx", **RTN, **options)
-    with caplog.at_level(logging.WARNING, logger="onnxq"):
+    with caplog.at_level(logging.INFO, logger="onnxq"):
         onnxq.quantize(cnn_path, other_calib(tmp_path), tmp_path / "b.onnx", **RTN, **options)
     assert "measured for another model, data or options" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="onnxq"):
+    with caplog.at_level(logging.INFO, logger="onnxq"):
         onnxq.quantize(cnn_path, cnn_calib, tmp_path / "c.onnx", symmetric=True, **RTN, **options)
     assert "measured for another model, data or options" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="onnxq"):
+    with caplog.at_level(logging.INFO, logger="onnxq"):
         onnxq.quantize(cnn_path, cnn_calib, tmp_path / "d.onnx", symmetric=True, **RTN, **options)
     assert "reusing the sensitivity matrix" in caplog.text
 

@@ -67,13 +67,16 @@ class MixedPlan:
 
 
 def candidates_for(layers: list[Layer], choices: list[tuple[int, ...]],
-                   blocks: dict[str, int | None] | None = None) -> clado.Candidates:
+                   blocks: dict[str, int | None] | None = None, channel_scales: bool = False) -> clado.Candidates:
     """Per layer, its candidate widths and their cost in stored bits, each tensor in whole bytes as packed.
 
-    Without ``blocks`` the cost is the codes alone (what ``--avg-bits`` and the reports' "stored bits" count);
-    with it (size budgets) also the scales and zero points, per channel or per block for the layers it names.
+    The cost is the codes plus, for the layers ``blocks`` gives a block size, their block-wise scales and zero
+    points (what ``--avg-bits`` and the reports' "stored bits" count); with ``channel_scales`` (size budgets) also
+    the per-channel scales and zero points of the other layers.
     """
-    costs = tuple(tuple(float(stored_weight_bits(layer, bits, (blocks or {}).get(layer.name), blocks is None))
+    blocks = blocks or {}
+    costs = tuple(tuple(float(stored_weight_bits(layer, bits, blocks.get(layer.name),
+                                                 not channel_scales and blocks.get(layer.name) is None))
                         for bits in widths) for layer, widths in zip(layers, choices, strict=True))
     return clado.Candidates(tuple(choices), costs)
 
@@ -129,7 +132,7 @@ def load_omega(path: Path | None, key: str, size: int) -> np.ndarray | None:
     if not np.allclose(omega, omega.T, rtol=1e-6, atol=1e-12):
         log.warning("not reusing %s: its sensitivity matrix is not symmetric; measuring sensitivities again", path)
         return None
-    log.warning("reusing the sensitivity matrix from %s", path)
+    log.info("reusing the sensitivity matrix from %s", path)
     return omega
 
 
@@ -151,7 +154,7 @@ def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidat
     plan = clado.evaluation_plan(cands)
     pairs = plan.pairs if estimator == "exact" else []
     total = len(plan.singles) + len(pairs)
-    log.warning("measuring sensitivities: %d forward passes of %d samples", total + 1, len(oracle.reference))
+    log.info("measuring sensitivities: %d forward passes of %d samples", total + 1, len(oracle.reference))
     tensors = {(i, b): oracle.replacement(layers[i], candidates[(layers[i].name, b)]) for i, b in plan.singles}
     single, deltas, pair = {}, {}, {}
     reference_loss = oracle.loss_of_outputs(oracle.reference)
@@ -236,7 +239,7 @@ def allocate_bits(layers: list[Layer], choices: list[tuple[int, ...]], budget: B
     8-bit (W8A8) layers win wherever they cost little accuracy for the same size.
     """
     limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
-    cands = candidates_for(layers, choices, (blocks or {}) if is_size else None)
+    cands = candidates_for(layers, choices, blocks, is_size)
     check_budget(cands, limit, layers, is_size, fixed_bytes)
     loss_matrix = np.diag(np.diag(omega)) if estimator == "diagonal" else omega
 
@@ -282,7 +285,7 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
         raise OnnxqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
     blocks = {name: qw.grid.block_size for (name, _), qw in candidates.items()}
-    check_budget(candidates_for(layers, choices, blocks if is_size else None), limit, layers, is_size, fixed_bytes)
+    check_budget(candidates_for(layers, choices, blocks, is_size), limit, layers, is_size, fixed_bytes)
     start = time.perf_counter()
     omega = load_omega(cache, key, sum(len(c) for c in choices))
     evaluations = 0

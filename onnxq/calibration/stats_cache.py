@@ -198,7 +198,7 @@ def load_stats(path: Path, key: dict, layers: list[Layer], tensors: Collection[s
         log.warning("not reusing %s: it holds no %s for these activations (it was made without --act-bits 8, or "
                     "with --act-method minmax); recalibrating", path, what)
         return None
-    log.warning("reusing calibration statistics from %s (same model, data, preprocessing and --calib-size)", path)
+    log.info("reusing calibration statistics from %s (same model, data, preprocessing and --calib-size)", path)
     return stored
 
 

@@ -12,7 +12,7 @@ as INT8, INT4 (opset 21) or INT2 (opset 25); 3-bit codes live in INT4 with the r
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,6 +59,15 @@ def stored_weight_bits(layer: Layer, bits: int, block_size: int | None = None, c
         return codes
     params = layer.out_channels * (1 if block_size is None else -(-layer.fan_in // block_size))
     return codes + 8 * (4 * params + -(-params * width // 8))
+
+
+def block_scale_bits(layer: Layer, grid: Grid) -> int:
+    """Bits of one weight's block-wise scales and zero points (0 for a per-channel grid, whose one scale per
+    output channel is not counted in the stored width, as a bias is not)."""
+    if not grid.block_size:
+        return 0
+    return (stored_weight_bits(layer, grid.bits, grid.block_size)
+            - stored_weight_bits(layer, grid.bits, None, codes_only=True))
 
 
 def required_opset(layers: list[Layer], results: dict[str, QuantWeight]) -> int:
@@ -204,6 +213,27 @@ def save_atomic(model: onnx.ModelProto, path: Path, external_data: bool | None =
     return written
 
 
+def keep_used_domains(model: onnx.ModelProto) -> None:
+    """Drop (in place) the opset imports no node uses: onnxruntime's optimizer, which prepares the model, declares
+    nine domains (ai.onnx.ml, training, preview, com.microsoft.nchwc, ...) where the input had one."""
+    used = {"", "ai.onnx"} | {function.domain for function in model.functions}
+    for nodes in (model.graph.node, *(function.node for function in model.functions)):
+        used |= {node.domain for node in _all_nodes(nodes)}
+    kept = [opset for opset in model.opset_import if opset.domain in used]
+    if len(kept) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+
+
+def _all_nodes(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.NodeProto]:
+    """The nodes and, recursively, those of their subgraphs (If branches, Loop and Scan bodies)."""
+    for node in nodes:
+        yield node
+        for attr in node.attribute:
+            for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                yield from _all_nodes(graph.node)
+
+
 @contextmanager
 def staged_model(model: onnx.ModelProto, path: Path, external_data: bool | None = None
                  ) -> Iterator[tuple[Path, list[Path]]]:
@@ -211,6 +241,7 @@ def staged_model(model: onnx.ModelProto, path: Path, external_data: bool | None 
     private temporary name and yield ``(staged model path, files)``; the block can load and check it there. When
     the block ends, the model and its data replace the previous ones together (``atomic.py``); if it raises,
     nothing changes. ``files`` lists the paths written, filled in at the commit."""
+    keep_used_domains(model)
     external = proto_size(model) > PROTOBUF_LIMIT if external_data is None else external_data
     path = Path(path)
     data = path.parent / f"{path.name}.data"

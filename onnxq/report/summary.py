@@ -39,7 +39,8 @@ def summary(result: QuantizationResult) -> str:
         f"method {result.method}, {len(result.layers)} layers quantized, "
         f"{result.calibration_samples} calibration samples",
         f"average weight bits: {result.average_bits(stored=False):.2f} logical, "
-        f"{result.average_bits(stored=True):.2f} stored",
+        f"{result.average_bits(stored=True):.2f} stored"
+        + (" (codes plus block-wise scales and zero points)" if any(r.scale_bits for r in result.layers) else ""),
         f"size: float {human_bytes(result.float_bytes)} -> {human_bytes(result.output_bytes)} "
         f"({result.size_ratio:.3f}x)",
     ]
