@@ -96,7 +96,7 @@ def test_stats_cover_w8a8_runs(tmp_path, cnn_path, calib40, captures, caplog):
         onnxq.quantize(cnn_path, calib40, tmp_path / "a.onnx", config, **RTN)
     assert "holds no activation statistics" in caplog.text and len(captures) == 2  # measured again, both at once
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="onnxq"):
+    with caplog.at_level(logging.INFO, logger="onnxq"):
         onnxq.quantize(cnn_path, calib40, tmp_path / "b.onnx", config, **RTN)
         onnxq.quantize(cnn_path, calib40, tmp_path / "c.onnx", weight_only, **RTN)
     assert caplog.text.count("reusing calibration statistics") == 2 and len(captures) == 2

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxq.calibration import gram
+from onnxq.calibration import gram, image_gram
 from onnxq.calibration.calibrate import LayerStats, empty_stats
 from onnxq.calibration.unfold import Window
 from onnxq.graph.layers import Layer
@@ -130,3 +130,26 @@ def test_matmul_token_rows_drop_padding():
     stats.merge(x, layer, mask)
     assert_matches(stats, x[mask].astype(np.float64)[None])
     assert stats.samples == 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(kernel=st.integers(1, 5), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+       pads=st.lists(st.integers(0, 3), min_size=4, max_size=4), height=st.integers(1, 8), width=st.integers(1, 8),
+       batch=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_depthwise_small_maps_fold_the_image_gram(kernel, stride, dilation, pads, height, width, batch, seed):
+    """Depthwise layers on small maps (EfficientNet's 7 x 7 with 5x5 kernels) take the image Gram path, which
+    matches the exact im2col for any stride, dilation and uneven padding."""
+    if min(height + pads[0] + pads[2], width + pads[1] + pads[3]) <= (kernel - 1) * dilation:
+        return
+    assert image_gram.fits((height, width))
+    layer = conv_layer(3, 3, [kernel, kernel], [stride, stride], [dilation, dilation], pads)
+    x = np.random.default_rng(seed).normal(1.0, 1.0, size=(batch, 3, height, width)).astype(np.float32)
+    stats = empty_stats(layer)
+    stats.merge(x[:1], layer)
+    stats.merge(x[1:], layer)
+    assert_matches(stats, reference_rows(x, layer))
+
+
+def test_image_gram_only_for_small_two_dimensional_maps():
+    assert image_gram.fits((7, 7)) and image_gram.fits((8, 8))
+    assert not image_gram.fits((14, 14)) and not image_gram.fits((7,))

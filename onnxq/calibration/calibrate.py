@@ -9,7 +9,10 @@ are left out of every (batch, tokens, features) layer input (``masking.py``).
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,18 +119,40 @@ def batch_chunks(x: np.ndarray, layer: Layer) -> Iterable[np.ndarray]:
 
 
 class GramObserver:
-    """Accumulates each layer's statistics from its input tensor (padding tokens left out)."""
+    """Accumulates each layer's statistics from its input tensor (padding tokens left out).
 
-    def __init__(self, layers: list[Layer], mask_name: str | None) -> None:
+    With a thread pool, the layers of one batch are merged in parallel (numpy and BLAS release the GIL), the
+    slowest layers of the previous batch first so the workers finish together; each layer still takes its batches
+    in order, so the sums are the same as on one thread."""
+
+    def __init__(self, layers: list[Layer], mask_name: str | None, pool: ThreadPoolExecutor | None = None) -> None:
         self.layers = layers
         self.tensors = sorted({layer.activation for layer in layers})
         self.mask_name = mask_name
         self.stats = {layer.name: empty_stats(layer) for layer in layers}
+        self.pool = pool
+        self.seconds = dict.fromkeys((layer.name for layer in layers), 0.0)
 
     def update(self, values: dict[str, np.ndarray], feed: Feed) -> None:
         mask = batch_mask(feed, self.mask_name)
-        for layer in self.layers:
+
+        def merge(layer: Layer) -> None:
+            start = time.perf_counter()
             self.stats[layer.name].merge(np.asarray(values[layer.activation], dtype=np.float32), layer, mask)
+            self.seconds[layer.name] = time.perf_counter() - start
+
+        if self.pool is None:
+            for layer in self.layers:
+                merge(layer)
+            return
+        slowest_first = sorted(self.layers, key=lambda layer: -self.seconds[layer.name])
+        for done in [self.pool.submit(merge, layer) for layer in slowest_first]:
+            done.result()
+
+
+def gram_workers() -> int:
+    """Threads for the Gram updates: one per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Feed],
@@ -135,7 +160,9 @@ def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Fee
               ) -> dict[str, LayerStats]:
     """Stream the batches through the float model and return each layer's statistics (``observers`` see the same
     pass: activation histograms for W8A8)."""
-    observer = GramObserver(layers, attention_mask_name(model_inputs(model)))
-    with threadpool_limits(1):  # one BLAS thread: small GEMMs lose to thread hand-offs; forward uses the other core
+    # one BLAS thread per call: small GEMMs lose to thread hand-offs; the cores are used by the layer workers
+    # and by the forward pass of the next batch instead
+    with threadpool_limits(1), ThreadPoolExecutor(gram_workers(), thread_name_prefix="onnxq-gram") as pool:
+        observer = GramObserver(layers, attention_mask_name(model_inputs(model)), pool)
         capture(model, batches, [observer, *observers], on_batch)
     return observer.stats
