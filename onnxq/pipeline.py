@@ -250,7 +250,11 @@ def activation_tensors(run: Run) -> tuple[list[str], bool]:
     needs their histograms (every method but ``minmax``)."""
     if act_bits(run.config) is None or not run.layers:
         return [], False
-    return calibration_candidates(run.model, run.layers), run.config.activations.method != "minmax"
+    if prefer(run.config) == "speed":  # the W8A8 layers are known only after CLADO: every tensor a plan may need
+        tensors = calibration_candidates(run.model, run.layers)
+    else:
+        tensors = plan_qdq(run.model, run.layers, [layer.name for layer in run.layers]).calibrated
+    return tensors, run.config.activations.method != "minmax"
 
 
 def checked_statistics(run: Run, statistics: Statistics) -> Statistics:

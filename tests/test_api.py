@@ -78,12 +78,16 @@ def test_statistics_from_a_proto_and_reused_for_other_widths(tmp_path, cnn_path,
     assert config == small()  # the caller's config is never changed
 
 
-def test_a_w8a8_run_calibrates_in_one_pass(tmp_path, cnn_path, calib40, captures):
+@pytest.mark.parametrize("prefer", ["size", "speed"])
+def test_a_w8a8_run_calibrates_in_one_pass(tmp_path, cnn_path, calib40, captures, prefer):
     model = prepare(tiny.cnn_model())
     layers, _ = find_layers(model)
-    onnxq.quantize(cnn_path, calib40, tmp_path / "q.onnx", small(activations=Activations(bits=8)))
+    budget = MixedPrecision(avg_bits=6.5, bit_choices=(4, 8), samples=16) if prefer == "speed" else None
+    onnxq.quantize(cnn_path, calib40, tmp_path / "q.onnx", small(activations=Activations(bits=8, prefer=prefer),
+                                                                 mixed=budget))
     gram_inputs = {layer.activation for layer in layers} - {"x"}
-    histogram_tensors = set(calibration_candidates(model, layers)) - {"x"}
+    planned = plan_qdq(model, layers, [layer.name for layer in layers]).calibrated  # --prefer size: every layer
+    histogram_tensors = set(calibration_candidates(model, layers) if prefer == "speed" else planned) - {"x"}
     assert captures == [len(gram_inputs | histogram_tensors)]  # one pass exposed both sets of tensors
 
 
