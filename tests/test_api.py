@@ -132,6 +132,15 @@ def test_statistics_that_do_not_fit_the_run_are_refused(tmp_path, cnn_path, cali
         onnxq.quantize(cnn_path, calib40, config=small(activations=Activations(bits=8)), statistics=statistics)
 
 
+def test_a_run_measures_statistics_before_adding_biases(cnn_path, calib40):
+    with onnxq.open_run(cnn_path, calib40, small()) as run:
+        statistics = run.calibrate()
+        rounded = run.round((4, 8), statistics)
+        assert set(rounded) == {(layer.name, b) for layer in run.layers for b in (4, 8)}
+        with pytest.raises(OnnxqError, match="before rounding"):
+            run.calibrate()
+
+
 def test_allocate_needs_a_budget_and_a_plan_must_fit(tmp_path, cnn_path, calib40):
     with pytest.raises(OnnxqError, match="needs a budget"):
         onnxq.allocate(cnn_path, calib40, small())
