@@ -242,9 +242,7 @@ def collect_statistics(run: Run, progress: Callable | None, gram: bool = True, k
     config, layers, data = run.config, run.layers, run.data
     tensors, histograms = activation_tensors(run)
     path = config.data.stats
-    key: dict = {}
-    if path or keyed:
-        key, _ = statistics_key(run.model, layers, data.identity(), data.inputs, config, [path] if path else [])
+    key = run_key(run) if path or keyed else {}
     if path:
         cached = load_stats(path, key, layers, tensors, histograms)
         if cached is not None:
@@ -266,19 +264,34 @@ def collect_statistics(run: Run, progress: Callable | None, gram: bool = True, k
     return statistics
 
 
+def run_key(run: Run) -> dict:
+    """The key of the run's statistics (model as prepared, data, preprocessing, calib size, layers); the --stats
+    file itself is left out of a calibration folder's identity."""
+    if "bias_slots" in vars(run):
+        raise OnnxqError("measure or check statistics before rounding or building the loss oracle (run.calibrate() "
+                         "first): those add zero biases to the model that the statistics' key hashes")
+    stats = run.config.data.stats
+    key, _ = statistics_key(run.model, run.layers, run.data.identity(), run.data.inputs, run.config,
+                            [stats] if stats else [])
+    return key
+
+
 def activation_tensors(run: Run) -> tuple[list[str], bool]:
     """The tensors whose activation statistics a run needs (none without activation quantization) and whether it
     needs their histograms (every method but ``minmax``)."""
     if act_bits(run.config) is None or not run.layers:
         return [], False
-    return calibration_candidates(run.model, run.layers), run.config.activations.method != "minmax"
+    if prefer(run.config) == "speed":  # the W8A8 layers are known only after CLADO: every tensor a plan may need
+        tensors = calibration_candidates(run.model, run.layers)
+    else:
+        tensors = plan_qdq(run.model, run.layers, [layer.name for layer in run.layers]).calibrated
+    return tensors, run.config.activations.method != "minmax"
 
 
 def checked_statistics(run: Run, statistics: Statistics) -> Statistics:
     """Statistics given to a run, checked against it: the same model, data, preprocessing, ``--calib-size`` and
     layers (their key), and the activations it quantizes."""
-    key, _ = statistics_key(run.model, run.layers, run.data.identity(), run.data.inputs, run.config)
-    difference = key_difference(statistics.key, key)
+    difference = key_difference(statistics.key, run_key(run))
     if difference:
         raise OnnxqError(f"the statistics do not fit this run: {difference}; calibrate with the same model, data "
                          "and config")

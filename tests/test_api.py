@@ -78,12 +78,16 @@ def test_statistics_from_a_proto_and_reused_for_other_widths(tmp_path, cnn_path,
     assert config == small()  # the caller's config is never changed
 
 
-def test_a_w8a8_run_calibrates_in_one_pass(tmp_path, cnn_path, calib40, captures):
+@pytest.mark.parametrize("prefer", ["size", "speed"])
+def test_a_w8a8_run_calibrates_in_one_pass(tmp_path, cnn_path, calib40, captures, prefer):
     model = prepare(tiny.cnn_model())
     layers, _ = find_layers(model)
-    onnxq.quantize(cnn_path, calib40, tmp_path / "q.onnx", small(activations=Activations(bits=8)))
+    budget = MixedPrecision(avg_bits=6.5, bit_choices=(4, 8), samples=16) if prefer == "speed" else None
+    onnxq.quantize(cnn_path, calib40, tmp_path / "q.onnx", small(activations=Activations(bits=8, prefer=prefer),
+                                                                 mixed=budget))
     gram_inputs = {layer.activation for layer in layers} - {"x"}
-    histogram_tensors = set(calibration_candidates(model, layers)) - {"x"}
+    planned = plan_qdq(model, layers, [layer.name for layer in layers]).calibrated  # --prefer size: every layer
+    histogram_tensors = set(calibration_candidates(model, layers) if prefer == "speed" else planned) - {"x"}
     assert captures == [len(gram_inputs | histogram_tensors)]  # one pass exposed both sets of tensors
 
 
@@ -126,6 +130,15 @@ def test_statistics_that_do_not_fit_the_run_are_refused(tmp_path, cnn_path, cali
         onnxq.quantize(other, calib40, config=small(), statistics=statistics)
     with pytest.raises(OnnxqError, match="no activation histograms"):
         onnxq.quantize(cnn_path, calib40, config=small(activations=Activations(bits=8)), statistics=statistics)
+
+
+def test_a_run_measures_statistics_before_adding_biases(cnn_path, calib40):
+    with onnxq.open_run(cnn_path, calib40, small()) as run:
+        statistics = run.calibrate()
+        rounded = run.round((4, 8), statistics)
+        assert set(rounded) == {(layer.name, b) for layer in run.layers for b in (4, 8)}
+        with pytest.raises(OnnxqError, match="before rounding"):
+            run.calibrate()
 
 
 def test_allocate_needs_a_budget_and_a_plan_must_fit(tmp_path, cnn_path, calib40):
