@@ -14,9 +14,14 @@ costs nothing to either):
     ``quant_pre_process`` + ``quantize_static`` (W8A8 QDQ, per channel, MinMax, QUInt8 activations, QInt8
     weights; batches of 16 as onnxq); onnxq ``default`` = ``--bits 4 --first-last-bits 8`` without ``--stats``,
     ``sequential`` = the same with ``--sequential``, ``budget`` = ``--avg-bits 3``.
-  - all-MiniLM-L6-v2 (exported as bench/minilm.py does, its calibration sentences in its batches of 32): peers =
+  - all-MiniLM-L6-v2 (exported as bench/minilm.py does; the first ``--samples`` of its calibration sentences, one
+    .npz per sentence at its own length, as a user's data comes, which onnxq pads into batches of 32): peers =
     onnxruntime's MatMul 4-bit quantizer, RTN and HQQ, block 32; onnxq ``default`` = ``--bits 4 --block-size 32``
     (COMQ, as bench/minilm.py), ``sequential`` = the same with ``--sequential``; no budget job.
+
+COMQ's own time per layer (``--layer-times``, on by default): the statistics of one default run (``--stats``)
+are read back and every layer is rounded again here as the default run rounds it (centred, shrunk Gram; one
+BLAS thread, as in onnxq's worker processes), timed in CPU seconds; the slowest layers and the total are printed.
 
 The physical limit of calibration (per model, once): the float model's forward time over the samples (one
 onnxruntime session, the same batches) plus the Gram FLOPs (2 x rows x fan_in^2 x groups per layer, for onnxq's
@@ -124,15 +129,16 @@ def cnn_workload(name: str, count: int, tmp: Path) -> Workload:
                                          "--batch-size", str(IMAGE_BATCH)]})
 
 
-def minilm_workload(count: int | None, tmp: Path) -> Workload:
-    """all-MiniLM-L6-v2 and bench/minilm.py's calibration sentences, one .npz per padded batch of 32."""
+def minilm_workload(count: int, tmp: Path) -> Workload:
+    """all-MiniLM-L6-v2 and the first ``count`` of bench/minilm.py's calibration sentences, one .npz per
+    sentence (its own length: onnxq pads them into batches); the forward timing uses minilm.py's batches."""
     model = MINILM_CACHE / "fp32.onnx"
     if not model.exists():
         export_float(model)
     texts = sentences()[EVAL_SIZE:][:count]
     batches = feeds(texts, MINILM_BATCH)
     folder = tmp / MINILM
-    write_samples(folder, batches, ".npz", lambda path, feed: np.savez(path, **feed))
+    write_samples(folder, feeds(texts, 1), ".npz", lambda path, feed: np.savez(path, **feed))
     jobs = onnxq_flags(model, folder, MINILM_BATCH, ["--bits", "4", "--block-size", "32"])
     del jobs["budget"]  # CLADO on a transformer is not what the peers are compared on (and takes long)
     return Workload(MINILM, model, folder, len(texts), batches, jobs,
@@ -281,6 +287,44 @@ def physical_limit(work: Workload, rate: float, repeats: int, tmp: Path) -> dict
     return limit
 
 
+def comq_layer_times(work: Workload, tmp: Path, shown: int = 8) -> dict:
+    """COMQ's CPU seconds per layer on the statistics of one default run, rounded as that run rounds them."""
+    from threadpoolctl import threadpool_limits
+
+    from onnxq.calibration.stats_cache import cached_stats
+    from onnxq.passes import Grid, comq
+    from onnxq.rounding.shrinkage import shrink_gram
+
+    stats_path, out = tmp / "layer_stats.npz", tmp / "out.onnx"
+    measure(onnxq_command(work.onnxq["default"], out, ("--stats", str(stats_path))), tmp / "job.log")
+    flags = work.onnxq["default"]
+    bits = int(flags[flags.index("--bits") + 1])
+    block = int(flags[flags.index("--block-size") + 1]) if "--block-size" in flags else None
+    first_last = int(flags[flags.index("--first-last-bits") + 1]) if "--first-last-bits" in flags else bits
+    model = prepare(onnx.load(str(work.model)))
+    layers, _ = find_layers(model)
+    stats = cached_stats(stats_path, layers)
+    inits = {t.name: t for t in model.graph.initializer}
+    times = []
+    with threadpool_limits(1):
+        for index, layer in enumerate(layers):
+            W = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
+            H = shrink_gram(stats[layer.name].centred_gram, stats[layer.name].rows)[0]
+            width = first_last if index in (0, len(layers) - 1) else bits
+            grid = Grid(width, False, block if len(layer.shape) == 2 else None)
+            start = time.process_time()
+            comq.quantize(W, H, grid)
+            times.append((time.process_time() - start, layer.name, "x".join(map(str, W.shape))))
+    stats_path.unlink()
+    out.unlink()
+    total = sum(t[0] for t in times)
+    slowest = sorted(times, reverse=True)[:shown]
+    click.echo(f"{work.name} COMQ: {total:.1f} CPU s over {len(times)} layers (one thread); slowest: "
+               + ", ".join(f"{name} {shape} {sec:.2f} s" for sec, name, shape in slowest))
+    return {"model": work.name, "total_s": round(total, 2), "layers": len(times),
+            "per_layer": [{"layer": name, "shape": shape, "cpu_s": round(sec, 3)} for sec, name, shape in times]}
+
+
 def median(runs: list[Run], key: str) -> float:
     return statistics.median(getattr(run, key) for run in runs)
 
@@ -333,7 +377,7 @@ def machine() -> dict:
             "numpy": np.__version__, "onnxq_commit": commit, "python": sys.version.split()[0]}
 
 
-def markdown(rows: list[dict], limits: list[dict], info: dict) -> str:
+def markdown(rows: list[dict], limits: list[dict], info: dict, layer_times: list[dict]) -> str:
     lines = ["# onnxq vs onnxruntime's quantizers: cost on the same samples", "",
              f"{info['cpu']}, {info['cores']} cores, numpy BLAS {info['blas']}, onnxruntime {info['onnxruntime']}, "
              f"onnxq {info['onnxq_commit']}; load average {info['load_start']} at the start, {info['load_end']} at "
@@ -360,6 +404,11 @@ def markdown(rows: list[dict], limits: list[dict], info: dict) -> str:
                          f"{m['gram_gflop']:.1f} | {m['gemm_gflops']:.0f} | {m['limit_s']:.2f} | "
                          f"{m['calib_wall_s']:.2f} ({m['calib_cpu_s']:.2f}) | {m['calib_over_limit']:.1f}x | "
                          f"{m['calib_load']:.1f} |")
+    for m in layer_times:
+        lines += ["", f"COMQ on {m['model']}: {m['total_s']:.1f} CPU s over {m['layers']} layers (one BLAS thread, "
+                  "the default run's statistics); slowest layers:", "", "| layer | weight | CPU s |", "|---|---|---|"]
+        lines += [f"| {t['layer']} | {t['shape']} | {t['cpu_s']:.2f} |"
+                  for t in sorted(m["per_layer"], key=lambda t: -t["cpu_s"])[:8]]
     return "\n".join(lines) + "\n"
 
 
@@ -374,34 +423,37 @@ def parse_list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 @click.command()
 @click.option("--models", default=",".join([*MODELS, MINILM]), show_default=True)
 @click.option("--jobs", default=",".join(JOBS), show_default=True)
-@click.option("--samples", type=click.IntRange(min=1), default=None,
-              help=f"Calibration samples [default: {DEFAULT_IMAGES} images; MiniLM: all of bench/minilm.py's "
-                   "calibration sentences].")
+@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_IMAGES, show_default=True,
+              help="Calibration samples: images, or MiniLM sentences (bench/minilm.py's calibration set has 656).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--limit/--no-limit", default=True, show_default=True,
               help="Also measure the physical limit of calibration and onnxq's calibration time (needs default).")
+@click.option("--layer-times/--no-layer-times", default=True, show_default=True,
+              help="Also time COMQ per layer on one default run's statistics (needs default).")
 @click.option("--out", default="speed", show_default=True, help="Results tag: bench/results/<out>.json and .md.")
-def main(models: str, jobs: str, samples: int | None, repeats: int, limit: bool, out: str) -> None:
+def main(models: str, jobs: str, samples: int, repeats: int, limit: bool, layer_times: bool, out: str) -> None:
     """Alternate onnxruntime's quantizers and onnxq on the same samples; CPU, wall, peak RSS and their ratios."""
     require_shared()
     names = parse_list(models, (*MODELS, MINILM), "--models")
     chosen = parse_list(jobs, JOBS, "--jobs")
     info = {**machine(), "load_start": round(os.getloadavg()[0], 2)}
     rate = gemm_rate() if limit and "default" in chosen else None
-    rows, limits, runs = [], [], []
+    rows, limits, runs, comq_times = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="onnxq-speed-") as folder:
         tmp = Path(folder)
         for name in names:
-            work = (minilm_workload(samples, tmp) if name == MINILM
-                    else cnn_workload(name, samples or DEFAULT_IMAGES, tmp))
+            work = minilm_workload(samples, tmp) if name == MINILM else cnn_workload(name, samples, tmp)
             measured = alternate(work, chosen, repeats, tmp)
             runs += measured
             rows += paired_rows(measured, work) or peer_only_rows(measured, work)
             if rate is not None:
                 limits.append(physical_limit(work, rate, repeats, tmp))
+            if layer_times and "default" in chosen:
+                comq_times.append(comq_layer_times(work, tmp))
     info["load_end"] = round(os.getloadavg()[0], 2)
-    table = markdown(rows, limits, info)
+    table = markdown(rows, limits, info, comq_times)
     save_results(out, {}, rows, table, {"limits": limits, "machine": info, "runs": [asdict(r) for r in runs],
+                                        "comq_layer_times": comq_times,
                                         "gemm_gflops": round(rate / 1e9, 1) if rate else None})
     click.echo(table)
     click.echo(json.dumps(info))

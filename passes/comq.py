@@ -32,6 +32,7 @@ ORDERS = ("auto", "channel", "shared")
 SPARSE_UPDATE_MAX = 0.02  # above this fraction of changed codes, (codes - zp) H is recomputed by a GEMM
 DEFER_MIN_ROWS = 8  # per-channel order: defer a step's moves when at least 1/8 of the rows move
 SHARED_BLOCK, CHANNEL_BLOCK = 128, 32  # default lazy-block sizes (measured best on the bench shapes)
+SCALE_SPAN = 256  # columns whose residual a block-scale step updates at once; the rest by one GEMM per span
 SHARED_MIN_DIM = 2048  # "auto" always uses the shared blocked order from this fan-in on (bench/pass_speed.py)
 
 Callback = Callable[[int, QuantWeight], None]
@@ -135,6 +136,7 @@ def _proposal(
     g: np.ndarray,
     hsafe: np.ndarray,
     scale64: np.ndarray,
+    scale32: np.ndarray,
     zp: np.ndarray,
     fixed: np.ndarray | None,
     live: np.ndarray,
@@ -142,7 +144,7 @@ def _proposal(
     """Exact coordinate minimiser on the grid: its codes, values and whether taking it strictly helps."""
     tgt = q + g / hsafe
     k = round_codes(tgt, scale64, zp, grid)
-    qn = dequantize_codes(k, scale64.astype(np.float32), zp)
+    qn = dequantize_codes(k, scale32, zp)
     better = np.abs(qn - tgt) < np.abs(q - tgt)
     if fixed is not None:
         better |= ~fixed
@@ -153,6 +155,7 @@ def sweep_shared(state: _State, block: int) -> int:
     """One pass over the (permuted, rows-last) coordinates with lazy blocks; returns the number of moves."""
     G, d, r = state.W.shape
     H = state.H
+    S64 = state.S32.astype(np.float64)  # the scales do not change during a sweep
     moves = 0
     for b1 in range(0, d, block):
         b2 = min(b1 + block, d)
@@ -161,8 +164,8 @@ def sweep_shared(state: _State, block: int) -> int:
             fixed = None if state.fixed is None else state.fixed[:, t]
             q = state.Q[:, t]
             hjj, live = state.hsafe[:, t, None], state.live[:, t, None]
-            scale64, zp = state.S32[:, t].astype(np.float64), state.Z[:, t]
-            k, qn, move = _proposal(state.grid, q, state.Gr[:, t], hjj, scale64, zp, fixed, live)
+            k, qn, move = _proposal(state.grid, q, state.Gr[:, t], hjj, S64[:, t], state.S32[:, t], state.Z[:, t],
+                                    fixed, live)
             if not move.any():
                 continue
             moves += int(move.sum())
@@ -209,8 +212,8 @@ def sweep_channel(state: _State, perm: np.ndarray, block: int) -> int:
                 g[act] += (D[act, :s] * h).sum(axis=1)
             q = Q[rows, j]
             fixed = None if fixed_all is None else fixed_all[rows, j]
-            scale64, zp = params(j)
-            k, qn, move = _proposal(state.grid, q, g, hsafe[rows, j], scale64, zp, fixed, live[rows, j])
+            scale64, scale32, zp = params(j)
+            k, qn, move = _proposal(state.grid, q, g, hsafe[rows, j], scale64, scale32, zp, fixed, live[rows, j])
             idx = np.flatnonzero(move)
             if not idx.size:
                 continue
@@ -232,14 +235,20 @@ def sweep_channel(state: _State, perm: np.ndarray, block: int) -> int:
     return moves
 
 
-def _row_params(state: _State, rows: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """For the per-channel order: ``j -> (scale64, zp)`` of coordinate ``j[i]`` of every row i."""
+def _row_params(state: _State, rows: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+    """For the per-channel order: ``j -> (scale64, scale32, zp)`` of coordinate ``j[i]`` of every row i."""
     n = rows.size
     if state.col_block is None:
-        scale64, zp = state.scale32.astype(np.float64).reshape(n), state.zp.reshape(n)
-        return lambda j: (scale64, zp)
+        scale32, zp = state.scale32.reshape(n), state.zp.reshape(n)
+        scale64 = scale32.astype(np.float64)
+        return lambda j: (scale64, scale32, zp)
     S32, Z = state.S32.reshape(n, -1), state.Z.reshape(n, -1)
-    return lambda j: (S32[rows, j].astype(np.float64), Z[rows, j])
+
+    def params(j: np.ndarray) -> tuple[np.ndarray, ...]:
+        scale32 = S32[rows, j]
+        return scale32.astype(np.float64), scale32, Z[rows, j]
+
+    return params
 
 
 def update_scale(state: _State) -> int:
@@ -274,23 +283,37 @@ def update_block_scales(state: _State, W: np.ndarray, H: np.ndarray, to_work: Ca
     Each step is the exact minimiser over one block's scale with the others fixed (block coordinate descent,
     done in the natural layout: W (G, r, d), H (G, d, d)); a scale changes only when the float32 value
     stored lowers the row's objective. Returns the number of (row, block) scales changed.
+
+    The residual ``R = (W - Q) H`` is only read on blocks not yet visited, so a step updates R within its
+    span of ``SCALE_SPAN`` columns at once and the columns past the span by one GEMM per span (lazy, BLAS-3)
+    instead of one thin product over all of R per block.
     """
     d = W.shape[2]
+    size = state.grid.block_size
     idx = block_index(d, state.grid)
     codes, scale32 = from_work(state.codes), state.scale32.copy()
     K = codes.astype(np.float64) - state.zp[..., idx]
     R = np.matmul(W - dequantize_codes(codes, scale32[..., idx], state.zp[..., idx]), H)  # (W - Q) H
     changed = 0
-    for b, start in enumerate(range(0, d, state.grid.block_size)):
-        cols = slice(start, start + state.grid.block_size)
-        Kb = K[:, :, cols]
-        KbH = np.matmul(Kb, H[:, cols, :])
-        step = _block_step(scale32[:, :, b], (Kb * R[:, :, cols]).sum(axis=2), (Kb * KbH[:, :, cols]).sum(axis=2))
-        if not step.any():
-            continue
-        scale32[:, :, b] = (scale32[:, :, b] + step).astype(np.float32)
-        R -= step[:, :, None] * KbH
-        changed += int(np.count_nonzero(step))
+    span = size * max(1, SCALE_SPAN // size)
+    for s1 in range(0, d, span):
+        s2 = min(s1 + span, d)
+        moved = np.zeros(K.shape[:2] + (s2 - s1,))  # each column's scale change in this span
+        for start in range(s1, s2, size):
+            cols, b = slice(start, min(start + size, d)), start // size
+            Kb = K[:, :, cols]
+            KbH = np.matmul(Kb, H[:, cols, start:s2])
+            width = Kb.shape[2]
+            step = _block_step(scale32[:, :, b], (Kb * R[:, :, cols]).sum(axis=2),
+                               (Kb * KbH[:, :, :width]).sum(axis=2))
+            if not step.any():
+                continue
+            scale32[:, :, b] = (scale32[:, :, b] + step).astype(np.float32)
+            R[:, :, start:s2] -= step[:, :, None] * KbH
+            moved[:, :, start - s1 : start - s1 + width] = step[:, :, None]
+            changed += int(np.count_nonzero(step))
+        if s2 < d and moved.any():
+            R[:, :, s2:] -= np.matmul(K[:, :, s1:s2] * moved, H[:, s1:s2, s2:])
     if changed:
         state.scale32 = scale32
         state.coordinate_params()

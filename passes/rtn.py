@@ -2,29 +2,65 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from .grid import Grid, QuantWeight, block_reduce, minmax_params, per_weight, quant_weight, round_to_grid
+from .grid import Grid, QuantWeight, block_reduce, minmax_params, per_weight, quant_weight
 
 CLIP_RATIOS = np.linspace(1.0, 0.3, 36)
+CLIP_CHUNK = 1 << 16  # weights searched at a time (512 KB of float64 per pass)
 
 
 def clipped_grid(W: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """Per channel (or block), the shrunken min-max range whose round-to-nearest weight MSE is smallest."""
+    """Per channel (or block), the shrunken min-max range whose round-to-nearest weight MSE is smallest.
+
+    Rows are searched in chunks of about ``CLIP_CHUNK`` weights, so every ratio's passes stay in cache."""
+    rows = max(1, CLIP_CHUNK // max(W.shape[1], 1))
+    if W.shape[0] <= rows:
+        return _clipped_rows(W, grid)
+    found = [_clipped_rows(W[start:start + rows], grid) for start in range(0, W.shape[0], rows)]
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+
+def _clipped_rows(W: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """``clipped_grid`` of some rows."""
     lo, hi = weight_range(W, grid)
     best_err = np.full(lo.shape, np.inf)
     best_scale, best_zp = minmax_params(lo, hi, grid)
-    d = W.shape[1]
+    view, spread = _param_view(W, grid)
     for ratio in CLIP_RATIOS:
         scale, zp = minmax_params(lo * ratio, hi * ratio, grid)
-        codes = round_to_grid(W, scale, zp, grid)
-        deq = (codes - per_weight(zp.astype(np.float64), d, grid)) * per_weight(scale, d, grid)
-        err = block_reduce((deq - W) ** 2, grid)
+        err = block_reduce(_squared_error(view, spread(scale), spread(zp.astype(np.float64)), grid).reshape(W.shape),
+                           grid)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
         best_zp = np.where(better, zp, best_zp)
     return best_scale.astype(np.float32), best_zp.astype(np.int8)
+
+
+def _param_view(W: np.ndarray, grid: Grid) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """W, or W as (out, n_blocks, block) when the blocks are whole, and how a per-row/per-block quantity
+    broadcasts against it (no per-weight copy of the scales then)."""
+    d = W.shape[1]
+    if grid.block_size is None:
+        return W, lambda x: x[:, None]
+    if d % grid.block_size == 0:
+        return W.reshape(W.shape[0], -1, grid.block_size), lambda x: x[:, :, None]
+    return W, lambda x: per_weight(x, d, grid)
+
+
+def _squared_error(W: np.ndarray, scale32: np.ndarray, zp64: np.ndarray, grid: Grid) -> np.ndarray:
+    """(dequantize(round_to_grid(W)) - W)^2, in place in one buffer (the same float64 operations)."""
+    err = np.rint(W / scale32.astype(np.float64))
+    err += zp64
+    np.minimum(np.maximum(err, grid.qmin, out=err), grid.qmax, out=err)
+    err -= zp64
+    err *= scale32
+    err -= W
+    err *= err
+    return err
 
 
 def weight_range(W: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:

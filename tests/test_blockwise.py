@@ -17,7 +17,7 @@ from onnxq.export.qdq import build_quantized_model, save_atomic
 from onnxq.graph.layers import find_layers
 from onnxq.graph.prepare import prepare
 from onnxq.passes import Grid, QuantWeight, comq, gptq, objective, rtn
-from onnxq.passes.grid import SUPPORTED_BITS, block_reduce, n_blocks
+from onnxq.passes.grid import SUPPORTED_BITS, block_index, block_reduce, minmax_params, n_blocks
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
@@ -190,3 +190,52 @@ def test_block_wise_conv_weights_are_refused_before_writing():
     qw = rtn.quantize(W, None, Grid(4, False, 16))
     with pytest.raises(OnnxqError, match="2-D weight"):
         build_quantized_model(model, layers, {layers[0].name: qw}, {})
+
+
+def reference_block_scales(state, W, H, to_work, from_work) -> int:
+    """The block-scale update without lazy updates: every block reads a freshly computed (W - Q) H."""
+    d, size = W.shape[2], state.grid.block_size
+    idx = block_index(d, state.grid)
+    codes, scale32, changed = from_work(state.codes), state.scale32.copy(), 0
+    K = codes.astype(np.float64) - state.zp[..., idx]
+    for b, start in enumerate(range(0, d, size)):
+        cols = slice(start, start + size)
+        R = np.matmul(W - gptq.dequantize_codes(codes, scale32[..., idx], state.zp[..., idx]), H)
+        Kb = K[:, :, cols]
+        den = (Kb * np.matmul(Kb, H[:, cols, cols])).sum(axis=2)
+        step = comq._block_step(scale32[:, :, b], (Kb * R[:, :, cols]).sum(axis=2), den)
+        scale32[:, :, b] = (scale32[:, :, b] + step).astype(np.float32)
+        changed += int(np.count_nonzero(step))
+    if changed:
+        state.scale32 = scale32
+        state.coordinate_params()
+        state.Q = to_work(gptq.dequantize_codes(codes, scale32[..., idx], state.zp[..., idx]))
+    return changed
+
+
+@pytest.mark.parametrize("order", ["channel", "shared"])
+@pytest.mark.parametrize("span", [8, 16, 40, 1000])  # one block per span, several, a span cut by the fan-in
+def test_lazy_block_scale_update_equals_the_plain_one(monkeypatch: pytest.MonkeyPatch, order: str, span: int) -> None:
+    rng = np.random.default_rng(5)
+    W, H = weights(rng, 12, 70), gram(rng, 70, "correlated", groups=2)
+    grid = Grid(3, block_size=8)
+    monkeypatch.setattr(comq, "SCALE_SPAN", span)
+    got = comq.quantize(W, H, grid, init="rtn", order=order, sweeps=3)
+    monkeypatch.setattr(comq, "update_block_scales", reference_block_scales)
+    ref = comq.quantize(W, H, grid, init="rtn", order=order, sweeps=3)
+    np.testing.assert_array_equal(got.codes, ref.codes)
+    np.testing.assert_allclose(got.scale, ref.scale, rtol=1e-6)
+    assert not np.array_equal(ref.scale, comq.quantize(W, H, grid, init="rtn", order=order, sweeps=3,
+                                                       scale_update=False).scale)  # the update did move scales
+
+
+@pytest.mark.parametrize("grid", [Grid(4), Grid(3, block_size=16), Grid(4, symmetric=True, block_size=32)])
+def test_clip_search_in_row_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch, grid: Grid) -> None:
+    W = np.random.default_rng(6).standard_normal((50, 96)) ** 3  # heavy tails: clipping pays
+    whole = rtn.clipped_grid(W, grid)
+    monkeypatch.setattr(rtn, "CLIP_CHUNK", 96 * 7)  # 7 rows at a time, the last chunk shorter
+    chunked = rtn.clipped_grid(W, grid)
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    lo, hi = rtn.weight_range(W, grid)
+    assert (chunked[0] < minmax_params(lo, hi, grid)[0]).any()  # some ranges were shrunk

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxq
 from onnxq.calibration.calibrate import calibrate
 from onnxq.calibration.capture import capture_model, make_session
+from onnxq.data.calibration_set import CalibrationSet
 from onnxq.data.masking import attention_mask_name
 from onnxq.data.sources import batches, model_inputs
 from onnxq.export.nbits import dequantize_nbits, pack_uint4, unpack_uint4
@@ -125,6 +126,30 @@ def test_variable_lengths_are_batched_separately(model) -> None:
     together, apart = calibrate(model, layers, grouped), calibrate(model, layers, feeds)
     for layer in layers:
         np.testing.assert_allclose(together[layer.name].gram, apart[layer.name].gram, rtol=1e-5, atol=1e-5)
+
+
+def test_variable_lengths_are_padded_into_one_batch_with_the_same_statistics(model) -> None:
+    """With ``pad`` (the calibration set), sentences of any length share a batch: one onnxruntime run instead of
+    one per length, and the Grams equal those of the unpadded sentences since padding rows are masked out."""
+    rng = np.random.default_rng(2)
+    feeds = [sample(rng, 1, t) for t in (5, 5, 8, 8, 8, 3)]
+    grouped = list(batches(feeds, model_inputs(model), batch_size=4, limit=None, pad=True))
+    assert [f["input_ids"].shape for f in grouped] == [(4, 8), (2, 8)]
+    np.testing.assert_array_equal(grouped[0]["attention_mask"][0, 5:], 0)  # padded on the right, mask 0
+    layers, _ = find_layers(model)
+    together, apart = calibrate(model, layers, grouped), calibrate(model, layers, feeds)
+    for layer in layers:
+        assert together[layer.name].rows == apart[layer.name].rows
+        np.testing.assert_allclose(together[layer.name].gram, apart[layer.name].gram, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_set_pads_per_sentence_files(tmp_path, model) -> None:
+    rng = np.random.default_rng(7)
+    write_npz(tmp_path / "sentences", [sample(rng, 1, t) for t in (4, 9, 2, 9, 6, 3, 7)])
+    data = CalibrationSet(tmp_path / "sentences", model_inputs(model), batch_size=4, calib_size=5, held_out=2)
+    assert [f["input_ids"].shape[0] for f in data.calibration()] == [4, 1]
+    check, held = data.check_batch()
+    assert held and check["input_ids"].shape[0] == 2 == check["attention_mask"].shape[0]
 
 
 def write_npz(folder, feeds) -> None:

@@ -15,10 +15,17 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from onnxq.data.images import ImagePreprocessing
-from onnxq.data.sources import Feed, InputSpec, batches, default_preprocessing, feed_samples, feeds_from, is_mergeable
+from onnxq.data.sources import (
+    Feed,
+    InputSpec,
+    batches,
+    default_preprocessing,
+    feed_samples,
+    feeds_from,
+    is_mergeable,
+    merge_feeds,
+)
 from onnxq.data.spill import BatchStore
 from onnxq.errors import OnnxqError
 
@@ -98,7 +105,7 @@ class CalibrationSet:
         """One batch to check the written model on, and whether it is held out (else a calibration batch)."""
         held = self.held_out(self.batch_size)
         if held and is_mergeable(self.inputs):
-            return {name: np.concatenate([feed[name] for feed in held]) for name in held[0]}, True
+            return merge_feeds(held, self.inputs), True
         if held:
             return held[0], True
         return next(self.calibration(), None), False
@@ -128,7 +135,7 @@ class CalibrationSet:
         mergeable = is_mergeable(self.inputs)
         calibration: list[_Batch] = []
         taken = 0
-        for feed in batches(raw, self.inputs, self.batch_size, limit):
+        for feed in batches(raw, self.inputs, self.batch_size, limit, pad=True):
             rows = feed_samples(feed) if mergeable else 1
             room = (self.calib_size - taken) if self.calib_size else rows
             if room >= rows:

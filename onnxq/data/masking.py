@@ -3,15 +3,20 @@
 A model input is taken as the attention mask when it is an integer (or bool) 2-D input whose name contains
 "mask" (one with "att" in it preferred, e.g. ``attention_mask``). A layer input whose leading two dimensions
 equal the mask's (batch, tokens) keeps only the rows of real tokens (mask != 0); any other layer input (a
-Conv's, a Gemm's flattened rows, a per-head tensor) is left whole.
+Conv's, a Gemm's flattened rows, a per-head tensor) is left whole. Because padding rows never reach the
+statistics, samples of different lengths can share one onnxruntime run: ``pad_tokens`` pads them to the
+batch's longest (mask 0) instead of running one batch per length.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from onnxq.data.sources import Feed, InputSpec
-from onnxq.graph.layers import Layer
+if TYPE_CHECKING:  # sources.py imports this module to batch token feeds
+    from onnxq.data.sources import Feed, InputSpec
+    from onnxq.graph.layers import Layer
 
 
 def attention_mask_name(inputs: list[InputSpec]) -> str | None:
@@ -31,3 +36,36 @@ def token_rows(x: np.ndarray, layer: Layer, mask: np.ndarray | None) -> np.ndarr
     if mask is None or layer.op_type == "Conv" or x.ndim < 3 or x.shape[:2] != mask.shape:
         return x
     return x[mask]
+
+
+def token_inputs(inputs: list[InputSpec], mask_name: str | None) -> list[str]:
+    """The inputs laid out (batch, tokens, ...) with a dynamic token axis, the mask included; [] without a mask."""
+    if mask_name is None:
+        return []
+    return [s.name for s in inputs if len(s.shape) >= 2 and s.shape[1] is None]
+
+
+def can_pad(a: Feed, b: Feed, mask_name: str, tokens: list[str]) -> bool:
+    """Whether two feeds differ only in their token count: every token input has the mask's token count and
+    every other dimension matches."""
+    def fits(feed: Feed) -> bool:
+        count = np.shape(feed[mask_name])[1]
+        return all(np.ndim(feed[name]) >= 2 and np.shape(feed[name])[1] == count for name in tokens)
+
+    if mask_name not in tokens or not (fits(a) and fits(b)):
+        return False
+    return all(np.shape(a[k])[2:] == np.shape(b[k])[2:] if k in tokens else np.shape(a[k])[1:] == np.shape(b[k])[1:]
+               for k in a)
+
+
+def pad_tokens(feeds: list[Feed], tokens: list[str]) -> list[Feed]:
+    """The feeds with every token input zero-padded on the right to the longest (the mask's zeros mark the
+    padding, so the statistics drop those rows)."""
+    longest = max(np.shape(feed[tokens[0]])[1] for feed in feeds)
+    padded = []
+    for feed in feeds:
+        extra = longest - np.shape(feed[tokens[0]])[1]
+        padded.append(feed if not extra else {
+            k: np.pad(v, [(0, 0), (0, extra)] + [(0, 0)] * (v.ndim - 2)) if k in tokens else v
+            for k, v in feed.items()})
+    return padded

@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxq.data.images import ImagePreprocessing, list_images, read_image
+from onnxq.data.masking import attention_mask_name, can_pad, pad_tokens, token_inputs
 from onnxq.data.npz import load_npy, load_npz
 from onnxq.data.presets import DEFAULT_SIZE, SIZE_METADATA_KEY, from_metadata
 from onnxq.errors import OnnxqError, first_line
@@ -284,13 +285,18 @@ def is_mergeable(inputs: list[InputSpec]) -> bool:
     return all(spec.shape and spec.shape[0] is None for spec in inputs)
 
 
-def batches(feeds: Iterable[Feed], inputs: list[InputSpec], batch_size: int, limit: int | None) -> Iterator[Feed]:
+def batches(feeds: Iterable[Feed], inputs: list[InputSpec], batch_size: int, limit: int | None,
+            pad: bool = False) -> Iterator[Feed]:
     """Validated feeds regrouped into batches of ``batch_size`` samples, at most ``limit`` samples in all.
 
     Feeds are only merged when every input has a dynamic leading (batch) axis; otherwise each feed is one
-    sample and is passed through as it is.
+    sample and is passed through as it is. With ``pad``, token feeds of different lengths (a model with an
+    attention mask) are padded to the batch's longest instead of run one length at a time (for statistics,
+    which drop padding rows; outputs compared token by token would see the padding).
     """
     mergeable = is_mergeable(inputs)
+    mask_name = attention_mask_name(inputs)
+    tokens = token_inputs(inputs, mask_name) if pad else []
     pending: list[Feed] = []
     taken = 0
     for raw in feeds:
@@ -301,18 +307,19 @@ def batches(feeds: Iterable[Feed], inputs: list[InputSpec], batch_size: int, lim
             rows = limit - taken
         if rows <= 0:
             break
-        if pending and not _same_shapes(pending[0], feed):
-            yield _concat(pending)
+        if pending and not _same_shapes(pending[0], feed) and not (tokens and can_pad(pending[0], feed, mask_name,
+                                                                                      tokens)):
+            yield _concat(pending, tokens)
             pending = []
         pending.append(feed)
         taken += rows
         if not mergeable or sum(feed_samples(f) for f in pending) >= batch_size:
-            yield _concat(pending)
+            yield _concat(pending, tokens)
             pending = []
         if limit is not None and taken >= limit:
             break
     if pending:
-        yield _concat(pending)
+        yield _concat(pending, tokens)
     if taken == 0:
         raise OnnxqError("the calibration data is empty; pass at least one sample")
 
@@ -326,5 +333,15 @@ def _same_shapes(a: Feed, b: Feed) -> bool:
     return all(a[k].shape[1:] == b[k].shape[1:] for k in a)
 
 
-def _concat(feeds: list[Feed]) -> Feed:
-    return feeds[0] if len(feeds) == 1 else {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+def merge_feeds(feeds: list[Feed], inputs: list[InputSpec]) -> Feed:
+    """Batched feeds as one (token inputs of different lengths padded to the longest)."""
+    return _concat(feeds, token_inputs(inputs, attention_mask_name(inputs)))
+
+
+def _concat(feeds: list[Feed], tokens: list[str]) -> Feed:
+    """One feed of the feeds' samples; token inputs padded to the longest when their lengths differ."""
+    if len(feeds) == 1:
+        return feeds[0]
+    if tokens and not all(_same_shapes(feeds[0], f) for f in feeds[1:]):
+        feeds = pad_tokens(feeds, tokens)
+    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
