@@ -303,7 +303,7 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
         replaced = {}
         for layer in layers:
             replaced.update(verifier.replacement(layer, weights[layer.name]))
-        return verifier.loss(replaced)
+        return verifier.constant_loss(replaced)
 
     plan = allocate_bits(layers, choices, budget, omega, fixed_bytes, float_bytes, estimator, time_limit, macs,
                          blocks, measure if verifier is not None else None)
