@@ -440,6 +440,7 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     per_layer = [widths[layer.name] for layer in layers]
     method = options.method + ("+bias_correction" if slots else "") + ("+shrinkage" if options.shrinkage else "")
     method += "+held_out"  # sensitivities on samples the statistics did not use
+    method += "+estimated_widths" if options.sensitivity != "exact" else ""  # clado.measured_widths
     key = cache_key(fingerprint, per_layer, method, options.sensitivity, options.clado_samples)
     macs = layer_macs(layers, stats) if options.prefer == "speed" else None
     rounded_sequentially: dict[tuple, dict[str, tuple[QuantWeight, float]]] = {}
@@ -457,7 +458,7 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
                                       options.sensitivity_cache, key, options.clado_time_limit, progress, macs,
                                       (lambda: oracle(options.verify_samples)) if options.verify_samples else None,
                                       (lambda bits: {n: qw for n, (qw, _) in sequential_weights(bits).items()})
-                                      if options.sequential else None)
+                                      if options.sequential else None, {k: err for k, (_, err) in candidates.items()})
     if options.sequential:
         return plan, sequential_weights(plan.bits)
     return plan, {name: candidates[(name, b)] for name, b in plan.bits.items()}
