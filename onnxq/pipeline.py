@@ -602,6 +602,7 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
     shrinkage = "+shrinkage" if config.rounding.shrinkage else ""
     method = config.rounding.method + ("+bias_correction" if slots else "") + shrinkage
     method += "+held_out"  # sensitivities on samples the statistics did not use
+    method += "+estimated_widths" if mixed.sensitivity != "exact" else ""  # clado.measured_widths
     key = cache_key(fingerprint, per_layer, method, mixed.sensitivity, mixed.samples)
     macs = layer_macs(layers, stats) if prefer(config) == "speed" else None
     rounded_sequentially: dict[tuple, dict[str, tuple[QuantWeight, float]]] = {}
@@ -619,7 +620,7 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
                                       mixed.sensitivity_cache, key, mixed.time_limit, progress, macs,
                                       (lambda: oracle(verify_samples(config))) if verify_samples(config) else None,
                                       (lambda bits: {n: qw for n, (qw, _) in sequential_weights(bits).items()})
-                                      if sequential else None)
+                                      if sequential else None, {k: err for k, (_, err) in candidates.items()})
     if not keep_weights:
         return plan, {}
     if sequential:

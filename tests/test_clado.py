@@ -269,3 +269,30 @@ def test_large_instance_returns_within_time_limit() -> None:
     assert res.status == "optimal" or res.gap > 0
     naive = allocate_diagonal(Omega, cands, budget)
     assert res.objective <= quadratic_value(Omega, cands, naive.choice) + 1e-12
+
+
+def test_measured_widths_are_those_up_to_four_bits_or_the_narrowest() -> None:
+    assert clado.measured_widths((2, 3, 4, 8)) == (2, 3, 4)
+    assert clado.measured_widths((8, 4, 2)) == (2, 4)
+    assert clado.measured_widths((4, 8)) == (4,)
+    assert clado.measured_widths((5, 6, 8)) == (5,)
+    assert clado.measured_widths((8,)) == (8,)
+
+
+def test_wider_widths_scale_with_the_rounding_error_from_the_widest_measured_one() -> None:
+    """A loss increase that is linear in the rounding error above 4 bits is reproduced exactly, and the output
+    change of an estimated width is its source's scaled by sqrt(error ratio)."""
+    bits = (2, 3, 4, 6, 8)
+    cands = Candidates.uniform(bits, np.ones((3, len(bits))))
+    rng = np.random.default_rng(0)
+    errors = {(i, b): float(rng.uniform(0.5, 2.0) * 4.0 ** -b) for i in range(3) for b in bits}
+    slope = (1.0, 5.0, 0.2)
+    measured = {(i, b): slope[i] * errors[(i, b)] ** 1.4 for i in range(3) for b in clado.measured_widths(bits)}
+    estimates = clado.estimated_singles(cands, measured, errors)
+    assert set(estimates) == {(i, b) for i in range(3) for b in (6, 8)}
+    for (i, b), estimate in estimates.items():
+        assert estimate.source == (i, 4)
+        assert estimate.ratio == pytest.approx(errors[(i, b)] / errors[(i, 4)])
+        assert estimate.increase == pytest.approx(measured[(i, 4)] * errors[(i, b)] / errors[(i, 4)], rel=1e-12)
+    with pytest.raises(ValueError, match="no measured width"):
+        clado.estimated_singles(cands, {(0, 2): 1.0}, errors)

@@ -65,6 +65,19 @@ def test_oracle_weights_as_inputs_reproduce_the_model(tmp_path):
     assert oracle.loss(zeroed) > 0
 
 
+def test_whole_allocations_on_constant_weights_match_the_fed_weights():
+    model = prepare(tiny.cnn_model())
+    layers, _ = find_layers(model)
+    rng = np.random.default_rng(1)
+    oracle = LossOracle(model, layers, [{"x": rng.normal(size=(4, 3, 16, 16)).astype(np.float32)} for _ in range(2)])
+    replaced = {layer.weight: (oracle.float_weights[layer.weight] * rng.uniform(0.5, 1.5)).astype(np.float32)
+                for layer in layers}
+    fed = oracle.outputs(replaced)
+    assert not np.allclose(fed, oracle.reference, rtol=1e-3)
+    np.testing.assert_allclose(oracle.constant_outputs(replaced), fed, rtol=1e-5, atol=1e-5 * np.abs(fed).max())
+    assert oracle.constant_loss(replaced) == pytest.approx(oracle.loss(replaced), rel=1e-5)
+
+
 def test_cli_rejects_two_budgets(tmp_path, cnn_path, cnn_calib):
     import subprocess
     import sys

@@ -10,11 +10,12 @@ from test_sequential import branching_model, residual_model
 from test_transformer import sample, transformer
 
 from onnxq.allocation.oracle import LossOracle
+from onnxq.calibration.capture import CaptureEngine
 from onnxq.data.sources import model_inputs
 from onnxq.graph.bias import bias_slots, output_shift, with_zero_biases
 from onnxq.graph.layers import find_layers
 from onnxq.graph.prepare import prepare
-from onnxq.graph.suffix import SuffixProbes, downstream_nodes, suffix_of
+from onnxq.graph.suffix import SuffixProbes, downstream_nodes, prefix_of, suffix_of
 from onnxq.passes import Grid, rtn
 
 
@@ -76,3 +77,14 @@ def test_suffix_holds_only_the_downstream_nodes_and_feeds_the_replaced_weight():
     assert names[0] == last.name and suffix.fed == [last.weight]
     assert last.weight not in {t.name for t in suffix.model.graph.initializer}
     assert last.activation in suffix.boundary
+
+
+def test_a_capture_prefix_runs_only_the_nodes_its_tensors_need_and_gives_their_values():
+    model = prepare(branching_model())
+    layers, _ = find_layers(model)
+    early = layers[-1].activation
+    prefix = prefix_of(model, [early])
+    assert 0 < len(prefix.graph.node) < len(model.graph.node)
+    feed = random_feeds(model, np.random.default_rng(2), batches=1)[0]
+    got = CaptureEngine(prefix, [early]).values(feed)[early]
+    np.testing.assert_allclose(got, CaptureEngine(model, [early]).values(feed)[early], rtol=1e-6)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,13 +149,24 @@ def save_omega(path: Path | None, key: str, omega: np.ndarray) -> None:
 
 def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidates,
                   candidates: dict[tuple[str, int], QuantWeight], estimator: str,
-                  progress: Callable | None) -> np.ndarray:
-    """Measure Omega: single-layer losses always; pairs for "exact"; Fisher cross terms for "fast"."""
+                  progress: Callable | None, errors: Mapping[tuple[str, int], float] | None = None) -> np.ndarray:
+    """Measure Omega: single-layer losses always; pairs for "exact"; Fisher cross terms for "fast".
+
+    With ``errors`` (each candidate's rounding error) the fast estimator measures only each layer's
+    ``clado.measured_widths`` and estimates the other widths' losses and output changes from those errors
+    (``clado.estimated_singles``): for {2, 3, 4, 8} the 8-bit losses scale from the 4-bit ones, a quarter fewer
+    forward passes, the same allocations on SqueezeNet and MobileNet v1. The exact estimator measures every width.
+    """
     plan = clado.evaluation_plan(cands)
     pairs = plan.pairs if estimator == "exact" else []
-    total = len(plan.singles) + len(pairs)
-    log.info("measuring sensitivities: %d forward passes of %d samples", total + 1, len(oracle.reference))
-    tensors = {(i, b): oracle.replacement(layers[i], candidates[(layers[i].name, b)]) for i, b in plan.singles}
+    singles = plan.singles
+    if errors is not None and estimator != "exact":
+        singles = [(i, b) for i, b in singles if b in clado.measured_widths(cands.bits[i])]
+    total = len(singles) + len(pairs)
+    skipped = len(plan.singles) - len(singles)
+    log.info("measuring sensitivities: %d forward passes of %d samples%s", total + 1, len(oracle.reference),
+             f" ({skipped} more widths estimated from their rounding errors)" if skipped else "")
+    tensors = {(i, b): oracle.replacement(layers[i], candidates[(layers[i].name, b)]) for i, b in singles}
     single, deltas, pair = {}, {}, {}
     reference_loss = oracle.loss_of_outputs(oracle.reference)
     with (progress(total, "sensitivity") if progress else NoProgress()) as bar:
@@ -167,6 +178,13 @@ def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidat
         for a, b in pairs:
             pair[(a, b)] = oracle.loss({**tensors[a], **tensors[b]})
             bar.update(1)
+    if skipped:
+        increases = {key: value - reference_loss for key, value in single.items()}
+        by_index = {(i, b): errors[(layers[i].name, b)] for i, b in plan.singles}
+        for key, estimate in clado.estimated_singles(cands, increases, by_index).items():
+            single[key] = reference_loss + estimate.increase
+            if estimate.source in deltas:
+                deltas[key] = deltas[estimate.source] * np.float32(np.sqrt(estimate.ratio))
     omega = clado.sensitivity_matrix(cands, reference_loss, single, pair)
     if estimator == "fast" and deltas:
         omega = clado.with_diagonal(clado.fisher_sensitivity(cands, deltas, oracle.probabilities), np.diag(omega))
@@ -276,11 +294,13 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
                                cache: Path | None, key: str, time_limit: float,
                                progress: Callable | None, macs: dict[str, float] | None = None,
                                verifier_factory: Callable[[], LossOracle] | None = None,
-                               weights_for: Callable[[dict[str, int]], dict[str, QuantWeight]] | None = None
-                               ) -> MixedPlan:
+                               weights_for: Callable[[dict[str, int]], dict[str, QuantWeight]] | None = None,
+                               errors: Mapping[tuple[str, int], float] | None = None) -> MixedPlan:
     """Measure (or reload) Omega, then allocate widths under the budget; with ``verifier_factory``, check the
     result against the diagonal-only and uniform allocations by measuring each on that oracle's samples, with
-    the weights ``weights_for`` gives an allocation (default: the candidates; sequential rounding differs)."""
+    the weights ``weights_for`` gives an allocation (default: the candidates; sequential rounding differs).
+    With ``errors`` (the candidates' rounding errors) some widths are estimated, not measured (``measure_omega``).
+    """
     if estimator not in ESTIMATORS:
         raise OnnxqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
@@ -293,7 +313,7 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
         oracle = oracle_factory()
         cands = candidates_for(layers, choices)
         measured = "fast" if estimator == "diagonal" else estimator  # the Fisher terms cost no extra passes
-        omega = measure_omega(oracle, layers, cands, candidates, measured, progress)
+        omega = measure_omega(oracle, layers, cands, candidates, measured, progress, errors)
         evaluations = oracle.evaluations
         save_omega(cache, key, omega)
     measured = time.perf_counter() - start
@@ -307,7 +327,7 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
         replaced = {}
         for layer in layers:
             replaced.update(verifier.replacement(layer, weights[layer.name]))
-        return verifier.loss(replaced)
+        return verifier.constant_loss(replaced)
 
     plan = allocate_bits(layers, choices, budget, omega, fixed_bytes, float_bytes, estimator, time_limit, macs,
                          blocks, measure if verifier is not None else None)
