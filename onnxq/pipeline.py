@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxq.allocation.distributed import Cluster
 from onnxq.allocation.mixed import (
     Budget,
     MixedPlan,
@@ -126,6 +127,8 @@ class Options:
     verify_samples: int = 512  # held-out samples to check the allocation on vs diagonal-only and uniform (0: off)
     sensitivity_cache: Path | None = None
     bits_json: Path | None = None
+    workers: int | None = None  # sensitivity probes in this many local Ray workers
+    ray_address: str | None = None  # ... or on this Ray cluster
 
 
 def options_from(config: Config) -> Options:
@@ -149,6 +152,7 @@ def options_from(config: Config) -> Options:
         flat.bit_choices, flat.sensitivity, flat.clado_samples = mixed.bit_choices, mixed.sensitivity, mixed.samples
         flat.clado_time_limit, flat.sensitivity_cache = mixed.time_limit, mixed.sensitivity_cache
         flat.verify_samples = DEFAULT_VERIFY_SAMPLES if mixed.verify_samples is None else mixed.verify_samples
+        flat.workers, flat.ray_address = mixed.workers, mixed.ray_address
     return flat
 
 
@@ -457,7 +461,9 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
                                       options.sensitivity_cache, key, options.clado_time_limit, progress, macs,
                                       (lambda: oracle(options.verify_samples)) if options.verify_samples else None,
                                       (lambda bits: {n: qw for n, (qw, _) in sequential_weights(bits).items()})
-                                      if options.sequential else None)
+                                      if options.sequential else None,
+                                      Cluster(options.workers, options.ray_address)
+                                      if options.workers or options.ray_address else None)
     if options.sequential:
         return plan, sequential_weights(plan.bits)
     return plan, {name: candidates[(name, b)] for name, b in plan.bits.items()}

@@ -106,7 +106,7 @@ def sample_flag(spec: cfg.Spec) -> tuple[list[str], object]:
     if spec.choices:
         value = next((c for c in reversed(spec.choices) if c != spec.default), spec.choices[0])
         return [spec.flag, str(value)], value
-    value = {"int": 3, "float": 2.5}[spec.kind]
+    value = {"int": 3, "float": 2.5, "str": "auto"}[spec.kind]  # free text: --ray-address
     return [spec.flag, str(value)], value
 
 
