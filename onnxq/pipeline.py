@@ -342,6 +342,8 @@ def quantize_model(model_path: str | Path, calib: object, output: str | Path, co
     model_path, output = Path(model_path), Path(output)
     check_outputs(model_path, {"-o": output, "--stats": options.stats, "--sensitivity-cache": options.sensitivity_cache,
                                "--bits-json": options.bits_json if options.budget.is_set() else None})
+    if options.workers or options.ray_address:
+        Cluster(options.workers, options.ray_address).check()  # Ray installed, the cluster reachable: before any work
     original, external = load_model_and_layout(model_path)
     model = without_inserted_casts(prepare(fit_opset(original)))
     del original  # a >2 GB model is held in memory several times over; drop the copies as soon as they are done

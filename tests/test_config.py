@@ -211,7 +211,7 @@ def test_everything_the_readme_shows_is_importable_from_onnxq():
     assert all(hasattr(onnxq, name) for name in names), sorted(n for n in names if not hasattr(onnxq, n))
 
 
-HEAVY = ("onnxruntime", "scipy", "matplotlib")
+HEAVY = ("onnxruntime", "scipy", "matplotlib", "ray")
 
 
 def test_importing_the_cli_and_the_package_stays_light():

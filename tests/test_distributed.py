@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 import onnxq
 from onnxq.allocation import probes
+from onnxq.errors import OnnxqError
 from onnxq.graph import suffix
 from onnxq.report.progress import NoProgress
 
@@ -107,3 +109,12 @@ def test_interrupted_distributed_run_resumes(runtime, tmp_path, cnn_path, cnn_ca
                              **OPTIONS)
     np.testing.assert_array_equal(resumed.mixed.omega, alone.mixed.omega)
     assert resumed.mixed.evaluations < alone.mixed.evaluations
+
+
+def test_unreachable_cluster_is_a_one_line_error(tmp_path, cnn_path, cnn_calib):
+    with socket.socket() as closed:  # a port nothing listens on once the socket is closed
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(OnnxqError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        onnxq.quantize(cnn_path, cnn_calib, tmp_path / "q.onnx", ray_address=f"127.0.0.1:{port}", **OPTIONS)
+    assert not (tmp_path / "q.onnx").exists()

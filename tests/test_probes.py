@@ -3,6 +3,8 @@ resumes from the probes it finished (no Ray needed)."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -84,6 +86,13 @@ def test_interrupted_measurement_resumes_from_finished_probes(tmp_path, cnn_path
     again = onnxq.quantize(cnn_path, cnn_calib, None, sensitivity_cache=cache, **OPTIONS)  # the complete matrix
     np.testing.assert_array_equal(again.mixed.omega, whole.mixed.omega)
     assert again.mixed.evaluations == total - 112 - 1
+
+
+def test_workers_without_ray_is_a_one_line_error_before_any_work(tmp_path, cnn_path, cnn_calib, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes the import fail
+    with pytest.raises(OnnxqError, match=r"need Ray, which is not installed: pip install 'onnxq\[distributed\]'"):
+        onnxq.quantize(cnn_path, cnn_calib, tmp_path / "q.onnx", workers=2, **OPTIONS)
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_workers_options_are_checked():

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +30,7 @@ from onnxq.graph.bias import BiasSlot
 from onnxq.graph.layers import Layer
 
 log = logging.getLogger("onnxq")
+REACH_SECONDS = 10.0  # to connect to a --ray-address host:port before handing it to Ray
 TASK_RETRIES = 3  # runs of a task after its worker dies (Ray's own retry of system failures)
 _ORACLES: dict[str, tuple[LossOracle, list[Layer]]] = {}  # per worker process: the oracle of the shipped spec
 
@@ -40,7 +44,24 @@ class Cluster:
     address: str | None = None
 
     def planned_workers(self) -> int:
+        """The workers the tasks are sized for (with an address and no ``workers``: the cluster's CPUs)."""
         return self.workers or 1 if self.address is None else self.workers or cluster_cpus()
+
+    def check(self) -> None:
+        """Before any work: Ray is installed, and a host:port address accepts connections."""
+        import_ray()
+        if self.address is not None:
+            check_reachable(self.address)
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Ray started (or joined) for the measurement; a runtime started here is shut down after it."""
+        started = connect(self)
+        try:
+            yield
+        finally:
+            if started:
+                import_ray().shutdown()
 
 
 @dataclass(frozen=True)
@@ -72,11 +93,25 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def check_reachable(address: str) -> None:
+    """A ``host:port`` address must accept a connection (Ray itself retries an unreachable one for minutes)."""
+    match = re.fullmatch(r"([\w.-]+|\[[0-9a-fA-F:]+\]):(\d+)", address)
+    if match is None:
+        return  # auto, ray://..., or a form Ray resolves itself
+    try:
+        socket.create_connection((match[1].strip("[]"), int(match[2])), timeout=REACH_SECONDS).close()
+    except OSError as err:
+        raise OnnxqError(f"cannot reach the Ray cluster at {address} ({err.strerror or err}); start it with "
+                         "`ray start --head` or check --ray-address") from err
+
+
 def connect(cluster: Cluster) -> bool:
     """Start (or join) the Ray runtime; True when this call started it (and so must shut it down)."""
     ray = import_ray()
     if ray.is_initialized():
         return False
+    if cluster.address is not None:
+        check_reachable(cluster.address)
     try:
         if cluster.address is not None:
             ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -127,9 +162,8 @@ def evaluate_on_ray(cluster: Cluster, oracle: LossOracle, layers: list[Layer],
                     tensors: dict[tuple[int, int], dict[str, np.ndarray]], tasks: list[Task],
                     keep_deltas: bool) -> Iterator[list[Finished]]:
     """Each task's results as it finishes, in completion order; pending tasks are cancelled when the caller
-    stops early (an error or Ctrl-C), and a runtime this call started is shut down."""
+    stops early (an error or Ctrl-C). Runs inside ``cluster.session()``."""
     ray = import_ray()
-    started = connect(cluster)
     pending: dict[Any, Task] = {}
     try:
         spec = ray.put(OracleSpec(oracle.model, layers, oracle.feeds, oracle.labels, oracle.slots))
@@ -145,5 +179,3 @@ def evaluate_on_ray(cluster: Cluster, oracle: LossOracle, layers: list[Layer],
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
-        if started:
-            ray.shutdown()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,14 +185,15 @@ def run_probes(singles: list[Key], pairs: list[PairKey], keep_deltas: bool, bar,
     as it finishes). The journal is written every ``JOURNAL_SECONDS`` and when the measurement fails or is
     interrupted."""
     done = journal.load()
-    tasks = plan_tasks(singles, pairs, done, keep_deltas, cluster.planned_workers() if cluster else 1)
-    bar.update(len(singles) + len(pairs) - sum(task.size for task in tasks))
-    finished: Iterator[list[Finished]] = (evaluate_remote(tasks) if cluster is not None
-                                          else (evaluate_here(task) for task in tasks))
-    try:
-        for results in finished:
-            bar.update(journal.record(results))
-    except BaseException:  # Ctrl-C, a kill's SystemExit, a failed task: keep what finished
-        journal.flush()
-        raise
+    with cluster.session() if cluster is not None else nullcontext():
+        tasks = plan_tasks(singles, pairs, done, keep_deltas, cluster.planned_workers() if cluster else 1)
+        bar.update(len(singles) + len(pairs) - sum(task.size for task in tasks))
+        finished: Iterator[list[Finished]] = (evaluate_remote(tasks) if cluster is not None
+                                              else (evaluate_here(task) for task in tasks))
+        try:
+            for results in finished:
+                bar.update(journal.record(results))
+        except BaseException:  # Ctrl-C, a kill's SystemExit, a failed task: keep what finished
+            journal.flush()
+            raise
     return journal.results  # complete: the caller caches Omega itself
