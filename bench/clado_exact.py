@@ -63,15 +63,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_cluster(cpus: int) -> tuple[subprocess.Popen, str]:
+def start_cluster(cpus: int, temp: str) -> tuple[subprocess.Popen, str]:
     """``ray start --head --block`` with its own port and temp folder, in a session of its own so that it (and
     only it) can be stopped; returns the process and the address."""
     port = free_port()
-    temp = tempfile.mkdtemp(prefix="rb")
     ray = Path(sys.executable).with_name("ray")
     process = subprocess.Popen([str(ray), "start", "--head", "--block", f"--num-cpus={cpus}", f"--port={port}",
                                 f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "RAY_AUTH_MODE": "disabled"})  # as the driver: no token
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -165,12 +165,13 @@ def scaling_runs(name: str, stats: Path, excluded: list[str], samples: int, exac
     timing = []
     for label, count, where in runs:
         timing.append({"setup": label, "workers": count, **measure(name, stats, excluded, samples, **where)})
-    process, address = start_cluster(2)
-    try:
-        timing.append({"setup": "ray start --head (2 CPUs)", "workers": 2,
-                       **measure(name, stats, excluded, samples, ray_address=address)})
-    finally:
-        stop_cluster(process)
+    with tempfile.TemporaryDirectory(prefix="rb") as temp:  # short: Ray's socket paths live under it
+        process, address = start_cluster(2, temp)
+        try:
+            timing.append({"setup": "ray start --head (2 CPUs)", "workers": 2,
+                           **measure(name, stats, excluded, samples, ray_address=address)})
+        finally:
+            stop_cluster(process)
     base = timing[0]["probes"] / timing[0]["seconds"]
     for entry in timing:
         omega = entry.pop("omega")
