@@ -116,8 +116,8 @@ def connect(cluster: Cluster) -> bool:
         if cluster.address is not None:
             ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         else:
-            ray.init(num_cpus=cluster.workers or 1, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            ray.init(address="local", num_cpus=cluster.workers or 1, include_dashboard=False,  # not RAY_ADDRESS's
+                     log_to_driver=False, configure_logging=False)
     except ConnectionError as err:
         raise OnnxqError(f"cannot reach the Ray cluster at {cluster.address} ({err}); start it with "
                          "`ray start --head` or check --ray-address") from err
