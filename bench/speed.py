@@ -291,32 +291,28 @@ def comq_layer_times(work: Workload, tmp: Path, shown: int = 8) -> dict:
     """COMQ's CPU seconds per layer on the statistics of one default run, rounded as that run rounds them."""
     from threadpoolctl import threadpool_limits
 
-    from onnxq.calibration.stats_cache import cached_stats
     from onnxq.passes import Grid, comq
-    from onnxq.rounding.shrinkage import shrink_gram
 
-    stats_path, out = tmp / "layer_stats.npz", tmp / "out.onnx"
-    measure(onnxq_command(work.onnxq["default"], out, ("--stats", str(stats_path))), tmp / "job.log")
     flags = work.onnxq["default"]
     bits = int(flags[flags.index("--bits") + 1])
     block = int(flags[flags.index("--block-size") + 1]) if "--block-size" in flags else None
     first_last = int(flags[flags.index("--first-last-bits") + 1]) if "--first-last-bits" in flags else bits
-    model = prepare(onnx.load(str(work.model)))
-    layers, _ = find_layers(model)
-    stats = cached_stats(stats_path, layers)
+    batch = int(flags[flags.index("--batch-size") + 1])
+    config = onnxq.Config.from_options(bits=bits, calib_size=0, batch_size=batch)
+    with onnxq.open_run(work.model, work.samples, config) as run:  # the default run's statistics, as it makes them
+        stats = run.calibrate().layers
+        layers, model = run.layers, run.model
     inits = {t.name: t for t in model.graph.initializer}
     times = []
     with threadpool_limits(1):
         for index, layer in enumerate(layers):
             W = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
-            H = shrink_gram(stats[layer.name].centred_gram, stats[layer.name].rows)[0]
+            H = stats[layer.name].centred_gram  # (a run also shrinks Grams of few rows: same cost)
             width = first_last if index in (0, len(layers) - 1) else bits
             grid = Grid(width, False, block if len(layer.shape) == 2 else None)
             start = time.process_time()
             comq.quantize(W, H, grid)
             times.append((time.process_time() - start, layer.name, "x".join(map(str, W.shape))))
-    stats_path.unlink()
-    out.unlink()
     total = sum(t[0] for t in times)
     slowest = sorted(times, reverse=True)[:shown]
     click.echo(f"{work.name} COMQ: {total:.1f} CPU s over {len(times)} layers (one thread); slowest: "

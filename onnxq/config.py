@@ -156,6 +156,12 @@ class MixedPrecision(_Section):
                                "it stops early.", "--clado-time-limit", kind="float", minimum=0)
     sensitivity_cache: Path | None = option(None, "Cache file for the sensitivity matrix, so another budget "
                                             "skips the measurement.", "--sensitivity-cache", kind="path")
+    workers: int | None = option(None, "Measure the sensitivities in this many local worker processes, through "
+                                 "Ray (pip install 'onnxq[distributed]').", "--workers", kind="int", minimum=1,
+                                 shown="in this process")
+    ray_address: str | None = option(None, "Measure the sensitivities on the Ray cluster at this address "
+                                     "(host:port, or auto for the one `ray start` or RAY_ADDRESS names; "
+                                     f"{README} 'Distributed measurement').", "--ray-address")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxq.allocation.distributed import Cluster
 from onnxq.allocation.mixed import (
     Budget,
     MixedPlan,
@@ -167,6 +168,9 @@ def opened(model_path: str | Path, calib: object, config: Config, outputs: dict[
     exit)."""
     model_path = Path(model_path)
     check_outputs(model_path, outputs)
+    cluster = cluster_of(config)
+    if cluster is not None:
+        cluster.check()  # Ray installed, the cluster reachable: before any work
     original, external = load_model_and_layout(model_path)
     model = without_inserted_casts(prepare(fit_opset(original)))
     del original  # a >2 GB model is held in memory several times over; drop the copies as soon as they are done
@@ -192,6 +196,14 @@ def budget_of(config: Config) -> Budget:
     """The mixed-precision budget (unset without one)."""
     mixed = config.mixed
     return Budget(mixed.avg_bits, mixed.size_mb, mixed.size_ratio) if mixed is not None else Budget()
+
+
+def cluster_of(config: Config) -> Cluster | None:
+    """Where the sensitivity probes run: local Ray workers or a Ray cluster, else None (this process)."""
+    mixed = config.mixed
+    if mixed is None or not (mixed.workers or mixed.ray_address):
+        return None
+    return Cluster(mixed.workers, mixed.ray_address)
 
 
 def act_bits(config: Config) -> int | None:
@@ -620,7 +632,8 @@ def mixed_precision(model: onnx.ModelProto, model_path: Path, layers: list[Layer
                                       mixed.sensitivity_cache, key, mixed.time_limit, progress, macs,
                                       (lambda: oracle(verify_samples(config))) if verify_samples(config) else None,
                                       (lambda bits: {n: qw for n, (qw, _) in sequential_weights(bits).items()})
-                                      if sequential else None, {k: err for k, (_, err) in candidates.items()})
+                                      if sequential else None, {k: err for k, (_, err) in candidates.items()},
+                                      cluster_of(config))
     if not keep_weights:
         return plan, {}
     if sequential:

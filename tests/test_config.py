@@ -112,7 +112,7 @@ def sample_flag(spec: cfg.Spec) -> tuple[list[str], object]:
     if spec.choices:
         value = next((c for c in reversed(spec.choices) if c != spec.default), spec.choices[0])
         return [spec.flag, str(value)], value
-    value = {"int": 3, "float": 2.5}[spec.kind]
+    value = {"int": 3, "float": 2.5, "str": "auto"}[spec.kind]  # free text: --ray-address
     return [spec.flag, str(value)], value
 
 
@@ -216,7 +216,7 @@ def test_everything_the_readme_shows_is_importable_from_onnxq():
     assert all(hasattr(onnxq, name) for name in names), sorted(n for n in names if not hasattr(onnxq, n))
 
 
-HEAVY = ("onnxruntime", "scipy", "matplotlib")
+HEAVY = ("onnxruntime", "scipy", "matplotlib", "ray")
 
 
 def test_importing_the_cli_and_the_package_stays_light():

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxq.allocation.distributed import Cluster, evaluate_on_ray
 from onnxq.allocation.oracle import LossOracle
+from onnxq.allocation.probes import Finished, ProbeJournal, Task, run_probes
 from onnxq.config import WIDTHS
 from onnxq.data.npz import BadCache, CacheReader, looks_like_cache
 from onnxq.errors import OnnxqError
@@ -125,6 +127,8 @@ def load_omega(path: Path | None, key: str, size: int) -> np.ndarray | None:
                 log.warning("not reusing %s: it was measured for another model, data or options; measuring "
                             "sensitivities again", path)
                 return None
+            if "omega.npy" not in reader.names and "single_keys.npy" in reader.names:
+                return None  # the finished probes of an interrupted measurement: it resumes from them
             omega = reader.array("omega", (size, size)).astype(np.float64)
     except BadCache as err:
         log.warning("not reusing %s: %s; measuring sensitivities again", path, err)
@@ -149,8 +153,10 @@ def save_omega(path: Path | None, key: str, omega: np.ndarray) -> None:
 
 def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidates,
                   candidates: dict[tuple[str, int], QuantWeight], estimator: str,
-                  progress: Callable | None, errors: Mapping[tuple[str, int], float] | None = None) -> np.ndarray:
-    """Measure Omega: single-layer losses always; pairs for "exact"; Fisher cross terms for "fast".
+                  progress: Callable | None, errors: Mapping[tuple[str, int], float] | None = None,
+                  cluster: Cluster | None = None, journal: ProbeJournal | None = None) -> np.ndarray:
+    """Measure Omega: single-layer losses always; pairs for "exact"; Fisher cross terms for "fast". The probes
+    run in tasks (``probes.py``), here or on ``cluster``; ``journal`` keeps the finished ones.
 
     With ``errors`` (each candidate's rounding error) the fast estimator measures only each layer's
     ``clado.measured_widths`` and estimates the other widths' losses and output changes from those errors
@@ -167,17 +173,13 @@ def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidat
     log.info("measuring sensitivities: %d forward passes of %d samples%s", total + 1, len(oracle.reference),
              f" ({skipped} more widths estimated from their rounding errors)" if skipped else "")
     tensors = {(i, b): oracle.replacement(layers[i], candidates[(layers[i].name, b)]) for i, b in singles}
-    single, deltas, pair = {}, {}, {}
     reference_loss = oracle.loss_of_outputs(oracle.reference)
+    keep_deltas = estimator == "fast" and oracle.classifier
     with (progress(total, "sensitivity") if progress else NoProgress()) as bar:
-        for key, outputs in single_outputs(oracle, layers, tensors):
-            single[key] = oracle.loss_of_outputs(outputs)
-            if estimator == "fast" and oracle.classifier:
-                deltas[key] = (outputs - oracle.reference).astype(np.float32)
-            bar.update(1)
-        for a, b in pairs:
-            pair[(a, b)] = oracle.loss({**tensors[a], **tensors[b]})
-            bar.update(1)
+        found = run_probes(singles, pairs, keep_deltas, bar, journal or ProbeJournal(None, ""),
+                           lambda task: evaluate_task(oracle, layers, tensors, task, keep_deltas), cluster,
+                           lambda tasks: evaluate_on_ray(cluster, oracle, layers, tensors, tasks, keep_deltas))
+    single, deltas = dict(found.single), dict(found.deltas)
     if skipped:
         increases = {key: value - reference_loss for key, value in single.items()}
         by_index = {(i, b): errors[(layers[i].name, b)] for i, b in plan.singles}
@@ -185,10 +187,22 @@ def measure_omega(oracle: LossOracle, layers: list[Layer], cands: clado.Candidat
             single[key] = reference_loss + estimate.increase
             if estimate.source in deltas:
                 deltas[key] = deltas[estimate.source] * np.float32(np.sqrt(estimate.ratio))
-    omega = clado.sensitivity_matrix(cands, reference_loss, single, pair)
+    omega = clado.sensitivity_matrix(cands, reference_loss, single, found.pair)
     if estimator == "fast" and deltas:
         omega = clado.with_diagonal(clado.fisher_sensitivity(cands, deltas, oracle.probabilities), np.diag(omega))
     return omega
+
+
+def evaluate_task(oracle: LossOracle, layers: list[Layer], tensors: dict[tuple[int, int], dict[str, np.ndarray]],
+                  task: Task, keep_deltas: bool) -> list[Finished]:
+    """One task's probes in this process: each single's loss (and output change), each pair's loss."""
+    finished: list[Finished] = []
+    for key, outputs in single_outputs(oracle, layers, {key: tensors[key] for key in task.singles}):
+        delta = (outputs - oracle.reference).astype(np.float32) if keep_deltas else None
+        finished.append((key, oracle.loss_of_outputs(outputs), delta))
+    for a, b in task.pairs:
+        finished.append(((a, b), oracle.loss({**tensors[a], **tensors[b]}), None))
+    return finished
 
 
 def single_outputs(oracle: LossOracle, layers: list[Layer], tensors: dict[tuple[int, int], dict[str, np.ndarray]]
@@ -295,12 +309,13 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
                                progress: Callable | None, macs: dict[str, float] | None = None,
                                verifier_factory: Callable[[], LossOracle] | None = None,
                                weights_for: Callable[[dict[str, int]], dict[str, QuantWeight]] | None = None,
-                               errors: Mapping[tuple[str, int], float] | None = None) -> MixedPlan:
+                               errors: Mapping[tuple[str, int], float] | None = None,
+                               cluster: Cluster | None = None) -> MixedPlan:
     """Measure (or reload) Omega, then allocate widths under the budget; with ``verifier_factory``, check the
     result against the diagonal-only and uniform allocations by measuring each on that oracle's samples, with
     the weights ``weights_for`` gives an allocation (default: the candidates; sequential rounding differs).
-    With ``errors`` (the candidates' rounding errors) some widths are estimated, not measured (``measure_omega``).
-    """
+    With ``errors`` (the candidates' rounding errors) some widths are estimated, not measured (``measure_omega``);
+    with ``cluster`` the probes run as Ray tasks; with ``cache`` the finished ones are kept as they finish."""
     if estimator not in ESTIMATORS:
         raise OnnxqError(f"unknown sensitivity estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     limit, is_size = budget_bits(budget, layers, fixed_bytes, float_bytes)
@@ -313,7 +328,8 @@ def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers:
         oracle = oracle_factory()
         cands = candidates_for(layers, choices)
         measured = "fast" if estimator == "diagonal" else estimator  # the Fisher terms cost no extra passes
-        omega = measure_omega(oracle, layers, cands, candidates, measured, progress, errors)
+        journal = ProbeJournal(cache, key)
+        omega = measure_omega(oracle, layers, cands, candidates, measured, progress, errors, cluster, journal)
         evaluations = oracle.evaluations
         save_omega(cache, key, omega)
     measured = time.perf_counter() - start
