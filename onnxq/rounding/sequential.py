@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,10 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from onnxq.allocation.oracle import weights_as_inputs
-from onnxq.calibration.calibrate import batch_chunks, is_pointwise
+from onnxq.calibration.calibrate import is_pointwise
 from onnxq.calibration.capture import make_session
-from onnxq.calibration.gram import GRAM_BLOCK_ROWS
-from onnxq.calibration.unfold import unfold
+from onnxq.calibration.gram import add_columns, add_conv, add_pointwise
+from onnxq.calibration.unfold import unfold_columns
 from onnxq.data.masking import attention_mask_name, batch_mask, token_rows
 from onnxq.data.sources import Feed, feed_samples, model_inputs
 from onnxq.data.spill import STORE_BYTES, BatchStore
@@ -38,6 +39,12 @@ from onnxq.graph.bias import BiasSlot, replacement_tensors
 from onnxq.graph.layers import Layer
 from onnxq.graph.segments import Segment, plan_segments, segment_model
 from onnxq.passes.gram import centred_gram, overflow_shift
+from onnxq.rounding.paired_gram import (
+    PairedSums,
+    add_paired_columns,
+    add_paired_conv,
+    add_paired_pointwise,
+)
 
 TARGET_DAMP = 0.01  # ridge on S (fraction of its mean diagonal) when solving for W*: S is often rank-deficient
 
@@ -63,17 +70,29 @@ class PairedStats:
     def merge(self, x_quantized: np.ndarray, x_float: np.ndarray, layer: Layer, mask: np.ndarray | None,
               skip_error: np.ndarray | None = None) -> None:
         """Add one batch of the layer's input from both models (same samples, same order), and for a residual
-        layer the error of the skip its output is added to. Inputs so large that their float32 products could
-        overflow are summed scaled by an exact power of two (``passes.gram.overflow_shift``)."""
-        shift = max(overflow_shift(x_quantized), overflow_shift(x_float))
-        if not shift:
-            with np.errstate(invalid="ignore", over="ignore"):  # Inf activations: reported per layer later
-                self._merge(x_quantized, x_float, layer, mask, skip_error)
-            return
+        layer the error of the skip its output is added to. When the batch's float32 products overflow, it is
+        summed again scaled by an exact power of two (``passes.gram.overflow_shift``): checking the batch's sums
+        for that costs nothing, where measuring every input's largest value costs two passes over it."""
         part = PairedStats.empty(layer)
-        scaled = [None if x is None else np.ldexp(x, -shift).astype(np.float32)
-                  for x in (x_quantized, x_float, skip_error)]
-        part._merge(scaled[0], scaled[1], layer, mask, scaled[2])
+        with np.errstate(invalid="ignore", over="ignore"):  # overflow, or Inf activations (reported per layer later)
+            part._merge(x_quantized, x_float, layer, mask, skip_error)
+        shift = 0
+        if not part.finite:
+            shift = max(overflow_shift(x) for x in (x_quantized, x_float, skip_error) if x is not None)
+        if shift:
+            part = PairedStats.empty(layer)
+            scaled = [None if x is None else np.ldexp(x, -shift).astype(np.float32)
+                      for x in (x_quantized, x_float, skip_error)]
+            part._merge(scaled[0], scaled[0] if x_float is x_quantized else scaled[1], layer, mask, scaled[2])
+        self._add_scaled(part, shift)
+
+    @property
+    def finite(self) -> bool:
+        return all(np.isfinite(total).all() for total in (self.gram, self.cross, self.sum_quantized, self.sum_float,
+                                                          self.skip_cross, self.skip_sum) if total is not None)
+
+    def _add_scaled(self, part: PairedStats, shift: int) -> None:
+        """Add sums of inputs that were divided by ``2**shift``."""
         self.gram += np.ldexp(part.gram, 2 * shift)
         self.cross += np.ldexp(part.cross, 2 * shift)
         self.sum_quantized += np.ldexp(part.sum_quantized, shift)
@@ -92,37 +111,34 @@ class PairedStats:
         xq, xf = token_rows(x_quantized, layer, mask), token_rows(x_float, layer, mask)
         if skip_error is not None:
             self._add_skip(xq, token_rows(skip_error, layer, mask), layer)
-        if is_pointwise(layer):  # a 1x1 Conv's rows are its pixels: no im2col copy
-            self._add_pixels(xq.reshape(xq.shape[0], xq.shape[1], -1), xf.reshape(xf.shape[0], xf.shape[1], -1))
+        if x_quantized is x_float:  # nothing rounded above this layer yet: one Gram, which is also the cross
+            self._add_same(xq, layer)
             return
-        for chunk_q, chunk_f in zip(batch_chunks(xq, layer), batch_chunks(xf, layer), strict=True):
-            self._add_rows(unfold(layer, chunk_q), unfold(layer, chunk_f))
+        sums = PairedSums(self.gram, self.cross, self.sum_quantized, self.sum_float)
+        if is_pointwise(layer):
+            self.rows += add_paired_pointwise(sums, xq, xf)
+        elif layer.op_type == "Conv":
+            self.rows += add_paired_conv(sums, xq, xf, layer.conv, layer.groups)
+        else:
+            self.rows += add_paired_columns(sums, unfold_columns(layer, xq), unfold_columns(layer, xf))
 
-    def _add_rows(self, rows_q: np.ndarray, rows_f: np.ndarray) -> None:
-        """Add rows (G, rows, d) in blocks: ``x~^T x~`` (a float32 SYRK), ``x~^T x`` (a float32 GEMM) and the row
-        sums (float32 GEMVs, 8x faster than a float64 sum) per block, summed in float64."""
-        ones = np.ones(min(rows_q.shape[1], GRAM_BLOCK_ROWS), dtype=np.float32)
-        for start in range(0, rows_q.shape[1], GRAM_BLOCK_ROWS):
-            block_q = rows_q[:, start:start + GRAM_BLOCK_ROWS]
-            block_f = rows_f[:, start:start + GRAM_BLOCK_ROWS]
-            self.gram += np.matmul(block_q.transpose(0, 2, 1), block_q)
-            self.cross += np.matmul(block_q.transpose(0, 2, 1), block_f)
-            self.sum_quantized += np.matmul(ones[:block_q.shape[1]], block_q)
-            self.sum_float += np.matmul(ones[:block_f.shape[1]], block_f)
-        self.rows += rows_q.shape[1]
-
-    def _add_pixels(self, pixels_q: np.ndarray, pixels_f: np.ndarray) -> None:
-        """Add a pointwise Conv's pixels (N, d, pixels) straight from NCHW, sample by sample (no transposed copy)."""
-        ones = np.ones(min(pixels_q.shape[2], GRAM_BLOCK_ROWS), dtype=np.float32)
-        for sample_q, sample_f in zip(pixels_q, pixels_f, strict=True):
-            for start in range(0, sample_q.shape[1], GRAM_BLOCK_ROWS):
-                block_q = sample_q[:, start:start + GRAM_BLOCK_ROWS]
-                block_f = sample_f[:, start:start + GRAM_BLOCK_ROWS]
-                self.gram[0] += block_q @ block_q.T
-                self.cross[0] += block_q @ block_f.T
-                self.sum_quantized[0] += block_q @ ones[:block_q.shape[1]]
-                self.sum_float[0] += block_f @ ones[:block_f.shape[1]]
-        self.rows += pixels_q.shape[0] * pixels_q.shape[2]
+    def _add_same(self, x: np.ndarray, layer: Layer) -> None:
+        """Both streams are ``x``: the default's Gram kernel once, added to the Gram and the cross alike."""
+        gram, row_sum = np.zeros_like(self.gram), np.zeros_like(self.sum_quantized)
+        if is_pointwise(layer):
+            add_pointwise(gram, row_sum, x)
+            rows = x.size // x.shape[1]
+        elif layer.op_type == "Conv":
+            rows = add_conv(gram, row_sum, x, layer.conv, layer.groups)
+        else:
+            columns = unfold_columns(layer, x)
+            add_columns(gram, row_sum, columns)
+            rows = columns.shape[2]
+        self.gram += gram
+        self.cross += gram
+        self.sum_quantized += row_sum
+        self.sum_float += row_sum
+        self.rows += rows
 
     def _add_skip(self, xq: np.ndarray, error: np.ndarray, layer: Layer) -> None:
         """Add ``x~ e^T`` over rows that are the same pixels or tokens in the input and in the output."""
@@ -317,20 +333,19 @@ class StageCapture:
         self.feeds, self.folder, self.store_bytes = feeds, folder, store_bytes
         self.float_cut: BatchStore | None = None  # None: the feeds are the cut (first stage)
         self.quantized_cut: BatchStore | None = None  # None: the same as the float cut (nothing rounded yet)
+        self.spare: list[BatchStore] = []  # stores read to the end, cleared: their files are written over next
         self.masks: list[np.ndarray | None] = []
         self.samples = 0
+        self.threads = ThreadPoolExecutor(2, thread_name_prefix="onnxq-stream")  # the float and quantized runs
 
     def paired_stats(self, stage: Stage, replaced: dict[str, np.ndarray]) -> dict[str, PairedStats]:
         """Statistics of the stage's inputs, float model against the model with ``replaced`` tensors, and of
         the error of the stage's skips; moves both streams to the next boundary."""
         segment = next(self.segments)
         stats = {layer.name: PairedStats.empty(layer) for layer in stage.layers}
-        next_float = BatchStore(self.folder, self.store_bytes)
-        next_quantized = BatchStore(self.folder, self.store_bytes) if replaced else None
-        runner = SegmentRunner(self, segment)
-        for index, (float_cut, quantized_cut) in enumerate(self._cuts()):
-            floats = runner.run(float_cut, {})
-            quantized = runner.run(quantized_cut, replaced) if replaced else floats
+        next_float = self._new_store()
+        next_quantized = self._new_store() if replaced else None
+        for index, (floats, quantized) in enumerate(self._values(SegmentRunner(self, segment), replaced)):
             for layer in stage.layers:
                 xq = np.asarray(quantized[layer.activation], dtype=np.float32)
                 xf = np.asarray(floats[layer.activation], dtype=np.float32)
@@ -343,6 +358,29 @@ class StageCapture:
                 next_quantized.append({name: quantized[name] for name in segment.cut})
         self._advance(next_float, next_quantized)
         return stats
+
+    def _values(self, runner: SegmentRunner, replaced: dict[str, np.ndarray]) -> Iterator[tuple[dict, dict]]:
+        """Both streams' tensors (float, quantized), batch by batch. Each stream's segment runs on its own thread
+        (one onnxruntime thread each: no hand-offs between them), and the next batch's runs go on while the
+        caller adds up this one's statistics."""
+
+        def submit(float_cut: Feed, quantized_cut: Feed) -> tuple[Future, Future | None]:
+            runner.prepare(float_cut)
+            return (self.threads.submit(runner.run, float_cut, {}),
+                    self.threads.submit(runner.run, quantized_cut, replaced) if replaced else None)
+
+        def results(runs: tuple[Future, Future | None]) -> tuple[dict, dict]:
+            floats = runs[0].result()
+            return floats, floats if runs[1] is None else runs[1].result()
+
+        pending = None
+        for cuts in self._cuts():
+            runs = submit(*cuts)
+            if pending is not None:
+                yield results(pending)
+            pending = runs
+        if pending is not None:
+            yield results(pending)
 
     def _cuts(self) -> Iterator[tuple[Feed, Feed]]:
         """Both streams' cut, batch by batch; on the first stage, the feeds (whose masks are kept)."""
@@ -357,38 +395,52 @@ class StageCapture:
             float_cut = self.float_cut[index]
             yield float_cut, float_cut if quantized is self.float_cut else quantized[index]
 
+    def _new_store(self) -> BatchStore:
+        return self.spare.pop() if self.spare else BatchStore(self.folder, self.store_bytes)
+
     def _advance(self, next_float: BatchStore, next_quantized: BatchStore | None) -> None:
-        """Drop the boundary just read (deleting its spilled file) and keep the new one."""
-        self.close()
+        """Keep the new boundary; the one just read is cleared for the next stage to write over."""
+        for store in (self.float_cut, self.quantized_cut):
+            if store is not None:
+                store.clear()
+                self.spare.append(store)
         self.float_cut, self.quantized_cut = next_float, next_quantized
 
     def close(self) -> None:
-        for store in (self.float_cut, self.quantized_cut):
+        """Stop the stream threads and delete every store's file."""
+        self.threads.shutdown(cancel_futures=True)
+        for store in (self.float_cut, self.quantized_cut, *self.spare):
             if store is not None:
                 store.close()
 
 
 class SegmentRunner:
-    """One segment's onnxruntime session, built on its first batch (the cut's types come from the arrays)."""
+    """One segment's onnxruntime session (one thread: each stream runs on its own), made on the first batch
+    (the cut's types come from the arrays)."""
 
     def __init__(self, capture: StageCapture, segment: Segment) -> None:
         self.capture, self.segment = capture, segment
         self.session = None
         self.wanted: set[str] = set()
 
+    def prepare(self, cut: Feed) -> None:
+        """Make the session for cuts typed like this one, unless made already."""
+        if self.session is not None or not self.segment.outputs:
+            return
+        graph_types = {v.name: v.type for v in self.capture.fed_model.graph.input}
+        types = {name: graph_types.get(name) or onnx.helper.make_tensor_type_proto(
+            onnx.helper.np_dtype_to_tensor_dtype(np.asarray(cut[name]).dtype), None)
+            for name in self.segment.inputs}
+        model = segment_model(self.capture.fed_model, self.segment, types, self.capture.parameters)
+        self.session = make_session(model, threads=1)
+        self.wanted = {v.name for v in self.session.get_inputs()}
+
     def run(self, cut: Feed, replaced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The cut's tensors and the segment's outputs, the rounded layers fed ``replaced``."""
         values = dict(cut)
         if not self.segment.outputs:
             return values
-        if self.session is None:
-            graph_types = {v.name: v.type for v in self.capture.fed_model.graph.input}
-            types = {name: graph_types.get(name) or onnx.helper.make_tensor_type_proto(
-                onnx.helper.np_dtype_to_tensor_dtype(np.asarray(cut[name]).dtype), None)
-                for name in self.segment.inputs}
-            model = segment_model(self.capture.fed_model, self.segment, types, self.capture.parameters)
-            self.session = make_session(model)
-            self.wanted = {v.name for v in self.session.get_inputs()}
+        self.prepare(cut)
         given = {name: cut[name] for name in self.segment.inputs}
         given.update({k: v for k, v in {**self.capture.float_tensors, **replaced}.items() if k in self.wanted})
         values.update(zip(self.segment.outputs, self.session.run(self.segment.outputs, given), strict=True))
