@@ -402,7 +402,8 @@ def markdown(rows: list[dict], limits: list[dict], info: dict, layer_times: list
                          f"{m['calib_load']:.1f} |")
     for m in layer_times:
         lines += ["", f"COMQ on {m['model']}: {m['total_s']:.1f} CPU s over {m['layers']} layers (one BLAS thread, "
-                  "the default run's statistics); slowest layers:", "", "| layer | weight | CPU s |", "|---|---|---|"]
+                  "the default run's statistics); slowest layers:", "", "| layer | weight (out x in) | CPU s |",
+                  "|---|---|---|"]
         lines += [f"| {t['layer']} | {t['shape']} | {t['cpu_s']:.2f} |"
                   for t in sorted(m["per_layer"], key=lambda t: -t["cpu_s"])[:8]]
     return "\n".join(lines) + "\n"
