@@ -347,3 +347,17 @@ def test_concat_never_widens_a_folded_relu_range():
     assert zero_points["ra_zero_point"] == 0 and zero_points["cb_zero_point"] > 0  # Identity removed: cb feeds Concat
     feed = random_feed(model, (8, 3, 16, 16), seed=11)
     assert cosine(run(model, feed), run(quantized, feed)) > 0.999
+
+
+def test_two_bit_layers_keep_float_activations_so_onnxruntime_loads_the_model(tmp_path, cnn_path, cnn_calib):
+    """INT2 weights have no QLinear kernel: a W2A8 request writes 2-bit layers weight-only (was: a model
+    onnxruntime refused), while 4-bit layers still get their activation Q/DQ."""
+    import onnxq
+
+    for bits in (2, 4):
+        out = tmp_path / f"w{bits}a8.onnx"
+        onnxq.quantize(cnn_path, cnn_calib, out, bits=bits, act_bits=8, method="rtn")
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        session.run(None, {"x": np.ones((1, 3, 16, 16), np.float32)})
+        quantize_ops = [n for n in onnx.load(str(out)).graph.node if n.op_type == "QuantizeLinear"]
+        assert bool(quantize_ops) == (bits == 4)
