@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
+python bench/peers.py  # needs: pip install -e '.[peers]'
 python bench/pass_speed.py --bits 4 --repeat 3 --quality | tee bench/results/pass_speed.txt
 python bench/methods.py
 python bench/methods.py --bits 4,3 --methods gptq,comq --no-bias-correction --tag methods_no_bias_correction
@@ -27,3 +28,4 @@ python bench/prefer.py
 python bench/big_model.py  # writes a 2.4 GB model to a temporary folder; ~15 GB peak memory
 python bench/minilm.py  # needs: pip install -e '.[bench]'
 python bench/report_demo.py
+python bench/clado_exact.py --no-scaling  # needs: pip install -e '.[distributed]'; ~50 min with 2 workers
