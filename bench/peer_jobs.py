@@ -17,6 +17,7 @@ bench/peers.py so its CPU time and memory are measured alone (needs ``pip instal
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,7 +173,13 @@ def quark_job(model: Path, samples: Path, out: Path, weight_type: str, batch_siz
                                 activation_type=QuantType.QUInt8, weight_type=getattr(QuantType, weight_type),
                                 per_channel=True)
     reader = ArrayReader(sample_files(samples), input_name(model), batch_size)
-    ModelQuantizer(Config(global_quant_config=config)).quantize_model(str(model), str(out), reader)
+    with tempfile.TemporaryDirectory(prefix="quark-") as scratch:  # Quark writes quantized_info.csv into the cwd
+        cwd = os.getcwd()
+        os.chdir(scratch)
+        try:
+            ModelQuantizer(Config(global_quant_config=config)).quantize_model(str(model), str(out.resolve()), reader)
+        finally:
+            os.chdir(cwd)
 
 
 @main.command("quark-w8a8")
