@@ -42,6 +42,7 @@ from onnxq.calibration.stats_cache import (
 )
 from onnxq.config import DEFAULT_ACCURACY_LEVEL, DEFAULT_BITS, DEFAULT_VERIFY_SAMPLES, Config
 from onnxq.data.calibration_set import CalibrationSet
+from onnxq.data.masking import attention_mask_name
 from onnxq.data.preprocess_check import preprocessing_for
 from onnxq.data.sources import Feed, model_inputs
 from onnxq.errors import OnnxqError, first_line
@@ -261,7 +262,7 @@ def collect_statistics(run: Run, progress: Callable | None, gram: bool = True, k
             return cached
     with progress(None, "reading calibration data") if progress else NoProgress():
         samples = data.samples  # decoded and validated once, here
-    observer = HistogramObserver(tensors, None if histograms else ())
+    observer = HistogramObserver(tensors, None if histograms else (), attention_mask_name(data.inputs))
     if gram and layers:
         with (progress(samples, "calibrating") if progress else NoProgress()) as bar:
             stats = calibrate(run.model, layers, data.calibration(), on_batch=bar.update,

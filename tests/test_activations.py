@@ -361,3 +361,22 @@ def test_two_bit_layers_keep_float_activations_so_onnxruntime_loads_the_model(tm
         session.run(None, {"x": np.ones((1, 3, 16, 16), np.float32)})
         quantize_ops = [n for n in onnx.load(str(out)).graph.node if n.op_type == "QuantizeLinear"]
         assert bool(quantize_ops) == (bits == 4)
+
+
+def test_padding_tokens_do_not_widen_activation_ranges():
+    """Token tensors (batch, tokens, ...) drop the positions the attention mask zeroes, as the Gram statistics do;
+    tensors of another layout are kept whole."""
+    from onnxq.calibration.activations import HistogramObserver
+
+    tokens = np.zeros((2, 3, 4), np.float32)
+    tokens[0, 2] = tokens[1, 1:] = 100.0  # what a model computes at padding positions
+    tokens[0, 0, 0] = -1.0
+    scores = np.full((2, 5, 3, 3), 7.0, np.float32)  # attention scores: leading dims are not the mask's
+    feed = {"input_ids": np.ones((2, 3), np.int64), "attention_mask": np.array([[1, 1, 0], [1, 0, 0]])}
+    observer = HistogramObserver(["tokens", "scores"], mask_name="attention_mask")
+    observer.update({"tokens": tokens, "scores": scores}, feed)
+    assert (observer.hists["tokens"].low, observer.hists["tokens"].high) == (-1.0, 0.0)
+    assert observer.hists["scores"].high == 7.0
+    unmasked = HistogramObserver(["tokens"])
+    unmasked.update({"tokens": tokens}, feed)
+    assert unmasked.hists["tokens"].high == 100.0

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from onnxq.calibration.capture import capture
+from onnxq.data.masking import batch_mask
 from onnxq.data.sources import Feed
 from onnxq.errors import OnnxqError
 
@@ -202,16 +203,24 @@ def _methods(tensors: list[str], method: str, methods: dict[str, str] | None, pe
 
 
 class HistogramObserver:
-    """Keeps each tensor's exact range and, where asked, its running histogram."""
+    """Keeps each tensor's exact range and, where asked, its running histogram. With ``mask_name`` (a token
+    model's attention mask), tensors laid out (batch, tokens, ...) lose their padding positions first, as the Gram
+    statistics do: padded tokens would otherwise widen the ranges."""
 
-    def __init__(self, tensors: list[str], with_histogram: Collection[str] | None = None) -> None:
+    def __init__(self, tensors: list[str], with_histogram: Collection[str] | None = None,
+                 mask_name: str | None = None) -> None:
         self.tensors = tensors
         self.keep = set(tensors if with_histogram is None else with_histogram)
         self.hists = {name: RunningHistogram() for name in tensors}
+        self.mask_name = mask_name
 
     def update(self, values: dict[str, np.ndarray], feed: Feed) -> None:
+        mask = batch_mask(feed, self.mask_name)
         for name in self.tensors:
-            self.hists[name].add(values[name], histogram=name in self.keep)
+            value = values[name]
+            if mask is not None and value.ndim >= 2 and value.shape[:2] == mask.shape:
+                value = value[mask]
+            self.hists[name].add(value, histogram=name in self.keep)
 
 
 def activation_histograms(model: onnx.ModelProto, tensors: list[str], batches: Iterable[Feed],
