@@ -6,6 +6,7 @@ are imported inside the commands, so ``onnxq --help`` stays fast.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -115,6 +116,10 @@ PREPROCESSING_OPTIONS = [
 
 
 PREPROCESSING_NAMES = ("image_size", "resize", "mean", "std", "scale", "channel_order", "preprocess", "resize_mode")
+CALIB_AUGMENT = click.option(
+    "--calib-augment", type=click.IntRange(min=0), default=None, metavar="N",
+    help="Expand a folder of fewer than N images to N calibration samples: the images, then random crops and "
+         "flips of them, the same on every run. For a handful of images (README 'Calibration data').")
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -230,6 +235,10 @@ def config_from_flags(ctx: click.Context, extra: dict[str, Any] | None = None) -
              if name in OPTIONS and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
     given.update(extra or {})
     preprocessing = image_preprocessing(*(ctx.params[name] for name in PREPROCESSING_NAMES))
+    if ctx.params.get("calib_augment"):
+        from onnxq.data.images import ImagePreprocessing
+
+        preprocessing = dataclasses.replace(preprocessing or ImagePreprocessing(), augment=ctx.params["calib_augment"])
     if preprocessing is not None:
         given["preprocessing"] = preprocessing
     return Config.from_options(**given)
@@ -268,7 +277,7 @@ def quantize_command() -> click.Command:
     ]
     command = click.Command("quantize", callback=run_quantize, params=params, help=run_quantize.__doc__,
                             short_help="Quantize a model (the default command).")
-    for decorate in (*PREPROCESSING_OPTIONS,
+    for decorate in (*PREPROCESSING_OPTIONS, CALIB_AUGMENT,
                      click.option("--kernel-report", is_flag=True,
                                   help="After writing, list the onnxruntime kernel each layer runs as and time "
                                        "float vs quantized (median latency at batch 1 and 32)."),
@@ -327,7 +336,7 @@ def sweep_command() -> click.Command:
     ]
     command = click.Command("sweep", callback=run_sweep_command, params=params, help=run_sweep_command.__doc__,
                             short_help="Accuracy against size over several budgets and widths.")
-    for decorate in (*PREPROCESSING_OPTIONS,
+    for decorate in (*PREPROCESSING_OPTIONS, CALIB_AUGMENT,
                      click.option("-q", "--quiet", is_flag=True, help="No progress bars or lines, only the table."),
                      click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")):
         command = decorate(command)

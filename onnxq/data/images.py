@@ -20,6 +20,7 @@ MAX_SIDE = 8192  # crop and resize sides; a larger request is a typo, refused be
 MAX_PIXELS = MAX_SIDE * MAX_SIDE  # the resized image (before the crop) may not exceed this many pixels
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # how Pillow opens 16-bit greyscale PNGs
 CHANNELS = 3
+MAX_AUGMENTED = 100_000  # --calib-augment's upper bound (a typo guard)
 LETTERBOX_GREY = 114.0  # the padding value of YOLO's letterbox, on the 0..255 scale
 
 
@@ -41,6 +42,7 @@ class ImagePreprocessing:
     layout: str | None = None
     preset: str | None = None  # a name from onnxq.data.presets.PRESETS
     resize_mode: str | None = None  # crop (default) or letterbox (fit inside, pad with grey)
+    augment: int | None = None  # calibration only: a folder of fewer images is expanded to this many samples
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot describe an image, before any file is read or memory allocated."""
@@ -66,6 +68,8 @@ class ImagePreprocessing:
                              "BGR, NCHW or NHWC")
         if self.preset is not None:
             preset_fields(self.preset)
+        if self.augment is not None and not 0 <= self.augment <= MAX_AUGMENTED:
+            raise OnnxqError(f"--calib-augment {self.augment} is out of range; give 0 to {MAX_AUGMENTED} samples")
         if self.resize_mode is not None and self.resize_mode not in RESIZE_MODES:
             raise OnnxqError(f"unknown resize mode {self.resize_mode!r}; use {' or '.join(RESIZE_MODES)}")
 
@@ -101,6 +105,25 @@ class ImagePreprocessing:
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is an unreadable image
             with Image.open(path) as image:
                 pixels = self._pixels(image)
+        return self._normalised(pixels)
+
+    def load_augmented(self, path: Path, rng: np.random.Generator) -> np.ndarray:
+        """One random view of an image, as ``load`` returns it: a random crop of 8-100 % of its area with an
+        aspect ratio from 3/4 to 4/3, resized to the input size, flipped left-right half the time (the standard
+        training crop): a few images then cover the scales and positions a model sees in many."""
+        if None in (self.size, self.mean, self.std, self.scale, self.channel_order, self.layout, self.resize_mode):
+            return self.completed().load_augmented(path, rng)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        left, top, width, height = _random_crop_box(rgb.width, rgb.height, rng)
+        crop = rgb.crop((left, top, left + width, top + height)).resize(self.size[::-1], Image.Resampling.BILINEAR)
+        pixels = np.asarray(crop, dtype=np.float32)
+        return self._normalised(pixels[:, ::-1] if rng.random() < 0.5 else pixels)
+
+    def _normalised(self, pixels: np.ndarray) -> np.ndarray:
+        """(height, width, 3) pixels on the 0..255 scale to the model's layout, order, scale and normalisation."""
         if self.channel_order.upper() == "BGR":
             pixels = pixels[:, :, ::-1]
         values = (pixels * self.scale - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
@@ -141,6 +164,19 @@ class ImagePreprocessing:
         height, width = self.size
         left, top = (image.width - width) // 2, (image.height - height) // 2
         return image.crop((left, top, left + width, top + height))
+
+
+def _random_crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of a random crop: 8-100 % of the area, aspect 3/4 to 4/3 (ten tries, then the
+    largest centred square)."""
+    for _ in range(10):
+        area = rng.uniform(0.08, 1.0) * width * height
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        crop_w, crop_h = round(np.sqrt(area * aspect)), round(np.sqrt(area / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            return int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1)), crop_w, crop_h
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side, side
 
 
 def letterboxed(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

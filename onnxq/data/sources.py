@@ -26,6 +26,7 @@ from onnxq.data.presets import DEFAULT_SIZE, SIZE_METADATA_KEY, from_metadata
 from onnxq.errors import OnnxqError, first_line
 
 log = logging.getLogger("onnxq")
+AUGMENT_SEED = 0  # --calib-augment: the same random views on every run (the statistics cache relies on it)
 Feed = dict[str, np.ndarray]
 
 
@@ -169,7 +170,12 @@ def _feeds_from_path(path: Path, inputs: list[InputSpec], preprocessing: ImagePr
         return ({names[0]: load_npy(f)} for f in npy), len(npy)
     images = _spread(list_images(path))
     if images:
-        return _image_feeds(images, inputs, default_preprocessing(inputs, preprocessing)), len(images)
+        prep = default_preprocessing(inputs, preprocessing)
+        if prep.augment and len(images) < prep.augment:
+            log.info("expanding %d calibration images to %d samples: the images, then random crops and flips of "
+                     "them (--calib-augment)", len(images), prep.augment)
+            return _image_feeds(images, inputs, prep, prep.augment), prep.augment
+        return _image_feeds(images, inputs, prep), len(images)
     raise OnnxqError(f"no calibration data found in {path}; expected images (jpg/png/bmp/webp), .npy, .npz "
                      "or test_data_set_*/input_*.pb files")
 
@@ -218,21 +224,27 @@ def _tensor_array(tensor: onnx.TensorProto, file: Path) -> np.ndarray:
                          "write it with onnx.numpy_helper.from_array(...).SerializeToString()") from err
 
 
-def _image_feeds(files: list[Path], inputs: list[InputSpec], preprocessing: ImagePreprocessing) -> Iterator[Feed]:
+def _image_feeds(files: list[Path], inputs: list[InputSpec], preprocessing: ImagePreprocessing,
+                 augmented: int = 0) -> Iterator[Feed]:
+    """One feed per readable image; with ``augmented``, then random views of them (a fixed seed: the same
+    samples on every run) until that many samples in all."""
     if len(inputs) != 1:
         raise OnnxqError(f"an image folder can only feed a single-input model, this one has {len(inputs)}; "
                          "save the inputs as .npz files keyed by input name")
     if has_dynamic_image_size(inputs[0]):
         say_image_size(inputs[0], preprocessing)
-    good = 0
+    good = []
     for file in files:
         image = read_image(file, preprocessing)  # None (with a warning) for a file that is not a usable image
         if image is None:
             continue
-        good += 1
+        good.append(file)
         yield {inputs[0].name: image}
     if not good:
         raise OnnxqError("none of the calibration images could be read; check the files")
+    rng = np.random.default_rng(AUGMENT_SEED)
+    for index in range(augmented - len(good)):
+        yield {inputs[0].name: preprocessing.load_augmented(good[index % len(good)], rng)}
 
 
 @functools.lru_cache(maxsize=8)
