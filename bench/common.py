@@ -71,8 +71,8 @@ def top1(model: str | Path, x: np.ndarray, y: np.ndarray, batch: int = 50) -> fl
 def kl_to(reference: np.ndarray, quantized: np.ndarray) -> float:
     """Mean KL divergence of the quantized model's softmax from the reference's (moves with every image, so it
     is far less noisy than top-1 on 1300 images)."""
-    p_log = log_softmax(reference.astype(np.float64))
-    return float((np.exp(p_log) * (p_log - log_softmax(quantized.astype(np.float64)))).sum(1).mean())
+    p_log = log_softmax(reference.astype(np.float64), axis=1)
+    return float((np.exp(p_log) * (p_log - log_softmax(quantized.astype(np.float64), axis=1))).sum(1).mean())
 
 
 def scores(model: str | Path, x: np.ndarray, y: np.ndarray, reference: np.ndarray) -> dict:
