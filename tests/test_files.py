@@ -668,3 +668,25 @@ def test_a_full_temporary_folder_is_one_line_from_the_cli(tmp_path, cnn_path, cn
     assert exit_code.value.code == 1 and len(err.splitlines()) == 1
     assert "No space left on device writing /tmp/onnxq-x/in.onnx" in err and "TMPDIR" in err
     assert "internal error" not in err and not (tmp_path / "q.onnx").exists()
+
+
+def test_a_calibration_folder_is_hashed_once_per_process_until_it_changes(tmp_path, cnn_calib, monkeypatch):
+    """--stats and --sensitivity-cache both key on the folder: its files are read once, and again only when one
+    of them changes (size or modification time)."""
+    from onnxq.calibration import stats_cache
+
+    opened = []
+    real_open = open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(stats_cache, "_HASHED", {})
+    monkeypatch.setattr(stats_cache, "open", counting_open, raising=False)
+    first = stats_cache.data_identity(cnn_calib)
+    assert len(opened) == 20 and stats_cache.data_identity(cnn_calib) == first and len(opened) == 20
+    np.save(cnn_calib / "000.npy", np.zeros((1, 3, 16, 16), np.float32))
+    os.utime(cnn_calib / "000.npy", ns=(1, 1))  # a change the size alone would not show
+    changed = stats_cache.data_identity(cnn_calib)
+    assert len(opened) == 40 and changed["hash"] != first["hash"]

@@ -111,6 +111,9 @@ def model_fingerprint(model: onnx.ModelProto) -> str:
     return digest.hexdigest()[:32]
 
 
+_HASHED: dict[tuple, dict] = {}  # a calibration folder's listing (names, sizes, mtimes) -> its identity
+
+
 def data_identity(calib: object, ignore: list[Path] = ()) -> dict:
     """What the calibration data is: for a path, its files' relative names, sizes and contents' hash; for samples
     given in Python, a hash of their names, dtypes, shapes and values."""
@@ -120,13 +123,20 @@ def data_identity(calib: object, ignore: list[Path] = ()) -> dict:
         if not root.exists():
             raise OnnxqError(f"calibration path {root} does not exist; pass a folder of images or arrays")
         files = _data_files(root, {os.path.abspath(p) for p in ignore})
-        for file in files:
-            relative = file.name if file == root else file.relative_to(root).as_posix()
-            digest.update(json.dumps([relative, file.stat().st_size]).encode())
+        listing = tuple((file.name if file == root else file.relative_to(root).as_posix(), file.stat().st_size,
+                         file.stat().st_mtime_ns) for file in files)
+        if listing in _HASHED:  # the same files, unchanged, already hashed in this process (--stats, then the
+            return dict(_HASHED[listing])  # sensitivity cache's fingerprint, read the folder once, not twice)
+        for file, (relative, size, _) in zip(files, listing, strict=True):
+            digest.update(json.dumps([relative, size]).encode())
             with open(file, "rb") as handle:
                 while chunk := handle.read(1 << 20):
                     digest.update(chunk)
-        return {"files": len(files), "bytes": sum(f.stat().st_size for f in files), "hash": digest.hexdigest()[:32]}
+        identity = {"files": len(files), "bytes": sum(size for _, size, _ in listing), "hash": digest.hexdigest()[:32]}
+        if len(_HASHED) >= 8:
+            _HASHED.pop(next(iter(_HASHED)))
+        _HASHED[listing] = identity
+        return dict(identity)
     feeds = [calib] if isinstance(calib, dict) else calib
     for feed in feeds:
         if not isinstance(feed, dict):  # not a sample: calibration reports it, with the expected input names
