@@ -73,15 +73,27 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=16, show_default=True)
 def static(model: Path, samples: Path, out: Path, batch_size: int) -> None:
     """onnxruntime's pre-processing and W8A8 quantize_static (per channel, MinMax)."""
+    static_job(model, samples, out, batch_size, "QInt8", "QUInt8")
+
+
+def static_job(model: Path, samples: Path, out: Path, batch_size: int, weight_type: str, activation_type: str,
+               first_last_type: str | None = None) -> None:
+    """quant_pre_process, then quantize_static per channel with MinMax ranges; with ``first_last_type`` the first
+    and last weighted layers' weights get that type through TensorQuantOverrides."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     with tempfile.TemporaryDirectory(prefix="peer-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(model), str(prepared))
+        extra = {}
+        if first_last_type is not None:
+            ends = weighted_ends(onnx.load(str(prepared)))
+            extra["TensorQuantOverrides"] = {w: [{"quant_type": getattr(QuantType, first_last_type)}] for w in ends}
         reader = ArrayReader(sample_files(samples), input_name(prepared), batch_size)
         quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        activation_type=getattr(QuantType, activation_type),
+                        weight_type=getattr(QuantType, weight_type), calibrate_method=CalibrationMethod.MinMax,
+                        extra_options=extra)
 
 
 @main.command()
@@ -125,18 +137,7 @@ def feed_list(samples: Path, model: Path) -> list[dict[str, np.ndarray]]:
 @click.option("--batch-size", type=int, default=16, show_default=True)
 def static_int4(model: Path, samples: Path, out: Path, batch_size: int) -> None:
     """onnxruntime's int4 weights: quantize_static QInt4 per channel, first/last QInt8, QUInt16 activations."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
-
-    with tempfile.TemporaryDirectory(prefix="peer-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(model), str(prepared))
-        first, last = weighted_ends(onnx.load(str(prepared)))
-        overrides = {w: [{"quant_type": QuantType.QInt8}] for w in (first, last)}
-        reader = ArrayReader(sample_files(samples), input_name(prepared), batch_size)
-        quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt16, weight_type=QuantType.QInt4,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"TensorQuantOverrides": overrides})
+    static_job(model, samples, out, batch_size, "QInt4", "QUInt16", first_last_type="QInt8")
 
 
 @main.command("nncf-w8a8")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from common import MODELS, calib_arrays, logits, model_path, require_shared, save_results, scores, val_set
-from speed import IMAGE_BATCH, PEERS_SCRIPT, write_samples
+from speed import IMAGE_BATCH, PEERS_SCRIPT, run_child, write_samples
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 SPEED_BATCH = 32
@@ -59,19 +58,6 @@ def jobs(model: Path, samples: Path) -> dict[str, tuple[str, list[str]]]:
         "NNCF quantize W8A8": ("w8a8", [*peer, "nncf-w8a8", str(model), str(samples), "{out}"]),
         "Quark W8A8": ("w8a8", [*peer, "quark-w8a8", str(model), str(samples), "{out}"]),
     }
-
-
-def run_measured(command: list[str], log: Path) -> tuple[float, float, str | None]:
-    """Run a job: (CPU s of its process tree, wall s, None) or, when it fails, the last line of its output."""
-    start = time.perf_counter()
-    with log.open("w") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status):
-        lines = [line for line in log.read_text().splitlines() if line.strip()]
-        return 0.0, wall, (lines[-1][:200] if lines else "no output")
-    return usage.ru_utime + usage.ru_stime, wall, None
 
 
 def stored_weights(path: Path) -> str:
@@ -149,7 +135,7 @@ def compare_model(name: str, count: int, val_limit: int | None, tmp: Path) -> li
              "kl": 0.0, "size_mb": round(file_size(model), 2)}]
     for label, (kind, command) in jobs(model, samples).items():
         out = tmp / f"{name}-{len(rows)}.onnx"
-        cpu, wall, error = run_measured([str(out) if a == "{out}" else a for a in command], tmp / "job.log")
+        cpu, wall, _, _, error = run_child([str(out) if a == "{out}" else a for a in command], tmp / "job.log")
         row = {"model": name, "job": label, "kind": kind, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1),
                "load": round(os.getloadavg()[0], 2)}
         if error is None:

@@ -146,19 +146,29 @@ def minilm_workload(count: int, tmp: Path) -> Workload:
                      for algo in ("rtn", "hqq")})
 
 
-def measure(command: list[str], log: Path) -> tuple[float, float, float, float]:
-    """Run a command as a child process: (CPU s of its process tree, wall s, peak RSS MB, load before)."""
+def run_child(command: list[str], log: Path) -> tuple[float, float, float, float, str | None]:
+    """Run a command as a child process: (CPU s of its process tree, wall s, peak RSS MB, load before, None) or,
+    when it fails, the last line of its output in place of None."""
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with log.open("w") as out:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
+    error = None
+    if os.waitstatus_to_exitcode(status):
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        error = lines[-1][:200] if lines else "no output"
+    return usage.ru_utime + usage.ru_stime, wall, usage.ru_maxrss / 1024, load, error
+
+
+def measure(command: list[str], log: Path) -> tuple[float, float, float, float]:
+    """``run_child``, stopping the benchmark with the command's last output lines when it fails."""
+    cpu, wall, rss, load, error = run_child(command, log)
+    if error is not None:
         tail = "\n".join(log.read_text().splitlines()[-15:])
-        sys.exit(f"{' '.join(command)} failed with exit code {child.returncode}:\n{tail}")
-    return usage.ru_utime + usage.ru_stime, wall, usage.ru_maxrss / 1024, load
+        sys.exit(f"{' '.join(command)} failed:\n{tail}")
+    return cpu, wall, rss, load
 
 
 def onnxq_command(args: list[str], out: Path, extra: tuple[str, ...] = ()) -> list[str]:

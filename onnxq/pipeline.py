@@ -333,11 +333,11 @@ def activation_layers(layers: list[Layer], results: dict[str, QuantWeight], conf
     (W8A8 runs in integer kernels; a 2-4-bit weight has no integer kernel and stays weight-only in float)."""
     if prefer(config) == "speed":
         return [layer.name for layer in layers if results[layer.name].grid.bits == 8]
-    int2 = [layer.name for layer in layers if results[layer.name].grid.bits == 2]
+    int2 = {layer.name for layer in layers if results[layer.name].grid.bits == 2}
     if int2:  # onnxruntime fuses Q/DQ around a Conv/MatMul into QLinear kernels, which take no INT2 weight
         log.info("%d layer(s) at 2 bits keep float activations (onnxruntime has no kernel for INT2 weights with "
-                 "uint8 activations): %s", len(int2), ", ".join(int2[:5]))
-    return [layer.name for layer in layers if layer.name not in set(int2)]
+                 "uint8 activations): %s", len(int2), ", ".join(sorted(int2)[:5]))
+    return [layer.name for layer in layers if layer.name not in int2]
 
 
 def add_activations(run: Run, quantized: GraphModel, statistics: Statistics, act_layers: list[str]) -> None:

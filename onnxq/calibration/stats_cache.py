@@ -123,8 +123,9 @@ def data_identity(calib: object, ignore: list[Path] = ()) -> dict:
         if not root.exists():
             raise OnnxqError(f"calibration path {root} does not exist; pass a folder of images or arrays")
         files = _data_files(root, {os.path.abspath(p) for p in ignore})
-        listing = tuple((file.name if file == root else file.relative_to(root).as_posix(), file.stat().st_size,
-                         file.stat().st_mtime_ns) for file in files)
+        stats = [file.stat() for file in files]
+        listing = tuple((file.name if file == root else file.relative_to(root).as_posix(), stat.st_size,
+                         stat.st_mtime_ns) for file, stat in zip(files, stats, strict=True))
         if listing in _HASHED:  # the same files, unchanged, already hashed in this process (--stats, then the
             return dict(_HASHED[listing])  # sensitivity cache's fingerprint, read the folder once, not twice)
         for file, (relative, size, _) in zip(files, listing, strict=True):
