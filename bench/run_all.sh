@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
 python bench/peers.py  # needs: pip install -e '.[peers]'
+python bench/demo_calib.py
 python bench/pass_speed.py --bits 4 --repeat 3 --quality | tee bench/results/pass_speed.txt
 python bench/methods.py
 python bench/methods.py --bits 4,3 --methods gptq,comq --no-bias-correction --tag methods_no_bias_correction
