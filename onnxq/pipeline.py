@@ -66,12 +66,12 @@ from onnxq.graph.model import GraphModel
 from onnxq.graph.opset import fit_opset
 from onnxq.graph.prepare import prepare
 from onnxq.passes import ROUNDING_PASSES, Grid, QuantWeight
+from onnxq.passes.shrinkage import shrink_gram
 from onnxq.report.advice import advise
 from onnxq.report.progress import NoProgress
 from onnxq.rounding.degenerate import check_rounding_inputs
 from onnxq.rounding.pool import RoundingTask, round_all
 from onnxq.rounding.sequential import round_sequentially
-from onnxq.rounding.shrinkage import shrink_gram
 
 log = logging.getLogger("onnxq")
 METADATA_SLACK_BYTES = 512  # the mixed-precision summary written into the metadata

@@ -9,13 +9,14 @@ import pytest
 import tiny
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.calibration.activations import RunningHistogram, activation_ranges, choose_range, mse_range, range_mse
+from onnxq.calibration.activations import activation_ranges
 from onnxq.errors import OnnxqError
 from onnxq.export.act_qdq import default_act_layers, plan_qdq, quant_params, quantize_activations
 from onnxq.export.qdq import build_quantized_model
 from onnxq.graph.layers import find_layers
 from onnxq.graph.prepare import prepare
 from onnxq.passes import Grid, rtn
+from onnxq.passes.histogram import RunningHistogram, choose_range, mse_range, range_mse
 from onnxq.report.kernels import kernel_report, kernel_summary, latency, optimized_graph
 
 

@@ -30,9 +30,9 @@ def parse(*flags: str) -> Config:
 def test_vocabularies_match_the_modules_that_implement_them():
     """config.py repeats these so that --help imports none of the heavy modules; they must not drift apart."""
     from onnxq.allocation.mixed import ESTIMATORS
-    from onnxq.calibration.activations import METHODS as ACT_METHODS
     from onnxq.graph.layers import QUANTIZABLE_OPS
     from onnxq.passes import DEFAULT_METHOD, ROUNDING_PASSES, SUPPORTED_BITS
+    from onnxq.passes.histogram import METHODS as ACT_METHODS
 
     assert cfg.WIDTHS == SUPPORTED_BITS and cfg.OP_TYPES == QUANTIZABLE_OPS and cfg.ESTIMATORS == ESTIMATORS
     assert set(cfg.METHODS) == set(ROUNDING_PASSES) and Config().rounding.method == DEFAULT_METHOD

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxq.passes import Grid, comq, relative_error
-from onnxq.rounding.shrinkage import oas_intensity, shrink_gram
+from onnxq.passes.shrinkage import oas_intensity, shrink_gram
 
 
 def pooled_features(rng: np.random.Generator, rows: int, mixing: np.ndarray) -> np.ndarray:

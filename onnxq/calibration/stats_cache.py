@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxq.calibration.activations import BINS, RunningHistogram
 from onnxq.calibration.calibrate import LayerStats
 from onnxq.config import Config
 from onnxq.data.npz import BadCache, CacheReader, looks_like_cache
@@ -31,6 +30,7 @@ from onnxq.data.sources import InputSpec, default_preprocessing, feeds_from
 from onnxq.errors import OnnxqError
 from onnxq.export.atomic import write_with
 from onnxq.graph.layers import Layer
+from onnxq.passes.histogram import BINS, RunningHistogram
 
 log = logging.getLogger("onnxq")
 STATS_FORMAT = 5  # 3: folder samples in spread order; 4: keyed by model, data, preprocessing and calib size;
