@@ -20,20 +20,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CALIB, MODELS, RESULTS, ROOT, SHARED, VAL, top1, val_set  # noqa: E402
 
 import onnxq  # noqa: E402
-from onnxq import Budget  # noqa: E402
-from onnxq.calibration.stats_cache import cached_stats  # noqa: E402
-from onnxq.graph.layers import find_layers  # noqa: E402
-from onnxq.graph.loading import load_model  # noqa: E402
-from onnxq.graph.prepare import prepare  # noqa: E402
-from onnxq.report.diagnostics import diagnostics_on_data  # noqa: E402
-from onnxq.report.evaluate import evaluate  # noqa: E402
-from onnxq.report.html_report import report_context, write_report, write_report_json  # noqa: E402
 
 MODEL = ROOT / "models" / "squeezenet1.1.onnx"
 DEMO_CALIB = ROOT / "models" / "demo_calib"
@@ -43,26 +33,17 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def gram_matrices(stats: Path) -> dict[str, np.ndarray]:
-    """Each layer's centred Gram matrix from a --stats file, for the Gram-weighted error column (every SqueezeNet
-    layer has a bias, so the run rounds against the centred matrix and corrects the bias)."""
-    model = prepare(load_model(MODEL))
-    layers, _ = find_layers(model)
-    loaded = cached_stats(stats, layers)
-    return {name: s.centred_gram for name, s in loaded.items()}
-
-
 def scorer(shared: bool) -> Callable[[Path], dict]:
     """Top-1 on imagenet-val1300 (shared assets) or top-1 agreement on the demo images."""
     if shared:
         x, y = val_set("squeezenet1.1")
         return lambda path: {"top1": top1(path, x, y)}
-    return lambda path: {"agreement": evaluate(path, MODEL, DEMO_CALIB, PREP).agreement}
+    return lambda path: {"agreement": onnxq.evaluate(path, MODEL, DEMO_CALIB, preprocessing=PREP).agreement}
 
 
 def quantize(out: Path, calib: Path, stats: Path, omega: Path, **options) -> onnxq.QuantizationResult:
     start = time.perf_counter()
-    mixed = {"sensitivity_cache": omega, "clado_time_limit": 120} if "budget" in options else {}
+    mixed = {"sensitivity_cache": omega, "clado_time_limit": 120} if "avg_bits" in options else {}
     result = onnxq.quantize(MODEL, calib, out, stats=stats, preprocessing=PREP, **mixed, **options)
     print(f"{out.name}: {result.average_bits(stored=True):.2f} stored bits, {out.stat().st_size / 1e6:.3f} MB, "
           f"{time.perf_counter() - start:.0f} s", flush=True)
@@ -72,7 +53,7 @@ def quantize(out: Path, calib: Path, stats: Path, omega: Path, **options) -> onn
 def curve(tmp: Path, calib: Path, stats: Path, omega: Path, budgets: list[float], uniform: list[int],
           score: Callable[[Path], dict]) -> list[dict]:
     """One point per CLADO budget and per uniform width: file size, average stored bits and accuracy."""
-    runs = [("CLADO mixed precision", f"{b:g} bits", {"budget": Budget(avg_bits=b)}) for b in budgets]
+    runs = [("CLADO mixed precision", f"{b:g} bits", {"avg_bits": b}) for b in budgets]
     runs += [("uniform width", f"{b}-bit", {"bits": b}) for b in uniform]
     points = []
     for series, label, options in runs:
@@ -108,18 +89,17 @@ def main(budgets: list[float], uniform: list[int], samples: int) -> None:
     DOCS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         main_model = Path(tmp) / "squeezenet1.1_avg3.onnx"
-        result = quantize(main_model, calib, stats, omega, budget=Budget(avg_bits=3))
-        evaluation = evaluate(main_model, MODEL, data, PREP).as_dict()
-        print(f"eval: {evaluation}", flush=True)
-        layers = diagnostics_on_data(main_model, MODEL, data, PREP, samples, grams=gram_matrices(stats),
-                                     plan=result.mixed)
+        result = quantize(main_model, calib, stats, omega, avg_bits=3)
+        statistics = onnxq.calibrate(MODEL, calib, stats=stats, preprocessing=PREP)  # the file the run wrote
+        evaluation = onnxq.evaluate(main_model, MODEL, data, preprocessing=PREP)
+        print(f"eval: {evaluation.as_dict()}", flush=True)
         points = curve(Path(tmp), calib, stats, omega, budgets, uniform, score)
-        context = report_context(main_model, MODEL, layers, evaluation, result.mixed, points)
-    context.update(title="onnxq report: SqueezeNet 1.1 at 3 bits per weight (CLADO)",
-                   quantized="squeezenet1.1 at --avg-bits 3 (not kept)", reference="models/squeezenet1.1.onnx",
-                   description=describe(shared, samples))
-    write_report(DOCS / "demo_report.html", context)
-    write_report_json(DOCS / "demo_report.json", context)
+        onnxq.write_report(main_model, MODEL, data, DOCS / "demo_report.html", DOCS / "demo_report.json",
+                           evaluation=evaluation, plan=result.mixed, curve=points, statistics=statistics,
+                           preprocessing=PREP, samples=samples,
+                           title="onnxq report: SqueezeNet 1.1 at 3 bits per weight (CLADO)",
+                           quantized="squeezenet1.1 at --avg-bits 3 (not kept)",
+                           reference="models/squeezenet1.1.onnx", description=describe(shared, samples))
     print(f"wrote {DOCS / 'demo_report.html'} and {DOCS / 'demo_report.json'}")
     if screenshot(DOCS / "demo_report.html", DOCS / "demo_report.png"):
         print(f"wrote {DOCS / 'demo_report.png'}")

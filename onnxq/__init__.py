@@ -21,6 +21,9 @@ _LAZY = {  # public name -> the module that defines it
     "allocate": "api",
     "BitPlan": "api",
     "open_run": "api",
+    "evaluate": "api",
+    "write_report": "api",
+    "EvalResult": "report.evaluate",
     "Run": "pipeline",
     "kernel_report": "report.kernels",
     "kernel_summary": "report.kernels",
@@ -37,12 +40,13 @@ _LAZY = {  # public name -> the module that defines it
 
 if TYPE_CHECKING:
     from onnxq.allocation.mixed import Budget, MixedPlan
-    from onnxq.api import BitPlan, allocate, calibrate, open_run, quantize
+    from onnxq.api import BitPlan, allocate, calibrate, evaluate, open_run, quantize, write_report
     from onnxq.calibration.stats_cache import Statistics
     from onnxq.data.images import ImagePreprocessing
     from onnxq.data.sources import spread_order
     from onnxq.graph.layers import Layer
     from onnxq.pipeline import LayerReport, QuantizationResult, Run
+    from onnxq.report.evaluate import EvalResult
     from onnxq.report.kernels import compare_latency, kernel_report, kernel_summary
 
 
@@ -62,7 +66,7 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-__all__ = ["Activations", "BitPlan", "Budget", "Config", "Data", "Export", "ImagePreprocessing", "Layer",
-           "LayerReport", "Layers", "MixedPlan", "MixedPrecision", "OnnxqError", "QuantizationResult", "Rounding",
-           "Run", "Statistics", "__version__", "allocate", "calibrate", "compare_latency", "kernel_report",
-           "kernel_summary", "open_run", "quantize", "spread_order"]
+__all__ = ["Activations", "BitPlan", "Budget", "Config", "Data", "EvalResult", "Export", "ImagePreprocessing",
+           "Layer", "LayerReport", "Layers", "MixedPlan", "MixedPrecision", "OnnxqError", "QuantizationResult",
+           "Rounding", "Run", "Statistics", "__version__", "allocate", "calibrate", "compare_latency", "evaluate",
+           "kernel_report", "kernel_summary", "open_run", "quantize", "spread_order", "write_report"]

@@ -8,6 +8,8 @@ be run one at a time and their results reused::
     statistics = onnxq.calibrate(model, calib, config)             # Gram statistics (+ activation histograms)
     plan = onnxq.allocate(model, calib, config, statistics=statistics)  # CLADO's widths under the budget
     result = onnxq.quantize(model, calib, "q.onnx", config, statistics=statistics, plan=plan)
+    onnxq.evaluate("q.onnx", model, "val/")                              # what `onnxq eval` prints
+    onnxq.write_report("q.onnx", model, "val/", "report.html", plan=plan)  # the HTML report
 
 The caller's config and model are never changed.
 """
@@ -28,6 +30,7 @@ from onnxq.calibration.stats_cache import Statistics
 from onnxq.config import Config
 from onnxq.errors import OnnxqError
 from onnxq.pipeline import QuantizationResult, Run, allocate_run, opened, quantize_model, run_outputs
+from onnxq.report.evaluate import EvalResult
 
 ONNX_PROTO_LIMIT = 2**31 - 1  # protobuf's serialisation limit: larger models keep their weights in external data
 BitPlan = MixedPlan  # the per-layer widths CLADO chose under the budget, with how it chose them
@@ -71,6 +74,38 @@ def allocate(model: Model, calib: object, config: Config | None = None, *, stati
     from :func:`calibrate` skip the calibration pass."""
     with open_run(model, calib, config, **options) as run:
         return allocate_run(run, progress, statistics)
+
+
+def evaluate(quantized: str | Path, reference: str | Path, data: str | Path, *, preprocessing: object = None,
+             labels: str | Path | None = None, batch_size: int = 32, limit: int | None = None,
+             progress: Callable | None = None) -> EvalResult:
+    """What ``onnxq eval`` measures: agreement, KL and SQNR against the float ``reference`` on ``data`` (any layout
+    ``calib`` accepts), and top-1/top-5 of both when labels are known."""
+    from onnxq.report.evaluate import evaluate as evaluate_models
+
+    return evaluate_models(Path(quantized), Path(reference), Path(data), preprocessing,
+                           None if labels is None else Path(labels), batch_size, limit, progress)
+
+
+def write_report(quantized: str | Path, reference: str | Path, data: str | Path, html: str | Path | None = None,
+           json: str | Path | None = None, *, evaluation: EvalResult | dict | None = None, plan: BitPlan | None = None,
+           curve: list[dict] | None = None, statistics: Statistics | None = None, preprocessing: object = None,
+           samples: int = 16, **page: str) -> dict:
+    """The HTML report (needs the ``report`` extra) and/or its JSON for one quantized model: per-layer widths, SQNR
+    on ``samples`` of ``data`` and weight errors; ``plan`` adds CLADO's sensitivity heat map, ``curve`` (dicts with
+    series, label, size_bytes, avg_bits and top1 or agreement) the accuracy-against-size curve, ``statistics`` the
+    Gram-weighted error each layer's rounding minimised. ``page`` sets the title or description. Returns the
+    report's context (what the JSON holds)."""
+    from onnxq.report.html_report import require_matplotlib, write_reports
+
+    if html is not None:
+        require_matplotlib()
+    if isinstance(evaluation, EvalResult):
+        evaluation = evaluation.as_dict()
+    grams = None if statistics is None else {name: s.centred_gram for name, s in statistics.layers.items()}
+    return write_reports(quantized, reference, Path(data), None if html is None else Path(html),
+                         None if json is None else Path(json), evaluation=evaluation, plan=plan, curve=curve,
+                         grams=grams, preprocessing=preprocessing, samples=samples, **page)
 
 
 @contextmanager

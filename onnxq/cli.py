@@ -373,9 +373,8 @@ def eval_command(quantized, reference, data, labels, limit, batch_size, as_json,
     """Compare QUANTIZED with its float --reference on --data: agreement, KL, SQNR, and top-1/top-5."""
     from onnxq.export.atomic import check_target
     from onnxq.export.outputs import check_outputs
-    from onnxq.report.diagnostics import diagnostics_on_data
     from onnxq.report.evaluate import evaluate
-    from onnxq.report.html_report import report_context, require_matplotlib, write_report, write_report_json
+    from onnxq.report.html_report import require_matplotlib, write_reports
     from onnxq.report.summary import eval_summary
 
     for flag, path in (("--report", report), ("--report-json", report_json)):  # fail before the evaluation
@@ -390,11 +389,10 @@ def eval_command(quantized, reference, data, labels, limit, batch_size, as_json,
                       progress_factory(not quiet))
     click.echo(json.dumps(result.as_dict(), indent=1) if as_json else eval_summary(result))
     if report or report_json:
-        layers = diagnostics_on_data(quantized, reference, data, preprocessing, diagnostic_samples)
-        context = report_context(quantized, reference, layers, result.as_dict())
-        for path, write in ((report, write_report), (report_json, write_report_json)):
+        write_reports(quantized, reference, data, report, report_json, evaluation=result.as_dict(),
+                      preprocessing=preprocessing, samples=diagnostic_samples)
+        for path in (report, report_json):
             if path:
-                write(path, context)
                 click.echo(f"wrote {path}", err=True)
 
 

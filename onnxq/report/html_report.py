@@ -25,7 +25,7 @@ from onnxq import __version__
 from onnxq.allocation.mixed import MixedPlan
 from onnxq.errors import OnnxqError
 from onnxq.export.atomic import write_text
-from onnxq.report.diagnostics import file_size
+from onnxq.report.diagnostics import diagnostics_on_data, file_size
 
 BIT_COLOURS = {2: "#d62728", 3: "#ff7f0e", 4: "#1f77b4", 8: "#2ca02c"}
 CSS = """
@@ -343,3 +343,17 @@ def _plain(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def write_reports(quantized: str | Path, reference: str | Path, data: Path, html_path: Path | None = None,
+                  json_path: Path | None = None, *, evaluation: dict | None = None, plan: MixedPlan | None = None,
+                  curve: list[dict] | None = None, grams: dict | None = None, preprocessing: object = None,
+                  samples: int = 16, **page: str) -> dict:
+    """Per-layer diagnostics on ``samples`` of ``data``, then the HTML page and/or the JSON of one quantized model;
+    ``page`` overrides the context's text (title, description, ...). Returns the context."""
+    layers = diagnostics_on_data(quantized, reference, data, preprocessing, samples, grams=grams, plan=plan)
+    context = {**report_context(quantized, reference, layers, evaluation, plan, curve), **page}
+    for path, write in ((html_path, write_report), (json_path, write_report_json)):
+        if path is not None:
+            write(path, context)
+    return context

@@ -172,17 +172,13 @@ def write_sweep(folder: Path, sweep: Sweep, model: Path, report_data: Path,
         require_matplotlib()
     except OnnxqError:
         return written
-    from onnxq.report.diagnostics import diagnostics_on_data
-    from onnxq.report.html_report import report_context, write_report, write_report_json
+    from onnxq.report.html_report import write_reports
 
     point = featured(sweep)
-    plan = sweep.plans.get(point.label)
-    layers = diagnostics_on_data(point.path, model, report_data, preprocessing, diagnostic_samples, plan=plan)
     evaluation = {"agreement": point.agreement, "mean_kl": point.kl, "sqnr_db": point.sqnr_db, "top1": point.top1}
-    context = report_context(point.path, model, layers, evaluation, plan, [p.as_curve() for p in sweep.points])
-    context["description"] = (f"onnxq sweep: {len(sweep.points)} points (the table below the curve lists them); "
-                              f"this page explains the {point.label} model, the most accurate budget on the "
-                              "Pareto front.")
-    write_report(folder / "report.html", context)
-    write_report_json(folder / "report.json", context)
+    description = (f"onnxq sweep: {len(sweep.points)} points (the table below the curve lists them); this page "
+                   f"explains the {point.label} model, the most accurate budget on the Pareto front.")
+    write_reports(point.path, model, report_data, folder / "report.html", folder / "report.json",
+                  evaluation=evaluation, plan=sweep.plans.get(point.label), curve=[p.as_curve() for p in sweep.points],
+                  preprocessing=preprocessing, samples=diagnostic_samples, description=description)
     return [*written, folder / "report.html", folder / "report.json"]
