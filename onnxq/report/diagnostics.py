@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_graphsurgeon as gs
 
 from onnxq.allocation.mixed import MixedPlan
 from onnxq.calibration.capture import CaptureEngine
@@ -33,6 +33,7 @@ from onnxq.data.sources import (
 from onnxq.errors import OnnxqError
 from onnxq.graph.layers import Layer, find_layers
 from onnxq.graph.loading import load_model
+from onnxq.graph.model import GraphModel
 from onnxq.graph.prepare import prepare
 from onnxq.passes import relative_error
 
@@ -49,29 +50,30 @@ class QuantizedLayer:
     weight: str
     bits: int
     stored_bits: int
-    holder: onnx.NodeProto  # the DequantizeLinear (or MatMulNBits) node that reads the stored codes
+    holder: gs.Node  # the DequantizeLinear (or MatMulNBits) node that reads the stored codes
 
 
-def quantized_layers(model: onnx.ModelProto) -> list[QuantizedLayer]:
+def quantized_layers(graph: GraphModel) -> list[QuantizedLayer]:
     """The quantized layers listed in the model's ``onnxq.layers`` metadata, in graph order."""
-    meta = {p.key: p.value for p in model.metadata_props}
-    if "onnxq.layers" not in meta:
+    if "onnxq.layers" not in graph.metadata:
         raise OnnxqError("the model has no onnxq.layers metadata; pass a model written by onnxq quantize")
-    readers: dict[str, onnx.NodeProto] = {}
-    for node in model.graph.node:
-        for tensor in node.input:
-            readers.setdefault(tensor, node)
     layers = []
-    for name, info in json.loads(meta["onnxq.layers"]).items():
+    for name, info in json.loads(graph.metadata["onnxq.layers"]).items():
         weight = info["weight"]
-        holder = readers.get(f"{weight}_quantized") or readers.get(f"{weight}_Q4")
-        node = readers.get(holder.output[0]) if holder is not None and holder.op_type == "DequantizeLinear" else holder
+        holder = _first_reader(graph, f"{weight}_quantized") or _first_reader(graph, f"{weight}_Q4")
+        node = _first_reader(graph, holder.outputs[0].name) if holder is not None and holder.op == "DequantizeLinear" \
+            else holder
         if node is None:
             raise OnnxqError(f"layer {name} of the onnxq.layers metadata is not in the graph; "
                              "was the model edited after quantization?")
-        layers.append(QuantizedLayer(name, node.op_type, node.output[0], weight, int(info["bits"]),
+        layers.append(QuantizedLayer(name, node.op, node.outputs[0].name, weight, int(info["bits"]),
                                      int(info["stored_bits"]), holder))
     return layers
+
+
+def _first_reader(graph: GraphModel, tensor: str) -> gs.Node | None:
+    readers = graph.readers(tensor)
+    return readers[0] if readers else None
 
 
 def dequantize_linear(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int,
@@ -87,21 +89,19 @@ def dequantize_linear(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, ax
     return (codes - zero) * scale
 
 
-def dequantized_tensor(model: onnx.ModelProto, layer: QuantizedLayer) -> np.ndarray:
+def dequantized_tensor(graph: GraphModel, layer: QuantizedLayer) -> np.ndarray:
     """The weight the quantized model computes with, rebuilt from its stored initializers."""
-    inits = {t.name: t for t in model.graph.initializer if t.name.startswith(layer.weight)}
-    arrays = [numpy_helper.to_array(inits[name]) if name in inits else None for name in layer.holder.input[1:]]
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in layer.holder.attribute}
-    if layer.holder.op_type == "MatMulNBits":
+    holder = layer.holder
+    arrays = [graph.array(t.name) if graph.constant(t.name) is not None else None for t in holder.inputs[1:]]
+    if holder.op == "MatMulNBits":
         from onnxq.export.nbits import dequantize_nbits  # only models written with MatMulNBits need it
 
-        B = numpy_helper.to_array(inits[layer.holder.input[1]])
         zero = arrays[2] if len(arrays) > 2 else None
-        return dequantize_nbits(B, arrays[1], zero, attrs["K"]).T  # (N, K) back to MatMul's [K, N] layout
-    codes = numpy_helper.to_array(inits[layer.holder.input[0]]).astype(np.float32)
+        return dequantize_nbits(arrays[0], arrays[1], zero, holder.attrs["K"]).T  # (N, K) back to [K, N]
+    codes = graph.array(holder.inputs[0].name).astype(np.float32)
     scale = arrays[0].astype(np.float32)
     zero = arrays[1].astype(np.float32) if len(arrays) > 1 and arrays[1] is not None else np.zeros_like(scale)
-    return dequantize_linear(codes, scale, zero, attrs.get("axis", 1), attrs.get("block_size", 0))
+    return dequantize_linear(codes, scale, zero, holder.attrs.get("axis", 1), holder.attrs.get("block_size", 0))
 
 
 def weight_errors(W: np.ndarray, Q: np.ndarray, gram: np.ndarray | None) -> tuple[float, float | None]:
@@ -145,18 +145,17 @@ def layer_diagnostics(quantized_path: str | Path, reference_path: str | Path, fe
     """
     quantized = load_model(quantized_path)
     reference = prepare(load_model(reference_path))
-    layers = quantized_layers(quantized)
-    produced = {o for n in reference.graph.node for o in n.output}
-    tensors = [layer.output for layer in layers if layer.output in produced]
+    graph, reference_graph = GraphModel(quantized), GraphModel(reference)
+    layers = quantized_layers(graph)
+    tensors = [layer.output for layer in layers if reference_graph.producer(layer.output) is not None]
     sqnr, samples = output_sqnr(quantized, reference, tensors, feeds) if tensors else ({}, 0)
     views = {layer.name: layer for layer in find_layers(reference)[0]}
-    weights = {t.name: t for t in reference.graph.initializer}
     total_bytes = file_size(Path(quantized_path))
     sensitivity = diagonal_sensitivity(plan)
     rows = []
     for layer in layers:
-        W = numpy_helper.to_array(weights[layer.weight]).astype(np.float32)
-        row = weight_row(layer, W, dequantized_tensor(quantized, layer), views.get(layer.name),
+        W = reference_graph.array(layer.weight).astype(np.float32)
+        row = weight_row(layer, W, dequantized_tensor(graph, layer), views.get(layer.name),
                          (grams or {}).get(layer.name))
         row.update(output_sqnr_db=sqnr.get(layer.output), samples=samples,
                    size_share=row["code_bytes"] / total_bytes if total_bytes else None,
