@@ -175,8 +175,11 @@ def opened(model_path: str | Path, calib: object, config: Config, outputs: dict[
     original, external = load_model_and_layout(model_path)
     model = without_inserted_casts(prepare(fit_opset(original)))
     del original  # a >2 GB model is held in memory several times over; drop the copies as soon as they are done
-    layers, skipped = find_layers(model, tuple(config.layers.op_types_to_quantize),
+    graph = GraphModel(model)
+    layers, skipped = find_layers(graph, tuple(config.layers.op_types_to_quantize),
                                   tuple(config.layers.nodes_to_exclude))
+    edges = boundary_layers(graph, layers)
+    del graph  # the run works on the proto from here
     refuse_float16_activations(model, act_bits(config))
     if not layers and not config.layers.allow_empty:
         raise nothing_to_quantize(skipped)
@@ -186,7 +189,7 @@ def opened(model_path: str | Path, calib: object, config: Config, outputs: dict[
                           config.data.calib_size or None, held_out_needed(config))
     try:
         yield Run(model, model_path, external, layers, skipped, data, config, recorded,
-                  boundary_layers(model, layers))
+                  edges)
     finally:
         data.close()
 

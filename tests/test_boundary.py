@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxq
 from onnxq.graph.boundary import boundary_layers
 from onnxq.graph.layers import find_layers
+from onnxq.graph.model import GraphModel
 
 
 def two_head_model(seed: int = 0) -> onnx.ModelProto:
@@ -46,7 +47,7 @@ def test_every_input_reader_and_every_head_is_an_edge():
     model = two_head_model()
     layers, _ = find_layers(model)
     assert [layer.name for layer in layers] == ["stem", "body", "cls_head", "box_head", "box_projection"]
-    assert boundary_layers(model, layers) == ["stem", "cls_head", "box_projection"]
+    assert boundary_layers(GraphModel(model), layers) == ["stem", "cls_head", "box_projection"]
 
 
 def test_first_last_bits_widens_all_heads_of_a_two_head_model(tmp_path):

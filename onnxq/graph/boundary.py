@@ -8,31 +8,28 @@ layer that happens to come last in the node list.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Callable
 
-import onnx
+import onnx_graphsurgeon as gs
 
 from onnxq.graph.layers import Layer
+from onnxq.graph.model import GraphModel
 
 
-def boundary_layers(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
+def boundary_layers(graph: GraphModel, layers: list[Layer]) -> list[str]:
     """Names of the first and last layers (see the module docstring), in the order of ``layers``."""
     by_node = {layer.name: layer for layer in layers}
-    graph = model.graph
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    producer: dict[str, onnx.NodeProto] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-        for name in node.output:
-            producer[name] = node
-    constants = {t.name for t in graph.initializer}
-    starts = [v.name for v in graph.input if v.name not in constants]
-    edge = _reached(starts, lambda tensor: consumers[tensor], lambda node: node.output, by_node)
-    ends = [v.name for v in graph.output]
-    edge |= _reached(ends, lambda tensor: [producer[tensor]] if tensor in producer else [],
-                     lambda node: node.input, by_node)
+    starts = [name for name in graph.input_names if graph.constant(name) is None]
+    edge = _reached(starts, graph.consumers, _names_of("outputs"), by_node)
+    producer = graph.producer
+    edge |= _reached(sorted(graph.output_names), lambda tensor: [node] if (node := producer(tensor)) else [],
+                     _names_of("inputs"), by_node)
     return [layer.name for layer in layers if layer.name in edge]
+
+
+def _names_of(side: str) -> Callable[[gs.Node], list[str]]:
+    """A node's input or output tensor names."""
+    return lambda node: [t.name for t in getattr(node, side)]
 
 
 def _reached(tensors: list[str], nodes_of, next_tensors, layers: dict[str, Layer]) -> set[str]:
