@@ -399,10 +399,10 @@ def round_candidates(model: onnx.ModelProto, layers: list[Layer], stats: dict[st
     if method not in ROUNDING_PASSES:
         raise OnnxqError(f"unknown method {method!r}; choose one of {', '.join(ROUNDING_PASSES)}")
     slots = slots or {}
-    inits = {t.name: t for t in model.graph.initializer}
+    graph = GraphModel(model)
     tasks, matrices = [], {}
     for layer in layers:
-        W = matrices[layer.name] = layer.matrix(onnx.numpy_helper.to_array(inits[layer.weight])).astype(np.float64)
+        W = matrices[layer.name] = layer.matrix(graph.array(layer.weight)).astype(np.float64)
         H, measured = layer_gram(layer, stats[layer.name], layer.name in slots, config)
         block = layer_block_size(layer, config)
         tasks += [RoundingTask((layer.name, b), W, H, Grid(b, weight_symmetric(b, config), block),
