@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from onnxq.export.qdq import build_quantized_model
+from onnxq.graph.bodies import share_equal_body_constants
 from onnxq.graph.layers import find_layers
 from onnxq.graph.model import GraphModel
 from onnxq.passes import Grid, rtn
@@ -345,3 +346,43 @@ def test_statistics_of_an_untaken_branch_are_reused_from_the_stats_file(tmp_path
     assert "reusing" in caplog.text.lower()
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert [r.name for r in first.layers] == [r.name for r in second.layers] == ["top_mm", "else_mm", "then_mm"]
+
+
+def test_w8a8_keeps_body_layers_weight_only_and_sequential_refuses_them(tmp_path):
+    """Activation Q/DQ goes around top-level layers only; --sequential cuts stages in the top-level graph."""
+    model = branch_model()
+    feeds = feeds_for(model, cond=True, count=32)
+    onnxq.quantize(model, feeds, tmp_path / "q.onnx", bits=8, act_bits=8)
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    assert "QuantizeLinear" in {n.op_type for n in written.graph.node}
+    assert all(n.op_type != "QuantizeLinear" for body in bodies(written) for n in body.node)
+    for cond in (True, False):
+        np.testing.assert_allclose(run(written, cond)[0], run(model, cond)[0], rtol=0.05, atol=0.05)
+    with pytest.raises(onnxq.OnnxqError, match="--sequential cannot round layers inside If/Loop/Scan bodies "
+                                               r"\(else_mm, then_mm\)"):
+        onnxq.quantize(model, feeds, tmp_path / "s.onnx", bits=4, sequential=True)
+
+
+def test_equal_constants_folded_into_both_branches_are_stored_once():
+    """onnxruntime's constant folding writes a folded weight into every branch that computes it (silero-vad: +1 MB);
+    the prepared model keeps one top-level copy that both branches read."""
+    big = RNG.normal(size=(8, 64)).astype(np.float32)
+
+    def branch(tag: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("Add", ["h", f"{tag}_c"], [f"{tag}_y"], name=f"{tag}_add")], tag,
+                                 [], [value(f"{tag}_y", TensorProto.FLOAT, [8, 64])],
+                                 [numpy_helper.from_array(big, f"{tag}_c")])
+    model = model_of([helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("t"),
+                                       else_branch=branch("e"))],
+                     [value("h", TensorProto.FLOAT, [8, 64]), value("cond", TensorProto.BOOL, [])],
+                     [value("y", TensorProto.FLOAT, [8, 64])], [])
+    shared = onnx.ModelProto()
+    shared.CopyFrom(model)
+    assert share_equal_body_constants(shared) == ["e_c"]
+    assert [t.name for t in shared.graph.initializer] == ["e_c"] and all(not b.initializer for b in bodies(shared))
+    assert shared.ByteSize() < 0.6 * model.ByteSize()
+    feed = {"h": RNG.normal(size=(8, 64)).astype(np.float32)}
+    for cond in (True, False):
+        got, want = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                     .run(None, {**feed, "cond": np.array(cond)})[0] for m in (shared, model))
+        np.testing.assert_array_equal(got, want)

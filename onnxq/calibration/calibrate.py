@@ -26,7 +26,7 @@ from onnxq.calibration.unfold import unfold_columns
 from onnxq.data.masking import attention_mask_name, batch_mask, token_rows
 from onnxq.data.sources import Feed, model_inputs
 from onnxq.graph.bodies import unreached_layers
-from onnxq.graph.layers import Layer
+from onnxq.graph.layers import Layer, grouped_reasons
 from onnxq.passes.gram import centred_gram, overflow_shift
 
 log = logging.getLogger("onnxq")
@@ -170,5 +170,6 @@ def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Fee
         capture(model, batches, [observer, *observers], on_batch)
     unreached = unreached_layers(layers, observer.stats)  # If branches the data never took
     if unreached:
-        log.warning("%d layer(s) the calibration data never ran: %s", len(unreached), "; ".join(unreached[:4]))
+        log.warning("%d layer(s) the calibration data never ran: %s", len(unreached),
+                    "; ".join(grouped_reasons(unreached)))
     return observer.stats

@@ -10,6 +10,7 @@ is not changed that way: its body layers read their weights (and the dequantized
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
@@ -49,9 +50,58 @@ def name_body_nodes(graph: onnx.GraphProto) -> None:
 def prepare_bodies(model: onnx.ModelProto) -> None:
     """Edit a prepared copy in place so body layers can be calibrated and exported like top-level ones: their
     weights at the top level (:func:`hoist_layer_weights`), their inputs declared in their body
-    (:func:`localise_layer_inputs`)."""
+    (:func:`localise_layer_inputs`); equal constants that constant folding copied into several bodies stored once
+    (:func:`share_equal_body_constants`)."""
     hoist_layer_weights(model)
     localise_layer_inputs(model)
+    share_equal_body_constants(model)
+
+
+def share_equal_body_constants(model: onnx.ModelProto, min_bytes: int = 1024) -> list[str]:
+    """Edit in place: body initializers holding the same values (over ``min_bytes``) become one top-level
+    initializer that every body reads. onnxruntime's constant folding, which prepares the model, writes a folded
+    constant into each branch that computes it (silero-vad: its LSTM weights twice per sample-rate branch, +1 MB).
+    Returns the names kept."""
+    groups: dict[tuple, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
+    for body in _bodies(model.graph):
+        outputs = {v.name for v in body.output}
+        for tensor in body.initializer:
+            if len(tensor.raw_data) >= min_bytes and tensor.name not in outputs:
+                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(tensor.raw_data).digest())
+                groups.setdefault(key, []).append((body, tensor))
+    taken = set(_declared(model.graph))
+    kept = []
+    for copies in groups.values():
+        first = onnx.TensorProto()
+        first.CopyFrom(copies[0][1])
+        if len(copies) < 2 or first.name in taken:
+            continue
+        for body, tensor in copies:
+            name = tensor.name
+            body.initializer.remove(tensor)
+            _rename_reads(body, name, first.name)
+        model.graph.initializer.append(first)
+        taken.add(first.name)
+        kept.append(first.name)
+    return kept
+
+
+def _bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Every body inside ``graph``, at any depth."""
+    for node in graph.node:
+        for _, body in subgraphs(node):
+            yield body
+            yield from _bodies(body)
+
+
+def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Point every node input called ``old`` in ``graph`` and its bodies at ``new``."""
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name == old:
+                node.input[index] = new
+        for _, body in subgraphs(node):
+            _rename_reads(body, old, new)
 
 
 def localise_layer_inputs(model: onnx.ModelProto) -> list[str]:
