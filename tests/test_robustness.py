@@ -153,7 +153,7 @@ def if_model() -> onnx.ModelProto:
     return model
 
 
-def test_subgraphs_left_intact(tmp_path):
+def test_subgraph_layer_quantized_with_its_codes_at_the_top_level(tmp_path):
     path = save(if_model(), tmp_path / "if.onnx")
     data = [{"x": np.ones((2, 4), np.float32), "cond": np.array(True)}]
     out = tmp_path / "q.onnx"
@@ -161,9 +161,9 @@ def test_subgraphs_left_intact(tmp_path):
     q = onnx.load(str(out))
     branch = next(n for n in q.graph.node if n.op_type == "If")
     then = next(onnx.helper.get_attribute_value(a) for a in branch.attribute if a.name == "then_branch")
-    assert [n.op_type for n in then.node] == ["MatMul"]  # the subgraph keeps its float MatMul
-    assert "DequantizeLinear" not in {n.op_type for n in then.node}
-    assert "w_quantized" in {t.name for t in q.graph.initializer}
+    assert [n.op_type for n in then.node] == ["Identity", "MatMul"]  # its input declared in the body (bodies.py)
+    assert "DequantizeLinear" not in {n.op_type for n in then.node} and not then.initializer
+    assert {"w_quantized", "inner_w_quantized"} <= {t.name for t in q.graph.initializer}
     for cond in (True, False):
         feed = {"x": np.ones((2, 4), np.float32), "cond": np.array(cond)}
         np.testing.assert_allclose(run_model(out, feed), run_model(path, feed), rtol=0.05, atol=0.05)

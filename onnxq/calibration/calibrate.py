@@ -9,6 +9,7 @@ are left out of every (batch, tokens, features) layer input (``masking.py``).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,9 +25,11 @@ from onnxq.calibration.gram import COLUMN_CHUNK_ELEMENTS, add_columns, add_conv,
 from onnxq.calibration.unfold import unfold_columns
 from onnxq.data.masking import attention_mask_name, batch_mask, token_rows
 from onnxq.data.sources import Feed, model_inputs
-from onnxq.graph.layers import Layer
+from onnxq.graph.bodies import unreached_layers
+from onnxq.graph.layers import Layer, grouped_reasons
 from onnxq.passes.gram import centred_gram, overflow_shift
 
+log = logging.getLogger("onnxq")
 UNFOLD_CHUNK_ELEMENTS = COLUMN_CHUNK_ELEMENTS  # unfolded values processed at once: bounds the im2col copy
 
 
@@ -165,4 +168,8 @@ def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Fee
     with threadpool_limits(1), ThreadPoolExecutor(gram_workers(), thread_name_prefix="onnxq-gram") as pool:
         observer = GramObserver(layers, attention_mask_name(model_inputs(model)), pool)
         capture(model, batches, [observer, *observers], on_batch)
+    unreached = unreached_layers(layers, observer.stats)  # If branches the data never took
+    if unreached:
+        log.warning("%d layer(s) the calibration data never ran: %s", len(unreached),
+                    "; ".join(grouped_reasons(unreached)))
     return observer.stats

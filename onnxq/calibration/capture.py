@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from onnxq.data.sources import Feed, feed_samples
 from onnxq.errors import OnnxqError
+from onnxq.graph.bodies import expose_body_tensors, flatten_stacked
 from onnxq.graph.loading import proto_size
 
 Values = dict[str, np.ndarray]
@@ -36,14 +37,22 @@ class Observer(Protocol):
 
 def capture_model(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
     """A copy of the model whose outputs are the given intermediate tensors."""
+    return capture_outputs(model, tensors)[0]
+
+
+def capture_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> tuple[onnx.ModelProto, list[str], list[int]]:
+    """:func:`capture_model`, with each tensor's output name and iteration axes: a tensor inside an If/Loop/Scan
+    body is carried out by the copy (``graph/bodies.py``), stacked over the iterations of each Loop/Scan."""
     captured = onnx.ModelProto()
     captured.CopyFrom(model)
-    known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
+    exposed = expose_body_tensors(captured, set(tensors))
+    outputs, axes = zip(*(exposed.get(name, (name, 0)) for name in tensors), strict=True) if tensors else ((), ())
+    known = {v.name: v for v in list(captured.graph.value_info) + list(model.graph.output)}
     del captured.graph.output[:]
-    for name in tensors:
+    for name in outputs:
         value = known.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
         captured.graph.output.append(value)
-    return captured
+    return captured, list(outputs), list(axes)
 
 
 def make_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
@@ -68,11 +77,15 @@ class CaptureEngine:
     def __init__(self, model: onnx.ModelProto, tensors: Iterable[str]) -> None:
         graph_inputs = {v.name for v in model.graph.input}
         self.captured = sorted(set(tensors) - graph_inputs)
-        self.session = make_session(capture_model(model, self.captured)) if self.captured else None
+        captured, self.outputs, self.axes = capture_outputs(model, self.captured) if self.captured else (None, [], [])
+        self.session = make_session(captured) if captured is not None else None
 
     def values(self, feed: Feed) -> Values:
-        """The captured tensors (and the feed's inputs) for one batch."""
-        values = dict(zip(self.captured, self.session.run(self.captured, feed), strict=True)) if self.session else {}
+        """The captured tensors (and the feed's inputs) for one batch; a body tensor's iterations (Loop/Scan) are
+        rows of the batch."""
+        arrays = self.session.run(self.outputs, feed) if self.session else []
+        values = {name: flatten_stacked(array, axes)
+                  for name, array, axes in zip(self.captured, arrays, self.axes, strict=True)}
         values.update(feed)
         return values
 

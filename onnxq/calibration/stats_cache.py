@@ -271,6 +271,8 @@ def _layer_stats(reader: CacheReader, index: int, layer: Layer) -> LayerStats:
     gram = reader.array(f"gram_{index}", (g, d, d)).astype(np.float64)
     row_sum = reader.array(f"rowsum_{index}", (g, d)).astype(np.float64)
     rows, low, high, samples = reader.array(f"info_{index}", (4,), "fiu").astype(np.float64)
+    if rows == samples == 0 and not gram.any() and not row_sum.any():  # a body layer the data never ran
+        return LayerStats(gram, 0, np.inf, -np.inf, 0, row_sum)
     problem = None
     if rows < 1 or rows != int(rows) or samples < 1 or samples != int(samples):
         problem = f"a row count of {rows:g} and a sample count of {samples:g}"

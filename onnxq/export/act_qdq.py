@@ -131,8 +131,8 @@ def plan_qdq(model: onnx.ModelProto | GraphModel, layers: list[Layer], act_layer
     if lost:
         raise OnnxqError(f"layer {lost[0]} is not a node of the model; pass the prepared model the layers were "
                          "found in (and the model exported from it)")
-    acts = [graph.node(layer.name) for layer in layers
-            if layer.name in act_layers and _is_activation(graph, layer.activation)]
+    acts = [graph.node(layer.name) for layer in layers  # body layers keep float activations (weight-only)
+            if layer.name in act_layers and not layer.where and _is_activation(graph, layer.activation)]
     folds = _foldable(graph, [n.name for n in acts] + [n.name for n in graph.nodes if n.op in QLINEAR_OPS])
     output_of = {n.name: folds[n.name][0].outputs[0].name if n.name in folds else n.outputs[0].name
                  for n in graph.nodes}
@@ -160,7 +160,7 @@ def calibration_candidates(model: onnx.ModelProto | GraphModel, layers: list[Lay
     op with an integer version whose inputs are all activations (a folded Relu/Clip's output where one follows)."""
     graph = model if isinstance(model, GraphModel) else GraphModel(model)
     acts = [layer.name for layer in layers
-            if graph.node(layer.name) is not None and _is_activation(graph, layer.activation)]
+            if graph.node(layer.name) is not None and not layer.where and _is_activation(graph, layer.activation)]
     qlinear_ops = [n.name for n in graph.nodes if n.op in QLINEAR_OPS]
     qlinear = [name for name in qlinear_ops
                if all(_is_activation(graph, t) for t in _names(graph.node(name).inputs) if t)]
@@ -278,6 +278,10 @@ def add_activation_qdq(graph: GraphModel, layers: list[Layer], ranges: dict[str,
     """Edit ``graph`` (weights already quantized): uint8 Q/DQ around the act layers, folded Relu/Clip and int32
     biases."""
     plan = plan_qdq(graph, layers, act_layers)
+    inside = [layer.name for layer in layers if layer.where and layer.name in act_layers]
+    if inside:
+        log.info("%d layer(s) inside If/Loop/Scan bodies keep float activations (weight-only): %s", len(inside),
+                 ", ".join(inside[:4]) + (f" and {len(inside) - 4} more" if len(inside) > 4 else ""))
     missing = [t for t in plan.calibrated if t not in ranges]
     if missing:
         raise OnnxqError(f"no calibrated range for {len(missing)} tensors (e.g. {missing[0]}); "

@@ -36,6 +36,7 @@ class Layer:
     transposed: bool = False  # the ONNX tensor is [fan_in, out] (MatMul, Gemm with transB=0)
     trans_a: bool = False
     conv: dict = field(default_factory=dict)  # kernel_shape, strides, pads, dilations, auto_pad
+    where: str = ""  # inside an If/Loop/Scan body: e.g. "inside the then_branch of If if" (graph/bodies.py)
 
     @property
     def out_channels(self) -> int:
@@ -88,7 +89,7 @@ def find_layers(model: onnx.ModelProto | GraphModel, op_types: tuple[str, ...] =
     graph = model if isinstance(model, GraphModel) else GraphModel(model)
     patterns = [_exclusion_pattern(p) for p in exclude]
     layers, skipped = [], []
-    for node in graph.nodes:
+    for node, where in graph.walk():  # layers inside If/Loop/Scan bodies too (calibrated through graph/bodies.py)
         if node.op not in QUANTIZABLE_OPS or len(node.inputs) < 2:
             continue
         if node.op not in op_types:
@@ -107,9 +108,7 @@ def find_layers(model: onnx.ModelProto | GraphModel, op_types: tuple[str, ...] =
         if reason:
             skipped.append(f"{node.name}: {reason}")
             continue
-        layers.append(_make_layer(node, weight))
-    skipped += [f"{node.name}: {where}; layers in If/Loop/Scan bodies stay in float"
-                for node, where in _body_layers(graph.nodes)]
+        layers.append(_make_layer(node, weight, where))
     refuse_non_finite(layers, graph)
     return layers, skipped
 
@@ -160,19 +159,6 @@ def _no_constant_weight(node: gs.Node, graph: GraphModel) -> str | None:
     return None
 
 
-def _body_layers(nodes: list[gs.Node], where: str = "") -> list[tuple[gs.Node, str]]:
-    """Conv/Gemm/MatMul nodes inside If/Loop/Scan bodies (at any depth), with where they are."""
-    found = []
-    for node in nodes:
-        for attribute, body in node.attrs.items():
-            if isinstance(body, gs.Graph):
-                inside = f"{where}inside the {attribute} of {node.op} {node.name}"
-                found += [(n, inside) for n in body.nodes if n.op in QUANTIZABLE_OPS and len(n.inputs) > 1
-                          and isinstance(n.inputs[1], gs.Constant)]
-                found += _body_layers(body.nodes, f"{inside}, ")
-    return found
-
-
 def _unsupported(node: gs.Node, weight: onnx.TensorProto, graph: GraphModel) -> str | None:
     """Why a candidate node cannot be quantized, or None."""
     if weight.data_type not in FLOAT_TYPES:
@@ -192,13 +178,13 @@ def _unsupported(node: gs.Node, weight: onnx.TensorProto, graph: GraphModel) -> 
     return None
 
 
-def _make_layer(node: gs.Node, weight: onnx.TensorProto) -> Layer:
-    """Build the Layer record for a supported node."""
+def _make_layer(node: gs.Node, weight: onnx.TensorProto, where: str = "") -> Layer:
+    """Build the Layer record for a supported node (``where``: the body it sits in, "" at the top level)."""
     attrs = node.attrs
     shape = tuple(int(d) for d in weight.dims)
     bias = node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2].name else None
     common = dict(name=node.name, op_type=node.op, weight=weight.name, activation=node.inputs[0].name,
-                  shape=shape, bias=bias)
+                  shape=shape, bias=bias, where=where)
     if node.op == "Conv":
         spatial = len(shape) - 2
         auto_pad = attrs.get("auto_pad", "NOTSET")

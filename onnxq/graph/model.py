@@ -22,6 +22,8 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxq.graph.bodies import body_node_name, name_body_nodes, subgraphs
+
 MODEL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
 
 
@@ -41,12 +43,14 @@ def derived_names(names: Sequence[str], op_types: Sequence[str]) -> list[str]:
 
 
 def name_unnamed_nodes(model: onnx.ModelProto) -> None:
-    """Edit ``model`` in place: give its unnamed top-level nodes their :func:`derived_names` (for a model this
-    package made itself, such as the prepared copy, so the names layers are found by are the nodes' names)."""
+    """Edit ``model`` in place: give its unnamed top-level nodes their :func:`derived_names` and unnamed nodes in
+    If/Loop/Scan bodies their ``bodies.body_node_name`` (for a model this package made itself, such as the
+    prepared copy, so the names layers are found by are the nodes' names)."""
     nodes = model.graph.node
     for node, name in zip(nodes, derived_names([n.name for n in nodes], [n.op_type for n in nodes]), strict=True):
         if node.name != name:
             node.name = name
+    name_body_nodes(model.graph)
 
 
 class GraphModel:
@@ -67,11 +71,32 @@ class GraphModel:
         self._positions = len(self._order)
         self._value_order = {v.name: i for i, v in enumerate(model.graph.value_info)}
         self._tensors: dict[str, gs.Tensor] = self.graph.tensors()
+        self._local: set[str] = set()  # tensors declared inside bodies (stored there, not at the top level)
         for subgraph in self.graph.subgraphs(recursive=True):  # top-level weights only If/Loop/Scan bodies read
             for name, tensor in subgraph.tensors().items():
-                if name in self._order and name not in self._tensors:
+                if name not in self._tensors:
                     self._tensors[name] = tensor
+                    if name not in self._order:
+                        self._local.add(name)
         self._nodes: dict[str, gs.Node] = {node.name: node for node in nodes}
+        self._body_nodes: dict[str, gs.Node] = {}
+        self._owner: dict[int, gs.Graph] = {}  # id(body node) -> the body that holds it
+        self._where: dict[str, str] = {}  # body node name -> "inside the then_branch of If if"
+        self._walk_bodies(self.graph, "")
+
+    def _walk_bodies(self, graph: gs.Graph, where: str) -> None:
+        """Name the unnamed nodes of every body in ``graph`` (``bodies.body_node_name``) and index them."""
+        for node in graph.nodes:
+            for attribute, body in node.attrs.items():
+                if not isinstance(body, gs.Graph):
+                    continue
+                inside = f"{where}inside the {attribute} of {node.op} {node.name}"
+                for index, inner in enumerate(body.nodes):
+                    inner.name = inner.name or body_node_name(node.name, attribute, inner.op, index)
+                    self._body_nodes.setdefault(inner.name, inner)
+                    self._owner[id(inner)] = body
+                    self._where.setdefault(inner.name, inside)
+                self._walk_bodies(body, f"{inside}, ")
 
     # Queries ----------------------------------------------------------------------------------------------
     @property
@@ -79,8 +104,24 @@ class GraphModel:
         """Top-level nodes in graph order."""
         return self.graph.nodes
 
+    def walk(self) -> Iterator[tuple[gs.Node, str]]:
+        """Every node with where it sits ("" at the top level): each top-level node, then the nodes of its bodies
+        (depth first), in graph order."""
+        def visit(nodes: list[gs.Node]) -> Iterator[tuple[gs.Node, str]]:
+            for node in nodes:
+                yield node, self._where.get(node.name, "") if id(node) in self._owner else ""
+                for body in node.attrs.values():
+                    if isinstance(body, gs.Graph):
+                        yield from visit(body.nodes)
+        return visit(self.graph.nodes)
+
     def node(self, name: str) -> gs.Node | None:
-        return self._nodes.get(name)
+        """The node called ``name``, top-level or inside a body."""
+        return self._nodes.get(name) or self._body_nodes.get(name)
+
+    def where(self, name: str) -> str:
+        """Where a node sits: "" at the top level, else e.g. "inside the then_branch of If if"."""
+        return self._where.get(name, "") if name not in self._nodes else ""
 
     def tensor(self, name: str) -> gs.Tensor | None:
         return self._tensors.get(name) if name else None
@@ -165,9 +206,13 @@ class GraphModel:
         """Put new nodes into the graph order: at the front, just before ``before``, or at the end."""
         if first:
             self.graph.nodes[:0] = nodes
-        elif before is not None:
-            index = next(i for i, n in enumerate(self.graph.nodes) if n is before)
-            self.graph.nodes[index:index] = nodes
+        elif before is not None:  # in the graph (or body) that holds ``before``
+            graph = self._owner.get(id(before), self.graph)
+            index = next(i for i, n in enumerate(graph.nodes) if n is before)
+            graph.nodes[index:index] = nodes
+            for node in nodes if graph is not self.graph else ():
+                self._owner[id(node)] = graph
+                self._where[node.name] = self._where.get(before.name, "")
         else:
             self.graph.nodes.extend(nodes)
 
@@ -178,8 +223,11 @@ class GraphModel:
 
     def remove_node(self, node: gs.Node) -> None:
         """Drop a node; its tensors stay (a tensor nothing reads any more is not exported)."""
-        self.graph.nodes.remove(node)
-        self._nodes.pop(node.name, None)
+        self._owner.get(id(node), self.graph).nodes.remove(node)
+        if self._nodes.get(node.name) is node:
+            self._nodes.pop(node.name)
+        if self._body_nodes.get(node.name) is node:
+            self._body_nodes.pop(node.name)
         node.inputs.clear()
         node.outputs.clear()
 
@@ -212,13 +260,13 @@ class GraphModel:
         their original order (new ones after, in the order they were made), node doc strings kept."""
         with _payloads_held(self._tensors.values()) as held:  # each weight is copied once, into the result
             model = gs.export_onnx(self.graph, do_type_check=False)
-        for tensor in model.graph.initializer:
+        for tensor in _initializers(model.graph):  # bodies keep their own weights (``_local``)
             if tensor.name in held:
                 tensor.CopyFrom(held[tensor.name])
         exported = {t.name for t in model.graph.initializer}
         model.graph.initializer.extend(  # top-level weights only If/Loop/Scan bodies read
             OnnxExporter.export_tensor_proto(tensor) for name, tensor in self._tensors.items()
-            if isinstance(tensor, gs.Constant) and name not in exported and tensor.outputs)
+            if isinstance(tensor, gs.Constant) and name not in exported and tensor.outputs and name not in self._local)
         _store_once(model.graph, set())
         for field in MODEL_FIELDS:  # onnx.proto is proto2: a field the template leaves unset stays unset
             model.ClearField(field)
@@ -263,6 +311,14 @@ def _payloads_held(tensors: Iterable[gs.Tensor]) -> Iterator[dict[str, onnx.Tens
         for tensor in tensors:
             if tensor.name in held:
                 tensor._values = LazyValues(held[tensor.name])
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """The initializers of a graph and of every body in it."""
+    yield from graph.initializer
+    for node in graph.node:
+        for _, body in subgraphs(node):
+            yield from _initializers(body)
 
 
 def _store_once(graph: onnx.GraphProto, outer: set[str]) -> None:

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.errors import OnnxqError
+from onnxq.graph.bodies import prepare_bodies
 from onnxq.graph.loading import proto_size
 from onnxq.graph.model import name_unnamed_nodes
 
@@ -53,6 +54,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
         prepared = onnx.load(str(dst), load_external_data=True)
     prepared = _keep_metadata(prepared, model)
     name_unnamed_nodes(prepared)
+    prepare_bodies(prepared)  # layers inside If/Loop/Scan bodies: weights at the top level, inputs local
     return _infer_shapes(prepared)
 
 

@@ -35,6 +35,7 @@ from onnxq.calibration.unfold import unfold_columns
 from onnxq.data.masking import attention_mask_name, batch_mask, token_rows
 from onnxq.data.sources import Feed, feed_samples, model_inputs
 from onnxq.data.spill import STORE_BYTES, BatchStore
+from onnxq.errors import OnnxqError
 from onnxq.graph.bias import BiasSlot, replacement_tensors
 from onnxq.graph.layers import Layer
 from onnxq.graph.segments import Segment, plan_segments, segment_model
@@ -465,6 +466,11 @@ def round_sequentially(model: onnx.ModelProto, layers: list[Layer], feeds: Itera
     compensated target, round them with ``round_stage([(layer, W*, S, rows)])`` -> {name: (qw, error)}, set the
     bias shifts of the layers in ``slots`` and feed their quantized tensors to the next stages. The feeds are
     read once; the activations kept between stages go to a temporary folder past ``store_bytes`` per store."""
+    inside = [layer.name for layer in layers if layer.where]
+    if inside:  # stages are cut in the top-level graph
+        raise OnnxqError(f"--sequential cannot round layers inside If/Loop/Scan bodies ({', '.join(inside[:3])}"
+                         f"{' and more' if len(inside) > 3 else ''}); drop --sequential, or keep them in float "
+                         "with --nodes_to_exclude")
     plan = stage_plan(model, layers)
     names = [layer.weight for layer in layers] + [slot.tensor for slot in slots.values()]
     replaced: dict[str, np.ndarray] = {}
