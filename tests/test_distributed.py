@@ -12,11 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 
 import onnxq
-from onnxq.allocation import probes
+from onnxq.allocation import distributed, probes
 from onnxq.errors import OnnxqError
 from onnxq.graph import suffix
+from onnxq.graph.layers import find_layers
+from onnxq.graph.prepare import prepare
 from onnxq.report.progress import NoProgress
 
 ray = pytest.importorskip("ray")
@@ -118,3 +121,25 @@ def test_unreachable_cluster_is_a_one_line_error(tmp_path, cnn_path, cnn_calib):
     with pytest.raises(OnnxqError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
         onnxq.quantize(cnn_path, cnn_calib, tmp_path / "q.onnx", ray_address=f"127.0.0.1:{port}", **OPTIONS)
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_worker_sessions_get_their_share_of_the_cores(runtime):
+    """With 2 worker CPUs on this node, each worker's oracle sessions run cores / 2 threads, not every core."""
+    model = prepare(tiny.cnn_model())
+    layers, _ = find_layers(model)
+    feeds = [{"x": np.zeros((2, 3, 16, 16), np.float32)}]
+
+    def oracle_threads(model, layers, feeds):
+        from onnxq.allocation import distributed
+        oracle = distributed.OracleSpec(model, layers, feeds, None, {}).build(distributed.worker_threads())
+        return (oracle.threads, oracle.session.get_session_options().intra_op_num_threads,
+                oracle.constant_session({}).get_session_options().intra_op_num_threads)
+
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert ray.get(ray.remote(num_cpus=1)(oracle_threads).remote(model, layers, feeds)) == (share, share, share)
+
+
+@pytest.mark.parametrize(("cores", "node_cpus", "task_cpus", "threads"),
+                         [(2, 2, 1, 1), (2, 1, 1, 2), (64, 32, 1, 2), (16, 16, 4, 4), (1, 4, 1, 1), (8, 0, 1, 1)])
+def test_share_of_cores(cores, node_cpus, task_cpus, threads):
+    assert distributed.share_of_cores(cores, node_cpus, task_cpus) == threads

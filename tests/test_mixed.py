@@ -12,7 +12,7 @@ import tiny
 
 import onnxq
 from onnxq.allocation.mixed import Budget
-from onnxq.allocation.oracle import LossOracle
+from onnxq.allocation.oracle import LossOracle, weights_as_inputs
 from onnxq.errors import OnnxqError
 from onnxq.graph.layers import find_layers
 from onnxq.graph.prepare import prepare
@@ -63,6 +63,32 @@ def test_oracle_weights_as_inputs_reproduce_the_model(tmp_path):
     assert oracle.loss({}) == pytest.approx(0.0, abs=1e-9)
     zeroed = {layers[-1].weight: np.zeros_like(oracle.float_weights[layers[-1].weight])}
     assert oracle.loss(zeroed) > 0
+
+
+def test_oracle_sessions_take_the_given_thread_count():
+    model = prepare(tiny.cnn_model())
+    layers, _ = find_layers(model)
+    feeds = [{"x": np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)}]
+    default, single = LossOracle(model, layers, feeds), LossOracle(model, layers, feeds, threads=1)
+    for oracle, threads in ((default, 0), (single, 1)):
+        assert oracle.session.get_session_options().intra_op_num_threads == threads
+        assert oracle.constant_session({}).get_session_options().intra_op_num_threads == threads
+    np.testing.assert_array_equal(single.reference, default.reference)
+
+
+def test_weights_as_inputs_moves_only_initializers_and_keeps_their_types():
+    model = prepare(tiny.cnn_model())
+    layers, _ = find_layers(model)
+    names = [layers[0].weight, "x", "not_a_tensor"]  # a graph input and an unknown name are left alone
+    fed = weights_as_inputs(model, names)
+    inputs = {v.name: v for v in fed.graph.input}
+    assert [v.name for v in fed.graph.input].count("x") == 1 and "not_a_tensor" not in inputs
+    weight = next(t for t in model.graph.initializer if t.name == layers[0].weight)
+    declared = inputs[weight.name].type.tensor_type
+    assert declared.elem_type == weight.data_type
+    assert [d.dim_value for d in declared.shape.dim] == list(weight.dims)
+    assert weight.name not in {t.name for t in fed.graph.initializer}
+    assert len(fed.graph.initializer) == len(model.graph.initializer) - 1
 
 
 def test_whole_allocations_on_constant_weights_match_the_fed_weights():
@@ -125,13 +151,67 @@ def test_verification_keeps_the_allocation_that_measures_best():
 
     def measure(bits):
         measured.append(bits)
-        return 1.0 if bits == (4, 4, 4) else 2.0 + sum(b == 2 for b in bits)
+        return iter([np.full(4, 1.0 if bits == (4, 4, 4) else 2.0 + sum(b == 2 for b in bits))])
 
     choice, picked, losses = verify(solved, cands, 12.0, omega, measure)
     assert picked == "uniform 4" and cands.bits_of(choice) == (4, 4, 4)
     assert losses["uniform 4"] == 1.0 and len(measured) == len(set(measured))  # each allocation measured once
-    tie = verify(solved, cands, 12.0, omega, lambda bits: 1.0)
+    tie = verify(solved, cands, 12.0, omega, lambda bits: iter([np.ones(4)]))
     assert tie[1] == "solver"
+
+
+def test_the_race_drops_only_the_clearly_worse_allocation_and_keeps_full_means_for_the_rest():
+    from onnxq.allocation.mixed import DROP_AFTER, race
+
+    rng = np.random.default_rng(0)
+    base = rng.gamma(2.0, 0.1, size=256)  # per-sample losses of the best allocation (skewed, as KL is)
+    losses = {"best": base, "close": base * 1.03 + rng.normal(0, 0.01, 256), "far": base * 20 + 0.5}
+    pulled = {key: 0 for key in losses}
+
+    def stream(key):
+        for start in range(0, 256, 16):
+            pulled[key] += 1
+            yield losses[key][start:start + 16]
+
+    means, samples = race({key: stream(key) for key in losses})
+    assert samples == {"best": 256, "close": 256, "far": DROP_AFTER}
+    assert pulled["far"] == DROP_AFTER // 16  # its pass stopped: no more batches were run
+    assert means["best"] == losses["best"].mean() and means["close"] == losses["close"].mean()
+    assert means["far"] == losses["far"][:DROP_AFTER].mean()
+
+
+def test_verification_oracle_reuses_the_reference_of_the_samples_it_shares():
+    model = prepare(tiny.cnn_model())
+    layers, _ = find_layers(model)
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.normal(size=(4, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
+    sensitivity = LossOracle(model, layers, feeds[:2])
+    verifier, fresh = LossOracle(model, layers, feeds), LossOracle(model, layers, feeds)
+    assert verifier.share_reference(sensitivity) == 8
+    assert verifier.evaluations == 1  # the two batches left ran once
+    np.testing.assert_array_equal(verifier.reference, fresh.reference)
+    other = LossOracle(model, layers, feeds[2:])
+    assert other.share_reference(sensitivity) == 0
+    np.testing.assert_array_equal(other.reference, fresh.reference[8:])
+
+
+def test_per_sample_losses_average_to_the_loss():
+    model = prepare(tiny.cnn_model())
+    layers, _ = find_layers(model)
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.normal(size=(4, 3, 16, 16)).astype(np.float32)} for _ in range(3)]
+    oracle = LossOracle(model, layers, feeds)
+    replaced = {layer.weight: (oracle.float_weights[layer.weight] * 1.3).astype(np.float32) for layer in layers}
+    outputs = oracle.constant_outputs(replaced)
+    batches = list(oracle.constant_sample_losses(replaced))
+    assert [len(b) for b in batches] == [4, 4, 4]
+    p = np.exp(oracle.reference.astype(np.float64) - oracle.reference.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    q = np.exp(outputs.astype(np.float64) - outputs.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    expected = (p * (np.log(p) - np.log(q))).sum(1)  # KL(float || perturbed) per sample, computed independently
+    np.testing.assert_allclose(np.concatenate(batches), expected, rtol=1e-9, atol=1e-12)
+    assert oracle.loss_of_outputs(outputs) == np.concatenate(batches).mean()
 
 
 def test_verified_plan_is_reported_and_fits(tmp_path, cnn_path, cnn_calib, caplog):

@@ -64,6 +64,10 @@ def test_each_probe_equals_the_whole_model_with_that_layer_replaced(name):
     for key, outputs in expected.items():
         assert not np.allclose(outputs, oracle.reference, rtol=1e-4, atol=1e-5)  # the probe really changes them
         np.testing.assert_allclose(got[key], outputs, rtol=1e-4, atol=1e-5 * np.abs(outputs).max())
+    one_thread = SuffixProbes(model, layers, feeds, oracle.reference, oracle.float_weights, threads=1)
+    assert one_thread.parallel == 1  # a worker's share of the cores: its probes run one at a time
+    for key, outputs in one_thread.outputs(probes):
+        np.testing.assert_array_equal(outputs, got[key])
 
 
 def test_suffix_holds_only_the_downstream_nodes_and_feeds_the_replaced_weight():

@@ -5,7 +5,9 @@ task carries only references to them and its list of probes, and returns one los
 fast estimator's single-layer probes, the output change: samples x outputs float32). Each worker process
 builds the loss oracle once and keeps it for the tasks that follow. A task whose worker dies is run again by
 Ray (``max_retries``); a probe's result does not depend on which worker ran it, so Omega is the one a
-single process measures. Ray is imported only here, and only when a cluster is asked for.
+single process measures. Each worker's onnxruntime sessions get its share of the node's cores (cores / workers),
+not onnxruntime's default of every core in every worker. Ray is imported only here, and only when a cluster is
+asked for.
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ class OracleSpec:
     labels: np.ndarray | None
     slots: dict[str, BiasSlot]
 
-    def build(self) -> LossOracle:
-        return LossOracle(self.model, self.layers, self.feeds, self.labels, self.slots)
+    def build(self, threads: int = 0) -> LossOracle:
+        return LossOracle(self.model, self.layers, self.feeds, self.labels, self.slots, threads)
 
 
 def import_ray() -> Any:
@@ -124,6 +126,24 @@ def connect(cluster: Cluster) -> bool:
     return True
 
 
+def share_of_cores(cores: int, node_cpus: float, task_cpus: float) -> int:
+    """onnxruntime threads for one task: the node's cores times the task's share of the node's Ray CPUs (cores /
+    workers when each worker takes one CPU), at least one."""
+    if node_cpus <= 0:
+        return max(1, int(task_cpus))
+    return max(1, int(cores * task_cpus / node_cpus))
+
+
+def worker_threads() -> int:
+    """In a Ray task: the threads its sessions get (``share_of_cores`` for this node and this task)."""
+    ray = import_ray()
+    context = ray.get_runtime_context()
+    task_cpus = context.get_assigned_resources().get("CPU", 1.0)
+    node = context.get_node_id()
+    node_cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node), 0.0)
+    return share_of_cores(os.cpu_count() or 1, node_cpus, task_cpus)
+
+
 def run_task(spec_ref: list, tensors: dict[tuple[int, int], dict[str, np.ndarray]], task: Task,
              keep_deltas: bool) -> tuple[int, int, list[Finished]]:
     """One task in a worker: the worker's oracle (built at its first task of this spec) evaluates the probes.
@@ -136,7 +156,7 @@ def run_task(spec_ref: list, tensors: dict[tuple[int, int], dict[str, np.ndarray
     if key not in _ORACLES:
         _ORACLES.clear()  # one measurement at a time per worker: drop the previous model
         spec = ray.get(spec_ref[0])
-        _ORACLES[key] = spec.build(), spec.layers
+        _ORACLES[key] = spec.build(worker_threads()), spec.layers
     oracle, layers = _ORACLES[key]
     before = oracle.evaluations
     results = evaluate_task(oracle, layers, tensors, task, keep_deltas)

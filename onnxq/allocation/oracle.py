@@ -5,11 +5,14 @@ different weight arrays: no session is rebuilt. Whole allocations (the verificat
 instead run a session with every weight a constant, which onnxruntime pre-packs (a third less CPU per pass on
 SqueezeNet, for a session build of a few milliseconds). The loss is label-free by default: the mean KL divergence
 of the perturbed model's softmax from the float model's on a fixed calibration subset (cross-entropy
-when labels are given; mean squared error relative to the float output for non-classifiers).
+when labels are given; mean squared error relative to the float output for non-classifiers). Weights and graph
+inputs are looked up on the model's ``GraphModel``; ``threads`` sizes every session it makes (a Ray worker gets its
+share of the node's cores, so worker processes do not oversubscribe them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -21,25 +24,30 @@ from onnxq.calibration.capture import make_session
 from onnxq.data.sources import Feed
 from onnxq.graph.bias import BiasSlot, replacement_tensors
 from onnxq.graph.layers import Layer
+from onnxq.graph.model import GraphModel
 from onnxq.passes import QuantWeight
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
 
-def weights_as_inputs(model: onnx.ModelProto, weights: list[str]) -> onnx.ModelProto:
-    """A copy of the model in which the named initializers are graph inputs instead."""
+def weights_as_inputs(model: onnx.ModelProto, weights: list[str], graph: GraphModel | None = None
+                      ) -> onnx.ModelProto:
+    """A copy of the model in which the named initializers are graph inputs instead (``graph``: the model's
+    ``GraphModel``, for the lookups; built here when not given)."""
+    graph = graph or GraphModel(model)
+    moved = [name for name in dict.fromkeys(weights) if graph.constant(name) is not None]
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    wanted = set(weights)
+    wanted = set(moved)
     kept = [t for t in out.graph.initializer if t.name not in wanted]
-    moved = [t for t in out.graph.initializer if t.name in wanted]
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept)
-    existing = {v.name for v in out.graph.input}
-    for tensor in moved:
-        if tensor.name not in existing:
-            out.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    existing = set(graph.input_names)
+    for name in moved:
+        if name not in existing:
+            tensor = graph.tensor_proto(name)
+            out.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
     return out
 
 
@@ -62,18 +70,46 @@ class LossOracle:
     """``loss({weight_name: array})``: the model's loss with those weights replaced, on fixed samples."""
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], feeds: list[Feed],
-                 labels: np.ndarray | None = None, slots: dict[str, BiasSlot] | None = None) -> None:
-        inits = {t.name: t for t in model.graph.initializer}
+                 labels: np.ndarray | None = None, slots: dict[str, BiasSlot] | None = None,
+                 threads: int = 0) -> None:
         self.model = model
+        self.graph = GraphModel(model)
         self.slots = slots or {}
+        self.threads = threads  # onnxruntime intra-op threads per session (0: its default, every core)
         names = [layer.weight for layer in layers] + [slot.tensor for slot in self.slots.values()]
-        self.float_weights = {name: numpy_helper.to_array(inits[name]) for name in names}
+        self.float_weights = {name: self.graph.array(name) for name in names}
         self.feeds = feeds
         self.labels = labels
         self.evaluations = 0
-        self.reference = self.constant_outputs({})
-        self.classifier = self.reference.ndim == 2 and self.reference.shape[1] > 1
-        self.reference_log_p = log_softmax(self.reference.astype(np.float64)) if self.classifier else None
+
+    @cached_property
+    def reference(self) -> np.ndarray:
+        """The float model's first output over all samples (one pass, on first use)."""
+        return self.constant_outputs({})
+
+    def share_reference(self, other: LossOracle) -> int:
+        """Take the float outputs of the leading batches this oracle shares with ``other`` (the same arrays, e.g.
+        the verification samples that begin with the sensitivity samples) instead of running them again; the
+        rest run here. Call before the reference is used; returns the samples taken over."""
+        shared = 0
+        for mine, theirs in zip(self.feeds, other.feeds, strict=False):
+            if mine.keys() != theirs.keys() or not all(np.array_equal(mine[k], theirs[k]) for k in mine):
+                break
+            shared += 1
+        if shared == 0:
+            return 0
+        rows = sum(len(next(iter(feed.values()))) for feed in self.feeds[:shared])
+        rest = [self.constant_outputs({}, self.feeds[shared:])] if shared < len(self.feeds) else []
+        self.__dict__["reference"] = np.concatenate([other.reference[:rows], *rest])
+        return rows
+
+    @cached_property
+    def classifier(self) -> bool:
+        return self.reference.ndim == 2 and self.reference.shape[1] > 1
+
+    @cached_property
+    def reference_log_p(self) -> np.ndarray | None:
+        return log_softmax(self.reference.astype(np.float64)) if self.classifier else None
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -87,7 +123,8 @@ class LossOracle:
     @cached_property
     def session(self) -> ort.InferenceSession:
         """The session with every quantizable weight (and corrected bias) a graph input, built on first use."""
-        return make_session(weights_as_inputs(self.model, list(self.float_weights)))
+        return make_session(weights_as_inputs(self.model, list(self.float_weights), self.graph), self.threads,
+                            shared_arena=True)
 
     def outputs(self, replaced: dict[str, np.ndarray]) -> np.ndarray:
         """The first model output over all samples, with some weights replaced (fed to the shared session)."""
@@ -96,26 +133,52 @@ class LossOracle:
         self.evaluations += 1
         return np.concatenate([self.session.run([output], {**feed, **weights})[0] for feed in self.feeds])
 
-    def constant_outputs(self, replaced: dict[str, np.ndarray]) -> np.ndarray:
+    def constant_outputs(self, replaced: dict[str, np.ndarray], feeds: list[Feed] | None = None) -> np.ndarray:
         """The same as :meth:`outputs`, on a session built with the replaced weights as constants: cheaper
         per pass when the same weights run once over all samples (whole allocations, the reference)."""
-        session = make_session(with_constants(self.model, replaced) if replaced else self.model)
+        return np.concatenate(list(self.constant_batches(replaced, feeds)))
+
+    def constant_batches(self, replaced: dict[str, np.ndarray], feeds: list[Feed] | None = None
+                         ) -> Iterator[np.ndarray]:
+        """:meth:`constant_outputs` batch by batch (a caller may stop early)."""
+        session = self.constant_session(replaced)
         output = session.get_outputs()[0].name
         self.evaluations += 1
-        return np.concatenate([session.run([output], feed)[0] for feed in self.feeds])
+        for feed in self.feeds if feeds is None else feeds:
+            yield session.run([output], feed)[0]
+
+    def constant_session(self, replaced: dict[str, np.ndarray]) -> ort.InferenceSession:
+        """A session of the model with the replaced weights as constants."""
+        return make_session(with_constants(self.model, replaced) if replaced else self.model, self.threads,
+                            shared_arena=True)
 
     def loss_of_outputs(self, outputs: np.ndarray) -> float:
         """KL(float || perturbed) per sample, averaged; cross-entropy with labels; else relative MSE."""
+        return float(self.sample_losses(outputs).mean())
+
+    def sample_losses(self, outputs: np.ndarray, start: int = 0) -> np.ndarray:
+        """The loss of each sample of ``outputs``, the outputs of samples ``start, start + 1, ...``: their mean
+        over all samples is :meth:`loss_of_outputs`."""
+        rows = slice(start, start + len(outputs))
+        reference = self.reference[rows]
         if not self.classifier:
-            return float(((outputs - self.reference) ** 2).mean() / max((self.reference**2).mean(), 1e-30))
+            scale = max(float((self.reference**2).mean()), 1e-30)
+            return ((outputs - reference) ** 2).reshape(len(outputs), -1).mean(axis=1) / scale
         log_q = log_softmax(outputs.astype(np.float64))
         if self.labels is not None:
-            return float(-log_q[np.arange(len(log_q)), self.labels].mean())
-        p = np.exp(self.reference_log_p)
-        return float((p * (self.reference_log_p - log_q)).sum(axis=1).mean())
+            return -log_q[np.arange(len(log_q)), self.labels[rows]]
+        log_p = self.reference_log_p[rows]
+        return (np.exp(log_p) * (log_p - log_q)).sum(axis=1)
 
     def loss(self, replaced: dict[str, np.ndarray]) -> float:
         return self.loss_of_outputs(self.outputs(replaced))
+
+    def constant_sample_losses(self, replaced: dict[str, np.ndarray]) -> Iterator[np.ndarray]:
+        """The per-sample losses of one whole allocation (weights as constants), batch by batch."""
+        start = 0
+        for outputs in self.constant_batches(replaced):
+            yield self.sample_losses(outputs, start)
+            start += len(outputs)
 
     def constant_loss(self, replaced: dict[str, np.ndarray]) -> float:
         """The loss of one whole allocation, run on a session with its weights as constants."""

@@ -22,7 +22,7 @@ from onnxq.calibration.capture import CaptureEngine, make_session
 from onnxq.data.sources import Feed
 from onnxq.graph.layers import Layer
 
-GROUP_LAYERS = 8  # suffix sessions alive at once (each holds its own constant weights and arena)
+GROUP_LAYERS = 8  # suffix sessions alive at once (each holds its constant weights; buffers come from one arena)
 # probes run side by side on single-threaded sessions: independent runs use the cores with no hand-offs inside a
 # run (SqueezeNet: ~8 % less CPU than one two-threaded session)
 PROBE_THREADS = max(1, min(2, os.cpu_count() or 1))
@@ -122,8 +122,12 @@ class SuffixProbes:
     """First-output values of the model with one layer's tensors replaced, computed on suffixes only."""
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], feeds: list[Feed], reference: np.ndarray,
-                 float_tensors: dict[str, np.ndarray]) -> None:
+                 float_tensors: dict[str, np.ndarray], threads: int = 0) -> None:
+        """``threads``: the cores this process may use (0: all): the capture session's threads and the probes
+        run side by side."""
         self.model = model
+        self.threads = threads
+        self.parallel = PROBE_THREADS if threads <= 0 else max(1, min(PROBE_THREADS, threads))
         self.float_tensors = float_tensors
         self.layers = {layer.name: layer for layer in layers}
         self.feeds = feeds
@@ -147,12 +151,12 @@ class SuffixProbes:
         suffixes = {name: suffix_of(self.model, self.layers[name], {t for _, tensors in entries for t in tensors})
                     for name, entries in probes.items()}
         live = {name: suffix for name, suffix in suffixes.items() if suffix.model is not None}
-        sessions = {name: make_session(suffix.model, threads=1) for name, suffix in live.items()}
+        sessions = {name: make_session(suffix.model, threads=1, shared_arena=True) for name, suffix in live.items()}
         boundary = {t for s in live.values() for t in s.boundary} - self.graph_inputs
-        capture = CaptureEngine(prefix_of(self.model, boundary), boundary)
+        capture = CaptureEngine(prefix_of(self.model, boundary), boundary, self.threads, shared_arena=True)
         parts: dict[object, list[np.ndarray]] = {key: [] for name in live for key, _ in probes[name]}
         jobs = [(name, key, tensors) for name in live for key, tensors in probes[name]]
-        with ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="onnxq-probe") as pool:
+        with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="onnxq-probe") as pool:
             for feed in self.feeds:
                 values = capture.values(feed)
 
