@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxq.calibration import gram, image_gram
+from onnxq.calibration import gram, image_gram, lag_gram
 from onnxq.calibration.calibrate import LayerStats, empty_stats
 from onnxq.calibration.unfold import Window
 from onnxq.graph.layers import Layer
@@ -84,10 +84,11 @@ def test_auto_pad_depthwise_tiled(auto_pad, monkeypatch):
 
 
 def test_depthwise_mobilenet_geometry_is_tiled_and_exact():
-    """A 3x3 depthwise layer on a large map takes the tiled path (with left-over rows and columns) and still
-    matches the exact Gram matrix."""
-    layer = conv_layer(5, 5, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1])
+    """A stride-2 3x3 depthwise layer on a large map takes the tiled path (with left-over rows and columns) and
+    still matches the exact Gram matrix."""
+    layer = conv_layer(5, 5, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1])
     x = np.random.default_rng(4).normal(size=(16, 5, 30, 33)).astype(np.float32)
+    assert gram.tile_shape(Window((3, 3), (2, 2), (1, 1)), (15, 17), 16, 5, 5) == (3, 3)  # 2 columns left over
     window = Window((3, 3), (1, 1), (1, 1))
     assert gram.tile_shape(window, (30, 33), 16, 5, 5) == (6, 6)  # 3 columns left over
     assert gram.tile_shape(window, (112, 112), 16, 96, 96) == (7, 7)
@@ -153,3 +154,40 @@ def test_depthwise_small_maps_fold_the_image_gram(kernel, stride, dilation, pads
 def test_image_gram_only_for_small_two_dimensional_maps():
     assert image_gram.fits((7, 7)) and image_gram.fits((8, 8))
     assert not image_gram.fits((14, 14)) and not image_gram.fits((7,))
+
+
+@settings(max_examples=60, deadline=None)
+@given(kernel=st.integers(1, 5), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+       pads=st.lists(st.integers(0, 3), min_size=4, max_size=4), height=st.integers(1, 14), width=st.integers(1, 14),
+       batch=st.integers(1, 3), chunk=st.sampled_from([1, 1 << 20]), seed=st.integers(0, 2**16))
+def test_lagged_maps_match_exact_im2col(kernel, stride, dilation, pads, height, width, batch, chunk, seed):
+    """The lagged-map kernel (lag_gram.py) is exact for every geometry, though only stride-1 3x3 layers on larger
+    maps are routed to it: strides 2 and 3 through phase images, dilation, uneven pads, rows and columns that no
+    output pixel reads, channels split over chunks, batches merged in two calls."""
+    if min(height + pads[0] + pads[2], width + pads[1] + pads[3]) <= (kernel - 1) * dilation:
+        return
+    layer = conv_layer(3, 3, [kernel, kernel], [stride, stride], [dilation, dilation], pads)
+    x = np.random.default_rng(seed).normal(1.0, 1.0, size=(batch, 3, height, width)).astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(image_gram, "IMAGE_GRAM_MAX_PIXELS", 0)
+        patch.setattr(lag_gram, "fits", lambda x, conv: x.ndim == 4)
+        patch.setattr(lag_gram, "LAG_CHUNK_ELEMENTS", chunk)
+        stats = empty_stats(layer)
+        stats.merge(x[:1], layer)
+        stats.merge(x[1:], layer)
+    assert_matches(stats, reference_rows(x, layer))
+
+
+def test_lagged_maps_take_stride_one_three_by_three_layers():
+    """MobileNet's stride-1 3x3 depthwise layers on maps of 10 x 10 and up take the lagged maps; stride 2, 5x5
+    kernels and dense Convs keep the window tiles; the result matches the exact Gram matrix."""
+    x = np.random.default_rng(8).normal(size=(4, 5, 30, 33)).astype(np.float32)
+    same = dict(kernel_shape=[3, 3], strides=[1, 1], dilations=[1, 1], pads=[1, 1, 1, 1])
+    assert lag_gram.fits(x, same)
+    assert not lag_gram.fits(x, same | {"strides": [2, 2]})
+    assert not lag_gram.fits(x, same | {"kernel_shape": [5, 5]})
+    assert not lag_gram.fits(x[:, :, :9, :9], same)
+    layer = conv_layer(5, 5, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1])
+    stats = empty_stats(layer)
+    stats.merge(x, layer)
+    assert_matches(stats, reference_rows(x, layer))

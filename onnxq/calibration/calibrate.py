@@ -27,7 +27,7 @@ from onnxq.data.masking import attention_mask_name, batch_mask, token_rows
 from onnxq.data.sources import Feed, model_inputs
 from onnxq.graph.bodies import unreached_layers
 from onnxq.graph.layers import Layer, grouped_reasons
-from onnxq.passes.gram import centred_gram, overflow_shift
+from onnxq.passes.gram import FLOAT32_EXPONENT_LIMIT, centred_gram, overflow_shift
 
 log = logging.getLogger("onnxq")
 UNFOLD_CHUNK_ELEMENTS = COLUMN_CHUNK_ELEMENTS  # unfolded values processed at once: bounds the im2col copy
@@ -55,20 +55,23 @@ class LayerStats:
         x = token_rows(x, layer, mask)
         if not x.size:
             return
-        self.act_min = min(self.act_min, float(x.min()))
-        self.act_max = max(self.act_max, float(x.max()))
+        low, high = float(x.min()), float(x.max())
+        self.act_min, self.act_max = min(self.act_min, low), max(self.act_max, high)
+        top = max(-low, high)  # the range decides whether float32 products could overflow: no second pass over x
+        safe = bool(np.isfinite(top)) and top * top * x.size < 2.0**FLOAT32_EXPONENT_LIMIT
         if is_pointwise(layer):
-            rows = self._add(add_pointwise, x)
+            rows = self._add(add_pointwise, x, safe=safe)
         elif layer.op_type == "Conv":
-            rows = self._add(add_conv, x, layer.conv, layer.groups)
+            rows = self._add(add_conv, x, layer.conv, layer.groups, safe=safe)
         else:
-            rows = self._add(add_columns, unfold_columns(layer, x))
+            rows = self._add(add_columns, unfold_columns(layer, x), safe=safe)
         self.rows += rows
 
-    def _add(self, kernel: Callable, x: np.ndarray, *args: object) -> int:
+    def _add(self, kernel: Callable, x: np.ndarray, *args: object, safe: bool = False) -> int:
         """Run a float32 Gram kernel on ``x`` (pre-scaled by an exact power of two when its squares could overflow
-        float32's range: values near 1e15 and up) and return the rows it added."""
-        shift = overflow_shift(x)
+        float32's range: values near 1e15 and up; ``safe`` when the caller's range check has ruled that out) and
+        return the rows it added."""
+        shift = 0 if safe else overflow_shift(x)
         if not shift:
             with np.errstate(invalid="ignore", over="ignore"):  # Inf activations: reported per layer by the caller
                 rows = kernel(self.gram, self.row_sum, x, *args)

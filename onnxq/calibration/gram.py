@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxq.calibration import image_gram
+from onnxq.calibration import image_gram, lag_gram
 from onnxq.calibration.unfold import Window, conv_pads, padded_input, patch_columns, patch_rows
 
 GRAM_BLOCK_ROWS = 8192  # rows per float32 GEMM block (2.5x faster than float64; error ~1e-6 relative)
@@ -51,11 +51,12 @@ def add_pointwise(gram: np.ndarray, row_sum: np.ndarray, x: np.ndarray) -> None:
 def add_conv(gram: np.ndarray, row_sum: np.ndarray, x: np.ndarray, conv: dict, groups: int) -> int:
     """Add a Conv's unfolded input, a few samples at a time; return the number of rows added."""
     n, channels = x.shape[:2]
-    if channels == groups and image_gram.fits(x.shape[2:]):
+    if channels == groups and (image_gram.fits(x.shape[2:]) or lag_gram.fits(x, conv)):
         top, left, bottom, right = conv_pads(x.shape[2:], conv)
         window = Window(tuple(conv["kernel_shape"]), tuple(conv["strides"]), tuple(conv["dilations"]))
         out = window.out_shape((x.shape[2] + top + bottom, x.shape[3] + left + right))
-        image_gram.add_image_gram(gram, row_sum, x, window, (top, left), out)
+        small = image_gram.fits(x.shape[2:])
+        (image_gram.add_image_gram if small else lag_gram.add_lagged_gram)(gram, row_sum, x, window, (top, left), out)
         return n * out[0] * out[1]
     padded, window = padded_input(x, conv)
     out = window.out_shape(padded.shape[2:])
