@@ -149,4 +149,4 @@ def _maps_a_file(array: np.ndarray) -> bool:
     base = array
     while isinstance(base, np.ndarray):
         base = base.base
-    return isinstance(base, mmap.mmap)
+    return isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
