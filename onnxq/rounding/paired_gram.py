@@ -66,15 +66,17 @@ def add_paired_pointwise(sums: PairedSums, x_q: np.ndarray, x_f: np.ndarray) -> 
 
 
 def add_paired_conv(sums: PairedSums, x_q: np.ndarray, x_f: np.ndarray, conv: dict, groups: int) -> int:
-    """A Conv's unfolded inputs, a few samples at a time (each stream's copy bounded as in the default)."""
-    padded_q, window = padded_input(x_q, conv)
-    padded_f, _ = padded_input(x_f, conv)
-    out = window.out_shape(padded_q.shape[2:])
-    n, channels = padded_q.shape[:2]
+    """A Conv's unfolded inputs, a few samples at a time (each stream's copy bounded as in the default). Each
+    chunk is padded on its own: copies under glibc's 32 MB map threshold reuse freed heap memory, where a
+    padded batch would be a fresh map whose pages the kernel zeroes on every call."""
+    first, window = padded_input(x_q[:1], conv)
+    out = window.out_shape(first.shape[2:])
+    n, channels = x_q.shape[:2]
     tile = tile_shape(window, out, n, channels, groups)
     step = max(1, COLUMN_CHUNK_ELEMENTS // max(column_elements(window, out, channels, tile), 1))
     for start in range(0, n, step):
-        chunk_q, chunk_f = padded_q[start:start + step], padded_f[start:start + step]
+        chunk_q = padded_input(x_q[start:start + step], conv)[0]
+        chunk_f = chunk_q if x_f is x_q else padded_input(x_f[start:start + step], conv)[0]
         if tile is None:
             add_paired_columns(sums, patch_columns(chunk_q, window, out, groups),
                                patch_columns(chunk_f, window, out, groups))

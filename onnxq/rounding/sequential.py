@@ -346,7 +346,8 @@ class StageCapture:
         stats = {layer.name: PairedStats.empty(layer) for layer in stage.layers}
         next_float = self._new_store()
         next_quantized = self._new_store() if replaced else None
-        for index, (floats, quantized) in enumerate(self._values(SegmentRunner(self, segment), replaced)):
+        sinks = (output_sink(next_float, segment), output_sink(next_quantized, segment) if replaced else None)
+        for index, (floats, quantized) in enumerate(self._values(SegmentRunner(self, segment), replaced, sinks)):
             for layer in stage.layers:
                 xq = np.asarray(quantized[layer.activation], dtype=np.float32)
                 xf = np.asarray(floats[layer.activation], dtype=np.float32)
@@ -360,15 +361,16 @@ class StageCapture:
         self._advance(next_float, next_quantized)
         return stats
 
-    def _values(self, runner: SegmentRunner, replaced: dict[str, np.ndarray]) -> Iterator[tuple[dict, dict]]:
+    def _values(self, runner: SegmentRunner, replaced: dict[str, np.ndarray], sinks: tuple[Sink, Sink | None]
+                ) -> Iterator[tuple[dict, dict]]:
         """Both streams' tensors (float, quantized), batch by batch. Each stream's segment runs on its own thread
         (one onnxruntime thread each: no hand-offs between them), and the next batch's runs go on while the
         caller adds up this one's statistics."""
 
         def submit(float_cut: Feed, quantized_cut: Feed) -> tuple[Future, Future | None]:
             runner.prepare(float_cut)
-            return (self.threads.submit(runner.run, float_cut, {}),
-                    self.threads.submit(runner.run, quantized_cut, replaced) if replaced else None)
+            return (self.threads.submit(runner.run, float_cut, {}, sinks[0]),
+                    self.threads.submit(runner.run, quantized_cut, replaced, sinks[1]) if replaced else None)
 
         def results(runs: tuple[Future, Future | None]) -> tuple[dict, dict]:
             floats = runs[0].result()
@@ -415,14 +417,30 @@ class StageCapture:
                 store.close()
 
 
+Sink = Callable[[str, tuple[int, ...], np.dtype], np.ndarray]  # (output, shape, dtype) -> array to write it into
+
+
+def output_sink(store: BatchStore, segment: Segment) -> Sink:
+    """Where a stream's segment outputs go: the tensors of the next cut straight into the store (onnxruntime
+    writes a spilled one into the store's file), the others into fresh arrays."""
+    cut = set(segment.cut)
+
+    def output(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return store.reserve(shape, dtype) if name in cut else np.empty(shape, dtype)
+
+    return output
+
+
 class SegmentRunner:
     """One segment's onnxruntime session (one thread: each stream runs on its own), made on the first batch
-    (the cut's types come from the arrays)."""
+    (the cut's types come from the arrays). Once a cut of the same shapes has run, the outputs' shapes are
+    known, and later runs write their outputs into the arrays a ``Sink`` gives (no copy out of onnxruntime)."""
 
     def __init__(self, capture: StageCapture, segment: Segment) -> None:
         self.capture, self.segment = capture, segment
         self.session = None
         self.wanted: set[str] = set()
+        self.output_types: dict[tuple, list[tuple[tuple[int, ...], np.dtype]]] = {}  # by the cut's shapes
 
     def prepare(self, cut: Feed) -> None:
         """Make the session for cuts typed like this one, unless made already."""
@@ -436,15 +454,29 @@ class SegmentRunner:
         self.session = make_session(model, threads=1)
         self.wanted = {v.name for v in self.session.get_inputs()}
 
-    def run(self, cut: Feed, replaced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, cut: Feed, replaced: dict[str, np.ndarray], sink: Sink) -> dict[str, np.ndarray]:
         """The cut's tensors and the segment's outputs, the rounded layers fed ``replaced``."""
         values = dict(cut)
         if not self.segment.outputs:
             return values
         self.prepare(cut)
-        given = {name: cut[name] for name in self.segment.inputs}
+        given = {name: np.asarray(cut[name]) for name in self.segment.inputs}
         given.update({k: v for k, v in {**self.capture.float_tensors, **replaced}.items() if k in self.wanted})
-        values.update(zip(self.segment.outputs, self.session.run(self.segment.outputs, given), strict=True))
+        key = tuple((name, value.shape, value.dtype.str) for name, value in given.items())
+        known = self.output_types.get(key)
+        if known is None:
+            outputs = self.session.run(self.segment.outputs, given)
+            self.output_types[key] = [(output.shape, output.dtype) for output in outputs]
+        else:
+            outputs = [sink(name, shape, dtype) for name, (shape, dtype) in zip(self.segment.outputs, known,
+                                                                                strict=True)]
+            binding = self.session.io_binding()
+            for name, value in given.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            for name, output in zip(self.segment.outputs, outputs, strict=True):
+                binding.bind_output(name, "cpu", 0, output.dtype, output.shape, output.ctypes.data)
+            self.session.run_with_iobinding(binding)
+        values.update(zip(self.segment.outputs, outputs, strict=True))
         return values
 
 
