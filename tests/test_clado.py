@@ -296,3 +296,19 @@ def test_wider_widths_scale_with_the_rounding_error_from_the_widest_measured_one
         assert estimate.increase == pytest.approx(measured[(i, 4)] * errors[(i, b)] / errors[(i, 4)], rel=1e-12)
     with pytest.raises(ValueError, match="no measured width"):
         clado.estimated_singles(cands, {(0, 2): 1.0}, errors)
+
+
+def test_local_search_runs_only_when_highs_proves_nothing(monkeypatch) -> None:
+    """A proven optimum is returned without the local search's seconds; an unproven one still gets its incumbent."""
+    calls = []
+    search = clado.local_search
+    monkeypatch.setattr(clado, "local_search", lambda *a, **k: calls.append(1) or search(*a, **k))
+    Omega, cands, budget = clado_like(6, seed=1)
+    res = allocate(Omega, cands, budget, time_limit=20)
+    assert res.status == "optimal" and res.source == "milp" and not calls
+    best = brute_force(Omega, cands, budget)
+    assert res.objective <= best + 1e-6 * (1 + abs(best))
+    Omega, cands, budget = clado_like(40, seed=0)
+    res = allocate(Omega, cands, budget, time_limit=1.0, heuristic_seconds=0.3)
+    assert res.status == "time_limit" and calls == [1]
+    assert res.cost <= budget and res.bound <= res.objective

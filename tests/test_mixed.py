@@ -153,9 +153,10 @@ def test_verification_keeps_the_allocation_that_measures_best():
         measured.append(bits)
         return iter([np.full(4, 1.0 if bits == (4, 4, 4) else 2.0 + sum(b == 2 for b in bits))])
 
-    choice, picked, losses = verify(solved, cands, 12.0, omega, measure)
+    choice, picked, losses, stopped = verify(solved, cands, 12.0, omega, measure)
     assert picked == "uniform 4" and cands.bits_of(choice) == (4, 4, 4)
     assert losses["uniform 4"] == 1.0 and len(measured) == len(set(measured))  # each allocation measured once
+    assert stopped == {}  # 4 samples each: too few to stop any
     tie = verify(solved, cands, 12.0, omega, lambda bits: iter([np.ones(4)]))
     assert tie[1] == "solver"
 

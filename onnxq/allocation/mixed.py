@@ -66,6 +66,7 @@ class MixedPlan:
     integer_mac_share: float | None = None  # with prefer="speed": the share of MACs at 8 bits (W8A8 kernels)
     verified: dict[str, float] = field(default_factory=dict)  # measured loss of each allocation checked
     picked: str = "solver"  # which of them was kept: "solver", "diagonal" or "uniform <bits>"
+    stopped: dict[str, int] = field(default_factory=dict)  # those of them stopped early: the samples they saw
 
 
 def candidates_for(layers: list[Layer], choices: list[tuple[int, ...]],
@@ -279,12 +280,13 @@ def race(streams: dict[tuple[int, ...], Iterator[np.ndarray]]) -> tuple[dict[tup
 
 
 def verify(result: clado.Allocation, cands: clado.Candidates, limit: float, omega: np.ndarray,
-           measure: Measure) -> tuple[np.ndarray, str, dict[str, float]]:
+           measure: Measure) -> tuple[np.ndarray, str, dict[str, float], dict[str, int]]:
     """Measure the solver's allocation, the diagonal-only one and the widest uniform one that fits; keep the best.
 
     The quadratic model is a second-order expansion at the float model; at 2-3 bits the loss of many perturbed
     layers together departs from it, and one forward pass per alternative settles which is really better. The
-    alternatives run side by side (``race``): one far worse than the best stops after a few batches.
+    alternatives run side by side (``race``): one far worse than the best stops after a few batches. Returns the
+    kept choice, its label, every alternative's loss, and the samples of those stopped early.
     """
     options = {"solver": result.choice, "diagonal": clado.allocate_diagonal(omega, cands, limit).choice,
                **uniform_choices(cands, limit)}
@@ -294,7 +296,8 @@ def verify(result: clado.Allocation, cands: clado.Candidates, limit: float, omeg
     losses = {label: means[bits] for label, bits in widths.items()}
     finalists = [label for label, bits in widths.items() if samples[bits] == full]
     picked = min(finalists, key=lambda label: (losses[label], label != "solver"))
-    return options[picked], picked, losses
+    stopped = {label: samples[bits] for label, bits in widths.items() if samples[bits] < full}
+    return options[picked], picked, losses, stopped
 
 
 def allocate_bits(layers: list[Layer], choices: list[tuple[int, ...]], budget: Budget, omega: np.ndarray,
@@ -326,17 +329,17 @@ def allocate_bits(layers: list[Layer], choices: list[tuple[int, ...]], budget: B
         result = solve(omega + np.diag(weight * penalty))
         seconds += result.seconds
         share = 1.0 - float(penalty[cands.offsets[:-1] + result.choice].sum())
-    choice, picked, verified = result.choice, "solver", {}
+    choice, picked, verified, stopped = result.choice, "solver", {}, {}
     if measure is not None and macs is None:
         start = time.perf_counter()
-        choice, picked, verified = verify(result, cands, limit, omega, measure)
+        choice, picked, verified, stopped = verify(result, cands, limit, omega, measure)
         seconds += time.perf_counter() - start
     bits = {layer.name: int(b) for layer, b in zip(layers, cands.bits_of(choice), strict=True)}
     keys = [(layer.name, b) for layer, widths in zip(layers, choices, strict=True) for b in widths]
     loss = clado.quadratic_value(loss_matrix, cands, choice)
     return MixedPlan(bits, estimator, loss, float(result.gap), result.status, limit, cands.total_cost(choice), 0,
                      {"solve": seconds}, omega, keys, "speed" if macs is not None else "size", share, verified,
-                     picked)
+                     picked, stopped)
 
 
 def sensitivity_and_allocation(oracle_factory: Callable[[], LossOracle], layers: list[Layer],

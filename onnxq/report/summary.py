@@ -57,7 +57,9 @@ def summary(result: QuantizationResult) -> str:
                      f"solver {plan.status} (gap {100 * plan.gap:.2g} %), budget use "
                      f"{100 * plan.used_bits / plan.budget_bits:.1f} %")
         if plan.verified:
-            measured = ", ".join(f"{label} {loss:.4g}" for label, loss in plan.verified.items())
+            measured = ", ".join(f"{label} {loss:.4g}" + (f" (stopped after {plan.stopped[label]} samples)"
+                                                           if label in plan.stopped else "")
+                                 for label, loss in plan.verified.items())
             lines.append(f"measured loss on the verification samples: {measured}; kept {plan.picked}")
         if plan.integer_mac_share is not None:
             lines.append(f"--prefer speed: {100 * plan.integer_mac_share:.1f} % of the multiply-adds are in 8-bit "
