@@ -22,7 +22,7 @@ from scipy import sparse
 
 from onnxq.calibration.unfold import Window
 
-LAG_MIN_PIXELS = 100  # input maps from 10 x 10 up (smaller ones fold the image Gram matrix, image_gram.py)
+LAG_MIN_PIXELS = 100  # maps from 10 x 10 up (up to 8 x 8 image_gram.py folds the image Gram matrix; between: tiles)
 LAG_MAX_TAPS = 9  # kernels up to 3x3
 LAG_CHUNK_ELEMENTS = 1 << 20  # phase-image values held at once (4 MB, about a core's L2 cache)
 
