@@ -8,8 +8,9 @@ product map ``X_a[m] X_b[m + q_u - q_t]`` over the rectangle ``m in out + q_t``,
 pair only through (phase a, phase b, lag): a 3x3 stride-1 kernel has 13 maps where its im2col GEMM needs 45-81
 products per pixel. A map is summed per image row with BLAS dots (all rows at once); the rectangle then drops a
 few whole rows (those dots) and a few edge columns (dots along those columns, over all rows) and adds back their
-crossings. Phase images are stored rows outermost, ``(rows, samples, columns)``, framed by zero rows and columns
-as wide as the largest lag, so that a lag is one flat shift that pairs values of the same sample only.
+crossings. Phase images are stored rows outermost, ``(rows, samples, columns)``, framed by zero rows (above, below)
+and columns (right) as wide as the largest lag, so that a lag is one flat shift that pairs values of the same sample
+only (a shift left of a row lands in the previous sample's zero columns).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from scipy import sparse
 
 from onnxq.calibration.unfold import Window
 
-LAG_MIN_PIXELS = 100  # input maps from 10 x 10 up (smaller ones fold the image Gram matrix, image_gram.py)
+LAG_MIN_PIXELS = 100  # maps from 10 x 10 up (up to 8 x 8 image_gram.py folds the image Gram matrix; between: tiles)
 LAG_MAX_TAPS = 9  # kernels up to 3x3
 LAG_CHUNK_ELEMENTS = 1 << 20  # phase-image values held at once (4 MB, about a core's L2 cache)
 
@@ -63,7 +64,7 @@ class LagPlan:
 
     phases: tuple[tuple[int, int], ...]  # (row phase, column phase) of every phase image read
     shapes: tuple[tuple[int, int], ...]  # their (height, width)
-    margin: tuple[int, int]  # zero rows above and below, zero columns left and right: the largest lag
+    margin: tuple[int, int]  # zero rows above and below, zero columns on the right: the largest lag
     lags: tuple[tuple[int, int, int, int], ...]  # (phase a, phase b, row lag, column lag)
     dropped: tuple[np.ndarray, np.ndarray]  # the rows and the columns some rectangle leaves out
     edge_columns: np.ndarray  # image columns the column dots read (dropped columns, shifted by every lag)
