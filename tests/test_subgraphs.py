@@ -386,3 +386,32 @@ def test_equal_constants_folded_into_both_branches_are_stored_once():
         got, want = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
                      .run(None, {**feed, "cond": np.array(cond)})[0] for m in (shared, model))
         np.testing.assert_array_equal(got, want)
+
+
+def test_if_whose_branch_changes_between_loop_iterations_is_one_line_error(tmp_path):
+    """The iterations' captured tensors must stack: an If taking its then branch on even iterations only cannot
+    be captured; the error names the layer input and the fix, and excluding the layer quantizes the rest."""
+    then_body = helper.make_graph([helper.make_node("MatMul", ["m", "w_nested"], ["nm"], name="nested_mm")], "nthen",
+                                  [], [value("nm", TensorProto.FLOAT, [1, 8])])
+    else_body = helper.make_graph([helper.make_node("Neg", ["m"], ["nn"], name="odd_neg")], "nelse", [],
+                                  [value("nn", TensorProto.FLOAT, [1, 8])])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["c_out"], name="loop_cond"),
+         helper.make_node("MatMul", ["h", "w_loop"], ["m"], name="loop_mm"),
+         helper.make_node("Mod", ["i", "two"], ["r"], name="mod"),
+         helper.make_node("Equal", ["r", "zero"], ["even"], name="even"),
+         helper.make_node("If", ["even"], ["h_next"], name="nested_if", then_branch=then_body, else_branch=else_body)],
+        "body", [value("i", TensorProto.INT64, []), value("c", TensorProto.BOOL, []),
+                 value("h", TensorProto.FLOAT, [1, 8])],
+        [value("c_out", TensorProto.BOOL, []), value("h_next", TensorProto.FLOAT, [1, 8])])
+    scalars = {"steps": np.array(STEPS, np.int64), "go": np.array(True), "two": np.array(2, np.int64),
+               "zero": np.array(0, np.int64), "w_nested": W_NESTED, "w_loop": W_LOOP}
+    model = model_of([helper.make_node("Loop", ["steps", "go", "x"], ["y"], name="loop", body=body)],
+                     [value("x", TensorProto.FLOAT, [1, 8])], [value("y", TensorProto.FLOAT, [1, 8])],
+                     [numpy_helper.from_array(array, name) for name, array in scalars.items()])
+    feeds = feeds_for(model)
+    with pytest.raises(onnxq.OnnxqError, match=r"cannot capture the inputs of layers inside an If whose branch "
+                                               r"changes .* \(nested_mm_input\); keep those layers in float"):
+        onnxq.quantize(model, feeds, tmp_path / "q.onnx", bits=4)
+    result = onnxq.quantize(model, feeds, tmp_path / "q.onnx", bits=4, nodes_to_exclude=("nested_mm",))
+    assert [r.name for r in result.layers] == ["loop_mm"]

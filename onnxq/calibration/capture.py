@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from onnxq.data.sources import Feed, feed_samples
 from onnxq.errors import OnnxqError
-from onnxq.graph.bodies import expose_body_tensors, flatten_stacked
+from onnxq.graph.bodies import branch_tensors_in_loops, expose_body_tensors, flatten_stacked
 from onnxq.graph.loading import proto_size
 
 Values = dict[str, np.ndarray]
@@ -92,13 +92,23 @@ class CaptureEngine:
                  shared_arena: bool = False) -> None:
         graph_inputs = {v.name for v in model.graph.input}
         self.captured = sorted(set(tensors) - graph_inputs)
+        self.model = model  # read again only to explain a capture that fails
         captured, self.outputs, self.axes = capture_outputs(model, self.captured) if self.captured else (None, [], [])
         self.session = make_session(captured, threads, shared_arena) if captured is not None else None
 
     def values(self, feed: Feed) -> Values:
         """The captured tensors (and the feed's inputs) for one batch; a body tensor's iterations (Loop/Scan) are
         rows of the batch."""
-        arrays = self.session.run(self.outputs, feed) if self.session else []
+        try:
+            arrays = self.session.run(self.outputs, feed) if self.session else []
+        except Exception as err:  # onnxruntime's own exception types
+            stacked = [name for name, axes in zip(self.captured, self.axes, strict=True) if axes]
+            if not stacked or "Inconsistent shape" not in str(err):
+                raise
+            stacked = [name for name in stacked if name in branch_tensors_in_loops(self.model)] or stacked
+            raise OnnxqError(f"cannot capture the inputs of layers inside an If whose branch changes between the "
+                             f"iterations of a Loop or Scan ({', '.join(stacked[:3])}); keep those layers in float "
+                             "with --nodes_to_exclude") from err
         values = {name: flatten_stacked(array, axes)
                   for name, array, axes in zip(self.captured, arrays, self.axes, strict=True)}
         values.update(feed)

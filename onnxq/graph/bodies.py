@@ -189,6 +189,23 @@ def expose_body_tensors(model: onnx.ModelProto, wanted: set[str]) -> dict[str, t
     return _expose(model.graph, wanted, types, set(_declared(model.graph)))
 
 
+def branch_tensors_in_loops(model: onnx.ModelProto) -> set[str]:
+    """Tensors declared in an If branch inside a Loop or Scan body (any depth): their capture stacks over the
+    iterations only while every iteration takes the same branch."""
+    found: set[str] = set()
+
+    def visit(graph: onnx.GraphProto, in_loop: bool, in_branch: bool) -> None:
+        if in_loop and in_branch:
+            found.update(_declared(graph))
+        for node in graph.node:
+            for _, body in subgraphs(node):
+                loop = in_loop or node.op_type in ("Loop", "Scan")
+                visit(body, loop, in_branch or (in_loop and node.op_type == "If"))
+
+    visit(model.graph, False, False)
+    return found
+
+
 def flatten_stacked(values: np.ndarray, axes: int) -> np.ndarray:
     """A captured tensor with its ``axes`` iteration axes merged into its first (batch) axis."""
     if not axes:
