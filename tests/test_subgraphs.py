@@ -415,3 +415,18 @@ def test_if_whose_branch_changes_between_loop_iterations_is_one_line_error(tmp_p
         onnxq.quantize(model, feeds, tmp_path / "q.onnx", bits=4)
     result = onnxq.quantize(model, feeds, tmp_path / "q.onnx", bits=4, nodes_to_exclude=("nested_mm",))
     assert [r.name for r in result.layers] == ["loop_mm"]
+
+
+def test_report_measures_the_taken_branch_and_leaves_the_other_unknown(tmp_path):
+    model = branch_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, feed in enumerate(feeds_for(model, True)):
+        np.savez(calib / f"{i}.npz", **feed)
+    onnxq.quantize(tmp_path / "m.onnx", calib, tmp_path / "q.onnx", bits=4, calib_size=12)
+    rows = {row["name"]: row for row in onnxq.write_report(tmp_path / "q.onnx", tmp_path / "m.onnx", calib,
+                                                           samples=4)["layers"]}
+    assert set(rows) == {"top_mm", "then_mm", "else_mm"}
+    assert np.isfinite(rows["then_mm"]["output_sqnr_db"]) and np.isfinite(rows["top_mm"]["output_sqnr_db"])
+    assert np.isnan(rows["else_mm"]["output_sqnr_db"])  # never computed on this data: unknown, not exact
