@@ -60,7 +60,7 @@ def make_session(model: onnx.ModelProto, threads: int = 0, shared_arena: bool = 
     """A CPU session for an in-memory model (spilled to a temporary file when over protobuf's 2 GB); with
     ``shared_arena`` its buffers come from one process-wide arena (``shared_cpu_arena``) instead of its own."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions (one line each); ORT would print them too
     options.intra_op_num_threads = threads
     if shared_arena:
         shared_cpu_arena()
