@@ -244,8 +244,9 @@ def uniform_choices(cands: clado.Candidates, limit: float) -> dict[str, np.ndarr
 
 
 # An alternative allocation stops being measured once, after at least DROP_AFTER samples, its mean loss is
-# DROP_RATIO times the best one's and the paired per-sample difference is DROP_Z standard errors above zero (uniform
-# 2 bits on SqueezeNet / MobileNet v1: 12-30x the kept allocation's loss): the finalists still see every sample.
+# DROP_RATIO times the best one's and the paired per-sample difference is DROP_Z standard errors above zero
+# (uniform 2 bits at avg 3 on SqueezeNet / MobileNet v1 / EfficientNet-Lite0: 14-48x the best one's loss): the
+# finalists still see every sample.
 DROP_AFTER, DROP_RATIO, DROP_Z = 32, 1.5, 4.0
 
 Measure = Callable[[tuple[int, ...]], Iterator[np.ndarray]]  # one allocation's per-sample losses, batch by batch
