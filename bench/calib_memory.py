@@ -23,8 +23,10 @@ def flags(name: str) -> list[str]:
     """The CLI preprocessing flags equivalent to bench/common.py's MODELS entry."""
     prep = MODELS[name]
     resize = prep.resize if isinstance(prep.resize, int) else f"{prep.resize[0]}x{prep.resize[1]}"
-    return ["--resize", str(resize), "--mean", ",".join(map(str, prep.mean)), "--std", ",".join(map(str, prep.std)),
-            "--scale", str(prep.scale), "--channel-order", prep.channel_order]
+    values = {"--resize": resize, "--mean": prep.mean and ",".join(map(str, prep.mean)),
+              "--std": prep.std and ",".join(map(str, prep.std)), "--scale": prep.scale,
+              "--channel-order": prep.channel_order}
+    return [part for flag, value in values.items() if value is not None for part in (flag, str(value))]
 
 
 def peak_rss_mb(name: str, size: int) -> tuple[float, float]:
