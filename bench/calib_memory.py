@@ -1,9 +1,10 @@
-"""Issue 7 benchmark: calibration memory does not grow with the calibration set.
+"""Issues 7 and 17 (goal 5): memory does not grow with the calibration set, in every mode.
 
-Runs the CLI in a fresh process per size (RTN, so the run is dominated by calibration) and records the peak
-resident memory (ru_maxrss of the child) for 64 and 1000 images of imagenet-calib1000.
+Runs the CLI in a fresh process per size and mode and records the peak resident memory (ru_maxrss of the child)
+for 64 and 1000 images of imagenet-calib1000 (all it has). Modes: ``rtn`` (W8 round to nearest, so the run is
+dominated by calibration), ``default`` (W4, first/last 8), ``sequential`` and ``budget`` (``--avg-bits 3``).
 
-    python bench/calib_memory.py [--model squeezenet1.1] [--sizes 64,1000]
+    python bench/calib_memory.py [--model squeezenet1.1] [--sizes 64,1000] [--modes rtn,default,sequential,budget]
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ def flags(name: str) -> list[str]:
     return [part for flag, value in values.items() if value is not None for part in (flag, str(value))]
 
 
-def peak_rss_mb(name: str, size: int) -> tuple[float, float]:
+MODES = {  # the job of each mode: weight-only RTN W8 (calibration alone), the default, sequential, a budget
+    "rtn": ["--method", "rtn", "--bits", "8"],
+    "default": ["--bits", "4", "--first-last-bits", "8"],
+    "sequential": ["--bits", "4", "--first-last-bits", "8", "--sequential"],
+    "budget": ["--avg-bits", "3"],
+}
+
+
+def peak_rss_mb(name: str, size: int, mode: str = "rtn") -> tuple[float, float]:
     """Peak RSS (MB) and wall time of one CLI run in a child process."""
     with tempfile.TemporaryDirectory() as tmp:
         script = ("import resource, sys; from onnxq.cli import main; sys.argv = ['onnxq'] + sys.argv[1:]\n"
@@ -37,7 +46,7 @@ def peak_rss_mb(name: str, size: int) -> tuple[float, float]:
                   "    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
         start = time.perf_counter()
         run = subprocess.run([sys.executable, "-c", script, str(model_path(name)), "--calib", str(CALIB), "-o",
-                              str(Path(tmp) / "q.onnx"), "--method", "rtn", "--bits", "8", "--calib-size", str(size),
+                              str(Path(tmp) / "q.onnx"), *MODES[mode], "--calib-size", str(size),
                               "-q", *flags(name)], capture_output=True, text=True)
         seconds = time.perf_counter() - start
     peak = [line for line in run.stderr.splitlines() if line.startswith("PEAK")]
@@ -49,18 +58,24 @@ def peak_rss_mb(name: str, size: int) -> tuple[float, float]:
 @click.command()
 @click.option("--model", default="squeezenet1.1")
 @click.option("--sizes", default="64,1000")
-def main(model: str, sizes: str) -> None:
+@click.option("--modes", default="rtn", show_default=True, help=f"Comma-separated, of {', '.join(MODES)}.")
+def main(model: str, sizes: str, modes: str) -> None:
     require_shared()
-    rows = []
-    for size in map(int, sizes.split(",")):
-        peak, seconds = peak_rss_mb(model, size)
-        rows.append({"model": model, "images": size, "peak_rss_mb": round(peak, 1), "seconds": round(seconds, 1)})
-        click.echo(json.dumps(rows[-1]))
-    growth = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] - 1
-    summary = {"rows": rows, "growth": round(growth, 4)}
+    rows, growth = [], {}
+    for mode in modes.split(","):
+        ours = []
+        for size in map(int, sizes.split(",")):
+            peak, seconds = peak_rss_mb(model, size, mode)
+            ours.append({"model": model, "mode": mode, "images": size, "peak_rss_mb": round(peak, 1),
+                         "seconds": round(seconds, 1)})
+            click.echo(json.dumps(ours[-1]))
+        growth[mode] = round(ours[-1]["peak_rss_mb"] / ours[0]["peak_rss_mb"] - 1, 4)
+        click.echo(f"{mode}: peak RSS grows by {100 * growth[mode]:.1f} % from {ours[0]['images']} to "
+                   f"{ours[-1]['images']} images")
+        rows += ours
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "calib_memory.json").write_text(json.dumps(summary, indent=1))
-    click.echo(f"peak RSS grows by {100 * growth:.1f} % from {rows[0]['images']} to {rows[-1]['images']} images")
+    tag = "calib_memory" if modes == "rtn" and model == "squeezenet1.1" else f"calib_memory_{model}"
+    (RESULTS / f"{tag}.json").write_text(json.dumps({"rows": rows, "growth": growth}, indent=1))
 
 
 if __name__ == "__main__":
