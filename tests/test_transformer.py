@@ -11,8 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxq
 from onnxq.calibration.calibrate import calibrate
 from onnxq.calibration.capture import capture_model, make_session
+from onnxq.data import sources
 from onnxq.data.calibration_set import CalibrationSet
-from onnxq.data.masking import attention_mask_name
+from onnxq.data.masking import attention_mask_name, by_length
 from onnxq.data.sources import batches, model_inputs
 from onnxq.export.nbits import dequantize_nbits, pack_uint4, unpack_uint4
 from onnxq.export.qdq import build_quantized_model, save_atomic
@@ -335,3 +336,55 @@ def test_sequential_rounding_ignores_padding_tokens(tmp_path, model) -> None:
     assert written[0].keys() == written[1].keys()
     for name, value in written[0].items():
         np.testing.assert_allclose(value.astype(np.float64), written[1][name].astype(np.float64), atol=1e-5)
+
+
+def real_sequences(feeds) -> list[tuple[int, ...]]:
+    """Every sample's real tokens (mask 1), sorted: which samples the feeds hold, however batched or padded."""
+    found = []
+    for feed in feeds:
+        for ids, mask in zip(feed["input_ids"], feed["attention_mask"], strict=True):
+            found.append(tuple(int(i) for i in ids[mask != 0]))
+    return sorted(found)
+
+
+def test_token_samples_are_sorted_by_length_into_batches(model) -> None:
+    """Per-sentence feeds are sorted by length before batching: less padding, the same samples, the same Grams."""
+    rng = np.random.default_rng(3)
+    feeds = [{k: v[:, :t] for k, v in sample(rng, 1, 12).items()} | {"attention_mask": np.ones((1, t), np.int64)}
+             for t in (9, 2, 9, 3, 8, 2, 7, 3)]
+    grouped = list(batches(feeds, model_inputs(model), batch_size=2, limit=None, pad=True))
+    assert [f["input_ids"].shape for f in grouped] == [(2, 2), (2, 3), (2, 8), (2, 9)]  # file order: 9, 9, 8, 7
+    assert real_sequences(grouped) == real_sequences(feeds)
+    layers, _ = find_layers(model)
+    together, apart = calibrate(model, layers, grouped), calibrate(model, layers, feeds)
+    for layer in layers:
+        assert together[layer.name].rows == apart[layer.name].rows
+        np.testing.assert_allclose(together[layer.name].gram, apart[layer.name].gram, rtol=1e-5, atol=1e-5)
+
+
+def test_length_sorting_keeps_the_calibration_and_held_out_samples(tmp_path, model, monkeypatch) -> None:
+    rng = np.random.default_rng(8)
+    files = [{k: v[:, :t] for k, v in sample(rng, 1, 12).items()} | {"attention_mask": np.ones((1, t), np.int64)}
+             for t in (9, 2, 8, 3, 7, 1, 6, 2, 5, 4, 3)]
+    write_npz(tmp_path / "sentences", files)
+
+    def splits() -> tuple[list, list]:
+        data = CalibrationSet(tmp_path / "sentences", model_inputs(model), batch_size=2, calib_size=6, held_out=5)
+        return list(data.calibration()), data.held_out(5)
+
+    sorted_calibration, sorted_held = splits()
+    monkeypatch.setattr(sources, "LENGTH_WINDOW", 0)  # every window one feed: the files' own order
+    calibration, held = splits()
+    assert real_sequences(sorted_calibration) == real_sequences(calibration)
+    assert real_sequences(sorted_held) == real_sequences(held)
+    widths = [f["input_ids"].shape[1] for f in sorted_calibration]
+    assert widths == sorted(widths) and sum(widths) < sum(f["input_ids"].shape[1] for f in calibration)
+
+
+def test_by_length_never_moves_a_sample_across_the_boundary() -> None:
+    def feed(tokens: int, samples: int = 1) -> tuple[dict, int]:
+        return {"attention_mask": np.ones((samples, tokens), np.int64)}, samples
+
+    stream = [feed(5), feed(1), feed(4, samples=3), feed(2), feed(3), feed(1)]  # the 3-sample feed straddles 3
+    out = list(by_length(iter(stream), "attention_mask", window=100, boundary=3))
+    assert [(f["attention_mask"].shape[1], n) for f, n in out] == [(1, 1), (5, 1), (4, 3), (1, 1), (2, 1), (3, 1)]

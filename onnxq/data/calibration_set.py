@@ -135,7 +135,7 @@ class CalibrationSet:
         mergeable = is_mergeable(self.inputs)
         calibration: list[_Batch] = []
         taken = 0
-        for feed in batches(raw, self.inputs, self.batch_size, limit, pad=True):
+        for feed in batches(raw, self.inputs, self.batch_size, limit, pad=True, boundary=self.calib_size or None):
             rows = feed_samples(feed) if mergeable else 1
             room = (self.calib_size - taken) if self.calib_size else rows
             if room >= rows:

@@ -5,14 +5,19 @@ A model input is taken as the attention mask when it is an integer (or bool) 2-D
 equal the mask's (batch, tokens) keeps only the rows of real tokens (mask != 0); any other layer input (a
 Conv's, a Gemm's flattened rows, a per-head tensor) is left whole. Because padding rows never reach the
 statistics, samples of different lengths can share one onnxruntime run: ``pad_tokens`` pads them to the
-batch's longest (mask 0) instead of running one batch per length.
+batch's longest (mask 0) instead of running one batch per length, and ``by_length`` first sorts them by
+length within windows of a few batches, so a batch pads little (on MiniLM's sentences 1.36x the real tokens
+instead of 2.56x in file order; the forward passes are most of calibration's time).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+LENGTH_WINDOW = 8  # batches' worth of token samples sorted by length together
 
 if TYPE_CHECKING:  # sources.py imports this module to batch token feeds
     from onnxq.data.sources import Feed, InputSpec
@@ -69,3 +74,32 @@ def pad_tokens(feeds: list[Feed], tokens: list[str]) -> list[Feed]:
             k: np.pad(v, [(0, 0), (0, extra)] + [(0, 0)] * (v.ndim - 2)) if k in tokens else v
             for k, v in feed.items()})
     return padded
+
+
+def by_length(feeds: Iterable[tuple[Feed, int]], mask_name: str, window: int,
+              boundary: int | None) -> Iterator[tuple[Feed, int]]:
+    """(feed, samples) pairs reordered by token count (stable) within windows of ``window`` samples.
+
+    No window spans the ``boundary``-th sample (a feed that straddles it goes alone), so the first
+    ``boundary`` samples stay the same set: only which samples share a batch changes.
+    """
+    pending: list[tuple[Feed, int]] = []
+    count = taken = 0
+
+    def flush() -> list[tuple[Feed, int]]:
+        nonlocal count
+        ordered = sorted(pending, key=lambda item: np.shape(item[0][mask_name])[1])
+        pending.clear()
+        count = 0
+        return ordered
+
+    for feed, rows in feeds:
+        crosses = boundary is not None and taken < boundary < taken + rows
+        if crosses:
+            yield from flush()
+        pending.append((feed, rows))
+        count += rows
+        taken += rows
+        if crosses or count >= window or taken == boundary:
+            yield from flush()
+    yield from flush()

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxq.data.images import ImagePreprocessing, list_images, read_image
-from onnxq.data.masking import attention_mask_name, can_pad, pad_tokens, token_inputs
+from onnxq.data.masking import LENGTH_WINDOW, attention_mask_name, by_length, can_pad, pad_tokens, token_inputs
 from onnxq.data.npz import load_npy, load_npz
 from onnxq.data.presets import DEFAULT_SIZE, SIZE_METADATA_KEY, from_metadata
 from onnxq.errors import OnnxqError, first_line
@@ -298,27 +298,24 @@ def is_mergeable(inputs: list[InputSpec]) -> bool:
 
 
 def batches(feeds: Iterable[Feed], inputs: list[InputSpec], batch_size: int, limit: int | None,
-            pad: bool = False) -> Iterator[Feed]:
+            pad: bool = False, boundary: int | None = None) -> Iterator[Feed]:
     """Validated feeds regrouped into batches of ``batch_size`` samples, at most ``limit`` samples in all.
 
     Feeds are only merged when every input has a dynamic leading (batch) axis; otherwise each feed is one
     sample and is passed through as it is. With ``pad``, token feeds of different lengths (a model with an
     attention mask) are padded to the batch's longest instead of run one length at a time (for statistics,
-    which drop padding rows; outputs compared token by token would see the padding).
+    which drop padding rows; outputs compared token by token would see the padding), after sorting them by
+    length within windows that never span the ``boundary``-th sample (the calibration / held-out split).
     """
     mergeable = is_mergeable(inputs)
     mask_name = attention_mask_name(inputs)
     tokens = token_inputs(inputs, mask_name) if pad else []
+    stream = _limited(feeds, inputs, limit, mergeable)
+    if tokens and mergeable:
+        stream = by_length(stream, mask_name, batch_size * LENGTH_WINDOW, boundary)
     pending: list[Feed] = []
     taken = 0
-    for raw in feeds:
-        feed = check_feed(raw, inputs)
-        rows = feed_samples(feed) if mergeable else 1
-        if mergeable and limit is not None and taken + rows > limit:
-            feed = {k: v[: limit - taken] for k, v in feed.items()}
-            rows = limit - taken
-        if rows <= 0:
-            break
+    for feed, rows in stream:
         if pending and not _same_shapes(pending[0], feed) and not (tokens and can_pad(pending[0], feed, mask_name,
                                                                                       tokens)):
             yield _concat(pending, tokens)
@@ -328,12 +325,28 @@ def batches(feeds: Iterable[Feed], inputs: list[InputSpec], batch_size: int, lim
         if not mergeable or sum(feed_samples(f) for f in pending) >= batch_size:
             yield _concat(pending, tokens)
             pending = []
-        if limit is not None and taken >= limit:
-            break
     if pending:
         yield _concat(pending, tokens)
     if taken == 0:
         raise OnnxqError("the calibration data is empty; pass at least one sample")
+
+
+def _limited(feeds: Iterable[Feed], inputs: list[InputSpec], limit: int | None,
+             mergeable: bool) -> Iterator[tuple[Feed, int]]:
+    """(validated feed, samples) in order, the feed that reaches ``limit`` samples cut there."""
+    taken = 0
+    for raw in feeds:
+        feed = check_feed(raw, inputs)
+        rows = feed_samples(feed) if mergeable else 1
+        if mergeable and limit is not None and taken + rows > limit:
+            feed = {k: v[: limit - taken] for k, v in feed.items()}
+            rows = limit - taken
+        if rows <= 0:
+            break
+        yield feed, rows
+        taken += rows
+        if limit is not None and taken >= limit:
+            break
 
 
 def feed_samples(feed: Feed) -> int:
