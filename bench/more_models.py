@@ -560,14 +560,15 @@ def cell(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(rows: list[dict], load: str) -> str:
+def markdown(rows: list[dict]) -> str:
     lines = ["# onnxq on pretrained models from the package registry (bench/more_models.py)", "",
-             f"COMQ weight-only; \"W4/8\": 4 bits, first and last layers 8 bits. Load average at the start: {load}.",
-             "", "| model (package) | metric | config | task metric | vs float | KL / 10-NN | MB | CPU s |",
+             "COMQ weight-only; \"W4/8\": 4 bits, first and last layers 8 bits; \"seq\": --sequential. "
+             "CPU s: the onnxq run's process CPU seconds at the load average shown beside the model.", "",
+             "| model (package, load) | metric | config | task metric | vs float | KL / 10-NN | MB | CPU s |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         bench = BENCHES[row["model"]]
-        head = f"{bench.title} ({bench.package})" if row["config"] == "FP32" else ""
+        head = f"{bench.title} ({bench.package}, load {row.get('load', '?')})" if row["config"] == "FP32" else ""
         metric = bench.metric if row["config"] == "FP32" else ""
         if "error" in row:
             lines.append(f"| {head} | {metric} | {row['config']} | failed: {row['error']} | | | | |")
@@ -579,6 +580,21 @@ def markdown(rows: list[dict], load: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(new_rows: list[dict], tag: str) -> str:
+    """Merge ``new_rows`` into bench/results/<tag>.json (a model and configuration measured again replaces its
+    old row), in the benchmark's model and configuration order, and rewrite <tag>.md; returns the table."""
+    path = RESULTS / f"{tag}.json"
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    fresh = {(r["model"], r["config"]) for r in new_rows}
+    order = {name: k for k, name in enumerate(["FP32", *CONFIGS])}
+    rows = sorted([r for r in old if (r["model"], r["config"]) not in fresh] + new_rows,
+                  key=lambda r: (list(BENCHES).index(r["model"]), order[r["config"]]))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"configs": CONFIGS, "sizes": SIZES, "rows": rows}, indent=1, default=float) + "\n")
+    (RESULTS / f"{tag}.md").write_text(markdown(rows))
+    return markdown(rows)
+
+
 @click.command()
 @click.option("--models", default=",".join(BENCHES), show_default=True)
 @click.option("--configs", default="W8,W4/8,W3/8", show_default=True, help=f"Any of {', '.join(CONFIGS)}.")
@@ -586,17 +602,13 @@ def markdown(rows: list[dict], load: str) -> str:
               "evaluation sample counts (0.25 for a quick look).")
 @click.option("--tag", default="more_models", show_default=True, help="Name of the result files.")
 def main(models: str, configs: str, scale: float, tag: str) -> None:
-    """Quantize each model at each configuration and score it on its task; write bench/results/<tag>.*"""
+    """Quantize each model at each configuration and score it on its task; the results of each model are merged
+    into bench/results/<tag>.{json,md} as soon as it is done."""
     require_shared()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    rows = []
     for name in models.split(","):
-        rows += run_model(BENCHES[name], configs.split(","), scale)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{tag}.json").write_text(json.dumps({"load": load, "configs": CONFIGS, "rows": rows},
-                                                    indent=1, default=float) + "\n")
-    (RESULTS / f"{tag}.md").write_text(markdown(rows, load))
-    click.echo(markdown(rows, load))
+        load = f"{os.getloadavg()[0]:.1f}"
+        table = save([r | {"load": load} for r in run_model(BENCHES[name], configs.split(","), scale)], tag)
+    click.echo(table)
 
 
 if __name__ == "__main__":
