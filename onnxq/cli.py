@@ -118,8 +118,9 @@ PREPROCESSING_OPTIONS = [
 PREPROCESSING_NAMES = ("image_size", "resize", "mean", "std", "scale", "channel_order", "preprocess", "resize_mode")
 CALIB_AUGMENT = click.option(
     "--calib-augment", type=click.IntRange(min=0), default=None, metavar="N",
-    help="Expand a folder of fewer than N images to N calibration samples: the images, then random crops and "
-         "flips of them, the same on every run. For a handful of images (README 'Calibration data').")
+    help="Expand a folder of fewer than N images to N calibration samples: the images, then generated views "
+         "(colour-jittered mosaics of random crops), the same on every run; further views are held out for the "
+         "check. For a handful of images (README 'Calibration data').")
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -28,7 +28,7 @@ from onnxq.allocation.mixed import (
     sensitivity_and_allocation,
     write_bits_json,
 )
-from onnxq.allocation.oracle import LossOracle
+from onnxq.allocation.oracle import LossOracle, log_softmax
 from onnxq.calibration.activations import HistogramObserver, ranges_from
 from onnxq.calibration.calibrate import LayerStats, calibrate
 from onnxq.calibration.capture import capture, make_session
@@ -44,7 +44,7 @@ from onnxq.config import DEFAULT_ACCURACY_LEVEL, DEFAULT_BITS, DEFAULT_VERIFY_SA
 from onnxq.data.calibration_set import CalibrationSet
 from onnxq.data.masking import attention_mask_name
 from onnxq.data.preprocess_check import preprocessing_for
-from onnxq.data.sources import Feed, model_inputs
+from onnxq.data.sources import Feed, check_samples, model_inputs
 from onnxq.errors import OnnxqError, first_line
 from onnxq.export.act_qdq import add_activation_qdq, calibration_candidates, plan_qdq
 from onnxq.export.outputs import check_outputs, model_files
@@ -107,6 +107,7 @@ class QuantizationResult:
     mixed: MixedPlan | None = None  # the CLADO allocation, with a budget
     model: onnx.ModelProto | None = None  # the quantized model, when onnxq.quantize was given no output path
     check_held_out: bool = False  # the check batch was held out from calibration (else a calibration batch)
+    check_kl: float | None = None  # mean KL divergence from the float model's softmax on the check batch
 
     @property
     def size_ratio(self) -> float:
@@ -321,9 +322,10 @@ def checked_statistics(run: Run, statistics: Statistics) -> Statistics:
 def held_out_needed(config: Config) -> int:
     """Samples to keep beyond the calibration ones: CLADO's oracle and its verification with a budget, else
     one batch to check the written model on."""
+    check = max(config.data.batch_size, check_samples(config.data.preprocessing))
     if config.mixed is not None:
-        return max(config.mixed.samples, verify_samples(config), config.data.batch_size)
-    return config.data.batch_size
+        return max(config.mixed.samples, verify_samples(config), check)
+    return check
 
 
 def weight_symmetric(bits: int, config: Config) -> bool:
@@ -449,8 +451,10 @@ def layer_reports(layers: list[Layer], chosen: dict[str, tuple[QuantWeight, floa
             for layer in layers]
 
 
-def verify(path: Path, reference: onnx.ModelProto, feed: Feed | None) -> tuple[float | None, float | None]:
-    """Load the written model in onnxruntime and run it; return output SQNR (dB) and top-1 agreement."""
+def verify(path: Path, reference: onnx.ModelProto, feed: Feed | None
+           ) -> tuple[float | None, float | None, float | None]:
+    """Load the written model in onnxruntime and run it; return output SQNR (dB), top-1 agreement and mean KL
+    (both for a classifier's [N, classes] output, as ``onnxq eval`` measures them)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -461,15 +465,17 @@ def verify(path: Path, reference: onnx.ModelProto, feed: Feed | None) -> tuple[f
         raise OnnxqError(f"the written model does not load in onnxruntime ({first_line(err)}); "
                          "please report this") from err
     if feed is None:
-        return None, None
+        return None, None, None
     quantized = session.run(None, feed)[0].astype(np.float64)
     expected = make_session(reference).run(None, feed)[0].astype(np.float64)
     noise = float(((quantized - expected) ** 2).sum())
     sqnr = 10 * np.log10(float((expected**2).sum()) / noise) if noise > 0 else float("inf")
-    agreement = None
+    agreement = kl = None
     if expected.ndim == 2 and expected.shape[1] > 1:
         agreement = float((quantized.argmax(1) == expected.argmax(1)).mean())
-    return sqnr, agreement
+        expected_log = log_softmax(expected)
+        kl = float((np.exp(expected_log) * (expected_log - log_softmax(quantized))).sum(1).mean())
+    return sqnr, agreement, kl
 
 
 def check_batch(data: CalibrationSet) -> tuple[Feed | None, bool]:
@@ -571,14 +577,14 @@ def quantize_run(run: Run, output: Path, progress: Callable | None, statistics: 
     layout = run.external if export.external_data is None and run.external else export.external_data
     with progress(None, "writing and checking the model") if progress else NoProgress():
         with staged_model(quantized, output, layout) as (staged, _):  # checked under its temporary name
-            sqnr, agreement = verify(staged, model, check_feed)
+            sqnr, agreement, kl = verify(staged, model, check_feed)
     bits_json = config.layers.bits_json
     if plan is not None and config.mixed is not None and bits_json:  # written once the model passed its check
         write_bits_json(bits_json, layers, plan.bits)
     method = f"{method}, sequential" if sequential else method
     result = QuantizationResult(output, method, layer_reports(layers, chosen), run.skipped,
                                 _file_size(run.model_path), _file_size(output), samples, sqnr, agreement, plan,
-                                check_held_out=held_out)
+                                check_held_out=held_out, check_kl=kl)
     advise(result, stats, config, sequential, run.edge_layers)
     return result
 

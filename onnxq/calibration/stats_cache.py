@@ -26,7 +26,7 @@ import onnx
 from onnxq.calibration.calibrate import LayerStats
 from onnxq.config import Config
 from onnxq.data.npz import BadCache, CacheReader, looks_like_cache
-from onnxq.data.sources import InputSpec, default_preprocessing, feeds_from
+from onnxq.data.sources import InputSpec, augmentation_key, default_preprocessing, feeds_from
 from onnxq.errors import OnnxqError
 from onnxq.export.atomic import write_with
 from onnxq.graph.layers import Layer
@@ -83,6 +83,7 @@ def statistics_key(model: onnx.ModelProto, layers: list[Layer], calib: object, i
     key = {"format": STATS_FORMAT, "model": model_fingerprint(model), "data": data_identity(calib, ignore),
            "data_path": str(Path(calib).resolve()) if isinstance(calib, str | Path) else None,
            "preprocessing": json.loads(json.dumps(asdict(preprocessing), default=str)),
+           **({"augmentation": augmentation_key()} if preprocessing.augment else {}),
            "calib_size": config.data.calib_size or None, "layers": [layer.name for layer in layers]}
     return key, calib
 

@@ -20,6 +20,7 @@ from onnxq.data.sources import (
     Feed,
     InputSpec,
     batches,
+    check_samples,
     default_preprocessing,
     feed_samples,
     feeds_from,
@@ -103,7 +104,7 @@ class CalibrationSet:
 
     def check_batch(self) -> tuple[Feed | None, bool]:
         """One batch to check the written model on, and whether it is held out (else a calibration batch)."""
-        held = self.held_out(self.batch_size)
+        held = self.held_out(max(self.batch_size, check_samples(self.preprocessing)))
         if held and is_mergeable(self.inputs):
             return merge_feeds(held, self.inputs), True
         if held:
@@ -130,14 +131,17 @@ class CalibrationSet:
     def _read(self) -> None:
         """Decode and validate the source once, splitting the batches at ``calib_size`` samples."""
         self.reads += 1
-        raw, _ = feeds_from(self.source, self.inputs, self.preprocessing)
-        limit = self.calib_size + self.held_out_size if self.calib_size else None
+        raw, count = feeds_from(self.source, self.inputs, self.preprocessing)
+        calib_size = self.calib_size
+        if self.preprocessing.augment and count:  # an augmented folder's held-out views follow its `count` samples
+            calib_size = min(calib_size or count, count)
+        limit = calib_size + self.held_out_size if calib_size else None
         mergeable = is_mergeable(self.inputs)
         calibration: list[_Batch] = []
         taken = 0
         for feed in batches(raw, self.inputs, self.batch_size, limit, pad=True, boundary=self.calib_size or None):
             rows = feed_samples(feed) if mergeable else 1
-            room = (self.calib_size - taken) if self.calib_size else rows
+            room = (calib_size - taken) if calib_size else rows
             if room >= rows:
                 calibration.append(self._put(feed, rows))
             elif room > 0:

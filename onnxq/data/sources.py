@@ -27,6 +27,9 @@ from onnxq.errors import OnnxqError, first_line
 
 log = logging.getLogger("onnxq")
 AUGMENT_SEED = 0  # --calib-augment: the same random views on every run (the statistics cache relies on it)
+AUGMENT_RECIPE = "2x2 mosaics of random crops (10-100 %) and flips, colour jitter 0.4"  # in the statistics key
+CHECK_SEED = 1  # the held-out views' own seed: they stay the same whatever the number of calibration views
+CHECK_VIEWS = 64  # --calib-augment: views held out after the calibration ones, for the check of the written model
 Feed = dict[str, np.ndarray]
 
 
@@ -172,8 +175,9 @@ def _feeds_from_path(path: Path, inputs: list[InputSpec], preprocessing: ImagePr
     if images:
         prep = default_preprocessing(inputs, preprocessing)
         if prep.augment and len(images) < prep.augment:
-            log.info("expanding %d calibration images to %d samples: the images, then random crops and flips of "
-                     "them (--calib-augment)", len(images), prep.augment)
+            log.info("expanding %d calibration images to %d samples: the images, then mosaics of random crops of "
+                     "them; %d more views are held out for the check (--calib-augment)", len(images), prep.augment,
+                     CHECK_VIEWS)
             return _image_feeds(images, inputs, prep, prep.augment), prep.augment
         return _image_feeds(images, inputs, prep), len(images)
     raise OnnxqError(f"no calibration data found in {path}; expected images (jpg/png/bmp/webp), .npy, .npz "
@@ -227,7 +231,8 @@ def _tensor_array(tensor: onnx.TensorProto, file: Path) -> np.ndarray:
 def _image_feeds(files: list[Path], inputs: list[InputSpec], preprocessing: ImagePreprocessing,
                  augmented: int = 0) -> Iterator[Feed]:
     """One feed per readable image; with ``augmented``, then random views of them (a fixed seed: the same
-    samples on every run) until that many samples in all."""
+    samples on every run) until that many samples in all, then CHECK_VIEWS more views to hold out for the
+    check (the count ``feeds_from`` reports is ``augmented``: these are not calibration samples)."""
     if len(inputs) != 1:
         raise OnnxqError(f"an image folder can only feed a single-input model, this one has {len(inputs)}; "
                          "save the inputs as .npz files keyed by input name")
@@ -242,9 +247,26 @@ def _image_feeds(files: list[Path], inputs: list[InputSpec], preprocessing: Imag
         yield {inputs[0].name: image}
     if not good:
         raise OnnxqError("none of the calibration images could be read; check the files")
+    if not augmented:
+        return
     rng = np.random.default_rng(AUGMENT_SEED)
-    for index in range(augmented - len(good)):
-        yield {inputs[0].name: preprocessing.load_augmented(good[index % len(good)], rng)}
+    for _ in range(augmented - len(good)):
+        yield {inputs[0].name: preprocessing.load_mosaic(good, rng)}
+    rng = np.random.default_rng(CHECK_SEED)
+    for index in range(CHECK_VIEWS):  # held out, natural colours: the check runs on views no statistic saw
+        yield {inputs[0].name: preprocessing.load_augmented(good[index % len(good)], rng, jitter=False)}
+
+
+def augmentation_key() -> str:
+    """What fixes --calib-augment's views beyond the preprocessing's fields (the recipe and seed), for the
+    statistics key: statistics cached from other views are not reused."""
+    return f"{AUGMENT_RECIPE}, seed {AUGMENT_SEED}"
+
+
+def check_samples(preprocessing: ImagePreprocessing | None) -> int:
+    """Held-out samples the check of the written model runs on beyond one batch: the held-out views of
+    --calib-augment (an augmented folder has no spare images, and one batch of views is a noisy check)."""
+    return CHECK_VIEWS if preprocessing is not None and preprocessing.augment else 0
 
 
 @functools.lru_cache(maxsize=8)

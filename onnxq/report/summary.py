@@ -49,6 +49,8 @@ def summary(result: QuantizationResult) -> str:
         check = f"output SQNR on {where}: {result.output_sqnr_db:.1f} dB"
         if result.top1_agreement is not None:
             check += f", top-1 agreement with the float model {100 * result.top1_agreement:.1f} %"
+        if result.check_kl is not None:
+            check += f", KL {result.check_kl:.3f}"
         lines.append(check)
     plan = result.mixed
     if plan is not None:
