@@ -287,6 +287,11 @@ class GraphModel:
         return model
 
 
+
+def as_graph(model: onnx.ModelProto | GraphModel) -> GraphModel:
+    """The model's ``GraphModel``: a caller that walks a graph several times passes one it built once."""
+    return model if isinstance(model, GraphModel) else GraphModel(model)
+
 def _copy(message, into):
     into.CopyFrom(message)
     return into

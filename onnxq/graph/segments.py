@@ -10,9 +10,14 @@ takes the ones it reads. Parameters (weights fed as inputs) are fed to every seg
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
+
+from onnxq.graph.model import GraphModel, as_graph
 
 
 @dataclass
@@ -46,12 +51,19 @@ def constant_tensors(model: onnx.ModelProto, parameters: set[str]) -> set[str]:
     return constants
 
 
-def plan_segments(model: onnx.ModelProto, needs: list[list[str]], parameters: set[str]) -> list[Segment]:
+def plan_segments(model: onnx.ModelProto | GraphModel, needs: list[list[str]], parameters: set[str]
+                  ) -> list[Segment]:
     """One segment per stage: ``needs[k]`` are the tensors stage k reads; graph inputs other than the
     ``parameters`` are the first cut."""
-    graph = model.graph
-    constants = constant_tensors(model, parameters)
-    producer = {out: index for index, node in enumerate(graph.node) for out in node.output}
+    walked = as_graph(model)
+    graph = walked.template.graph
+    constants = constant_tensors(walked.template, parameters)
+    position = {id(node): index for index, node in enumerate(walked.nodes)}  # gs nodes are in the proto's order
+
+    def producer(name: str) -> int | None:
+        node = walked.producer(name)
+        return None if node is None else position.get(id(node))
+
     reads = [[n for n in node_inputs(node) if n not in constants and n not in parameters] for node in graph.node]
     ran: set[int] = set()
     steps = [sorted(_new_ancestors(tensors, producer, reads, constants, ran)) for tensors in needs]
@@ -71,13 +83,13 @@ def plan_segments(model: onnx.ModelProto, needs: list[list[str]], parameters: se
     return segments
 
 
-def _new_ancestors(tensors: list[str], producer: dict[str, int], reads: list[list[str]], constants: set[str],
-                   ran: set[int]) -> list[int]:
+def _new_ancestors(tensors: list[str], producer: Callable[[str], int | None], reads: list[list[str]],
+                   constants: set[str], ran: set[int]) -> list[int]:
     """The non-constant nodes the tensors depend on that are not in ``ran`` (which gains them)."""
     found, stack = [], list(tensors)
     while stack:
         name = stack.pop()
-        index = producer.get(name)
+        index = producer(name)
         if index is None or index in ran or name in constants:
             continue
         ran.add(index)
@@ -91,30 +103,30 @@ def _read_after(steps: list[list[int]], needs: list[list[str]], reads: list[list
     return {n for step in steps for index in step for n in reads[index]} | {n for group in needs for n in group}
 
 
-def _constant_ancestors(step: list[int], producer: dict[str, int], graph: onnx.GraphProto,
+def _constant_ancestors(step: list[int], producer: Callable[[str], int | None], graph: onnx.GraphProto,
                         constants: set[str]) -> set[int]:
     """The nodes computing the constants that a segment's nodes read (repeated in every segment reading them)."""
     found: set[int] = set()
     stack = [n for index in step for n in node_inputs(graph.node[index]) if n in constants]
     while stack:
-        index = producer.get(stack.pop())
+        index = producer(stack.pop())
         if index is not None and index not in found:
             found.add(index)
             stack.extend(n for n in node_inputs(graph.node[index]) if n in constants)
     return found
 
 
-def segment_model(model: onnx.ModelProto, segment: Segment, input_types: dict[str, onnx.TypeProto],
+def segment_model(model: onnx.ModelProto | GraphModel, segment: Segment, input_types: dict[str, onnx.TypeProto],
                   parameters: set[str]) -> onnx.ModelProto:
     """A model of the segment's nodes: the cut tensors and parameters it reads are its inputs (typed as
-    ``input_types`` gives them), its outputs ``segment.outputs``."""
-    graph = model.graph
+    ``input_types`` gives them), its outputs ``segment.outputs`` (typed as the model records them, if it does)."""
+    walked = as_graph(model)
+    model, graph = walked.template, walked.template.graph
     nodes = [graph.node[index] for index in segment.nodes]
     read = {n for node in nodes for n in node_inputs(node)}
-    known = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
     inputs = [onnx.helper.make_value_info(name, input_types[name]) for name in segment.inputs]
     inputs += [v for v in graph.input if v.name in parameters and v.name in read]
-    outputs = [known.get(name) or onnx.ValueInfoProto(name=name) for name in segment.outputs]
+    outputs = [value_info(walked.tensor(name), name) for name in segment.outputs]
     initializers = [t for t in graph.initializer if t.name in read]
     result = onnx.ModelProto()
     result.ir_version = model.ir_version
@@ -122,3 +134,12 @@ def segment_model(model: onnx.ModelProto, segment: Segment, input_types: dict[st
     result.functions.extend(model.functions)
     result.graph.CopyFrom(onnx.helper.make_graph(nodes, f"{graph.name}_segment", inputs, outputs, initializers))
     return result
+
+
+def value_info(tensor: gs.Tensor | None, name: str) -> onnx.ValueInfoProto:
+    """A graph input or output for tensor ``name``, typed as the model records it (untyped if it does not)."""
+    if tensor is None or tensor.dtype is None:
+        return onnx.ValueInfoProto(name=name)
+    dtype = tensor.dtype if isinstance(tensor.dtype, int) else onnx.helper.np_dtype_to_tensor_dtype(
+        np.dtype(tensor.dtype))  # onnx-graphsurgeon keeps an ONNX type numpy lacks (bfloat16) as its number
+    return onnx.helper.make_tensor_value_info(name, dtype, tensor.shape)

@@ -17,10 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxq.calibration.capture import CaptureEngine, make_session
 from onnxq.data.sources import Feed
 from onnxq.graph.layers import Layer
+from onnxq.graph.model import GraphModel, as_graph
+from onnxq.graph.segments import value_info
 
 GROUP_LAYERS = 8  # suffix sessions alive at once (each holds its constant weights; buffers come from one arena)
 # probes run side by side on single-threaded sessions: independent runs use the cores with no hand-offs inside a
@@ -44,41 +47,39 @@ def has_subgraphs(model: onnx.ModelProto) -> bool:
                for node in model.graph.node for attr in node.attribute)
 
 
-def downstream_nodes(model: onnx.ModelProto, start: int) -> list[int]:
+def downstream_nodes(model: onnx.ModelProto | GraphModel, start: int) -> list[int]:
     """Indices of node ``start`` and every node that (transitively) consumes its outputs, in graph order."""
-    consumers: dict[str, list[int]] = {}
-    for index, node in enumerate(model.graph.node):
-        for name in node.input:
-            consumers.setdefault(name, []).append(index)
-    reached, frontier = {start}, [start]
+    nodes = as_graph(model).nodes
+    reached, frontier = {id(nodes[start])}, [nodes[start]]
     while frontier:
-        for output in model.graph.node[frontier.pop()].output:
-            for index in consumers.get(output, ()):
-                if index not in reached:
-                    reached.add(index)
-                    frontier.append(index)
-    return sorted(reached)
+        for output in frontier.pop().outputs:
+            for consumer in output.outputs:
+                if id(consumer) not in reached:
+                    reached.add(id(consumer))
+                    frontier.append(consumer)
+    return [index for index, node in enumerate(nodes) if id(node) in reached]
 
 
-def upstream_nodes(model: onnx.ModelProto, tensors: Iterable[str]) -> list[int]:
+def upstream_nodes(model: onnx.ModelProto | GraphModel, tensors: Iterable[str]) -> list[int]:
     """Indices of the nodes the named tensors are computed from (transitively), in graph order."""
-    producer = {name: index for index, node in enumerate(model.graph.node) for name in node.output}
+    graph = as_graph(model)
     reached: set[int] = set()
-    frontier = [producer[name] for name in tensors if name in producer]
+    frontier = [node for node in map(graph.producer, tensors) if node is not None]
     while frontier:
-        index = frontier.pop()
-        if index not in reached:
-            reached.add(index)
-            frontier += [producer[name] for name in model.graph.node[index].input if name in producer]
-    return sorted(reached)
+        node = frontier.pop()
+        if id(node) not in reached:
+            reached.add(id(node))
+            frontier += [tensor.inputs[0] for tensor in node.inputs if tensor.inputs]
+    return [index for index, node in enumerate(graph.nodes) if id(node) in reached]
 
 
-def prefix_of(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+def prefix_of(model: onnx.ModelProto | GraphModel, tensors: Iterable[str]) -> onnx.ModelProto:
     """A copy of the model with only the nodes (and initializers) the named tensors need: onnxruntime runs every
     node of a graph whatever outputs are asked for, so a capture of early boundaries would pay a whole pass."""
-    keep = upstream_nodes(model, tensors)
+    graph = as_graph(model)
+    keep = upstream_nodes(graph, tensors)
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out.CopyFrom(graph.template)
     nodes = [out.graph.node[i] for i in keep]
     read = {name for node in nodes for name in node.input}
     initializers = [t for t in out.graph.initializer if t.name in read]
@@ -91,28 +92,34 @@ def prefix_of(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto
     return out
 
 
-def suffix_of(model: onnx.ModelProto, layer: Layer, replaced: Iterable[str]) -> Suffix:
+def suffix_of(model: onnx.ModelProto | GraphModel, layer: Layer, replaced: Iterable[str]) -> Suffix:
     """The suffix model of ``layer``: its downstream nodes; the float values they read from outside, and the
     ``replaced`` tensors they read, as inputs; every other initializer a constant."""
-    graph = model.graph
-    start = next(i for i, node in enumerate(graph.node) if node.name == layer.name)
-    nodes = [graph.node[i] for i in downstream_nodes(model, start)]
+    graph = as_graph(model)
+    proto = graph.template.graph
+    start = next(i for i, node in enumerate(graph.nodes) if node.name == layer.name)
+    nodes = [proto.node[i] for i in downstream_nodes(graph, start)]
     produced = {name for node in nodes for name in node.output}
-    output = graph.output[0]
+    output = proto.output[0]
     if output.name not in produced:
         return Suffix([], [], None)
-    inits = {t.name: t for t in graph.initializer}
     read = list(dict.fromkeys(name for node in nodes for name in node.input if name))
     fed = [name for name in read if name in set(replaced)]
-    boundary = [name for name in read if name not in produced and name not in inits and name not in fed]
-    types = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
-    inputs = [types.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-              for name in boundary]
-    inputs += [onnx.helper.make_tensor_value_info(name, inits[name].data_type, inits[name].dims) for name in fed]
-    constants = [inits[name] for name in read if name in inits and name not in fed]
-    sub = onnx.helper.make_graph(nodes, f"{graph.name}_after_{layer.name}", inputs, [output], constants)
-    return Suffix(boundary, fed, onnx.helper.make_model(sub, opset_imports=model.opset_import,
-                                                        ir_version=model.ir_version))
+    boundary = [name for name in read if name not in produced and graph.constant(name) is None and name not in fed]
+    inputs = [_value_info(graph.tensor(name), name) for name in boundary]
+    inputs += [onnx.helper.make_tensor_value_info(name, weight.data_type, weight.dims)
+               for name, weight in ((name, graph.tensor_proto(name)) for name in fed)]
+    constants = [graph.tensor_proto(name) for name in read if graph.constant(name) is not None and name not in fed]
+    sub = onnx.helper.make_graph(nodes, f"{proto.name}_after_{layer.name}", inputs, [output], constants)
+    return Suffix(boundary, fed, onnx.helper.make_model(sub, opset_imports=graph.opset_import,
+                                                        ir_version=graph.template.ir_version))
+
+
+def _value_info(tensor: gs.Tensor | None, name: str) -> onnx.ValueInfoProto:
+    """A suffix input for a boundary tensor, typed as the model records it (float of unknown shape if not)."""
+    if tensor is None or tensor.dtype is None:
+        return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+    return value_info(tensor, name)
 
 
 Probes = dict[str, list[tuple[object, dict[str, np.ndarray]]]]  # layer name -> [(key, replaced tensors)]
@@ -128,6 +135,7 @@ class SuffixProbes:
         self.model = model
         self.threads = threads
         self.parallel = PROBE_THREADS if threads <= 0 else max(1, min(PROBE_THREADS, threads))
+        self.graph = GraphModel(model)  # walked for every layer's suffix and every group's prefix
         self.float_tensors = float_tensors
         self.layers = {layer.name: layer for layer in layers}
         self.feeds = feeds
@@ -148,12 +156,12 @@ class SuffixProbes:
 
     def _run_group(self, probes: Probes) -> Iterator[tuple[object, np.ndarray]]:
         """One float pass per batch captures every boundary of the group; each probe runs only its suffix."""
-        suffixes = {name: suffix_of(self.model, self.layers[name], {t for _, tensors in entries for t in tensors})
+        suffixes = {name: suffix_of(self.graph, self.layers[name], {t for _, tensors in entries for t in tensors})
                     for name, entries in probes.items()}
         live = {name: suffix for name, suffix in suffixes.items() if suffix.model is not None}
         sessions = {name: make_session(suffix.model, threads=1, shared_arena=True) for name, suffix in live.items()}
         boundary = {t for s in live.values() for t in s.boundary} - self.graph_inputs
-        capture = CaptureEngine(prefix_of(self.model, boundary), boundary, self.threads, shared_arena=True)
+        capture = CaptureEngine(prefix_of(self.graph, boundary), boundary, self.threads, shared_arena=True)
         parts: dict[object, list[np.ndarray]] = {key: [] for name in live for key, _ in probes[name]}
         jobs = [(name, key, tensors) for name in live for key, tensors in probes[name]]
         with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="onnxq-probe") as pool:

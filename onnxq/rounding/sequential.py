@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
 from onnxq.allocation.oracle import weights_as_inputs
@@ -38,6 +39,7 @@ from onnxq.data.spill import STORE_BYTES, BatchStore
 from onnxq.errors import OnnxqError
 from onnxq.graph.bias import BiasSlot, replacement_tensors
 from onnxq.graph.layers import Layer
+from onnxq.graph.model import GraphModel, as_graph
 from onnxq.graph.segments import Segment, plan_segments, segment_model
 from onnxq.passes.gram import centred_gram, overflow_shift
 from onnxq.rounding.paired_gram import (
@@ -215,9 +217,8 @@ def compensated_bias_shift(W: np.ndarray, Q: np.ndarray, stats: PairedStats) -> 
     return shift if stats.skip_sum is None else shift + stats.skip_sum / max(stats.rows, 1)
 
 
-def layer_ancestry(model: onnx.ModelProto, layers: list[Layer]) -> Callable[[str], set[str]]:
+def layer_ancestry(graph: GraphModel, layers: list[Layer]) -> Callable[[str], set[str]]:
     """A function giving the names of the layers a tensor depends on (memoised)."""
-    producers = {out: node for node in model.graph.node for out in node.output}
     names = {layer.name for layer in layers}
     upstream: dict[str, set[str]] = {}
 
@@ -228,23 +229,23 @@ def layer_ancestry(model: onnx.ModelProto, layers: list[Layer]) -> Callable[[str
         stack, seen = [tensor], set()
         while stack:
             name = stack.pop()
-            node = producers.get(name)
+            node = graph.producer(name)
             if node is None or name in seen:
                 continue
             seen.add(name)
             if node.name in names:
                 found.add(node.name)
-            stack.extend(node.input)
+            stack.extend(t.name for t in node.inputs if t.name)
         upstream[tensor] = found
         return found
 
     return layers_above
 
 
-def stages(model: onnx.ModelProto, layers: list[Layer]) -> list[list[Layer]]:
+def stages(model: onnx.ModelProto | GraphModel, layers: list[Layer]) -> list[list[Layer]]:
     """Split the layers (in graph order) into stages whose inputs do not depend on a layer of the same stage,
     so a stage's layers can be captured together once the earlier stages are quantized."""
-    layers_above = layer_ancestry(model, layers)
+    layers_above = layer_ancestry(as_graph(model), layers)
     result: list[list[Layer]] = []
     for layer in layers:
         if result and not (layers_above(layer.activation) & {item.name for item in result[-1]}):
@@ -254,42 +255,42 @@ def stages(model: onnx.ModelProto, layers: list[Layer]) -> list[list[Layer]]:
     return result
 
 
-def residual_skips(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, str]:
+def residual_skips(model: onnx.ModelProto | GraphModel, layers: list[Layer]) -> dict[str, str]:
     """``{layer: skip tensor}`` for the layers whose output (after at most one constant bias Add) is added to
     another activation, the skip whose error the layer can absorb; only where input rows are output rows
     (pointwise Conv, MatMul, Gemm with alpha 1 and untransposed input) and the skip depends on some layer."""
-    constants = {t.name for t in model.graph.initializer} | {
-        out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    nodes = {node.name: node for node in model.graph.node}
-    layers_above = layer_ancestry(model, layers)
+    graph = as_graph(model)
+    layers_above = layer_ancestry(graph, layers)
     skips = {}
     for layer in layers:
-        if not _rows_align(layer, nodes[layer.name]):
+        node = graph.node(layer.name)
+        if not _rows_align(layer, node):
             continue
-        tensor = nodes[layer.name].output[0]
-        after = consumers.get(tensor, [])
-        if len(after) == 1 and after[0].op_type == "Add" and any(i in constants for i in after[0].input):
-            tensor = after[0].output[0]  # a MatMul's bias
-            after = consumers.get(tensor, [])
-        if len(after) != 1 or after[0].op_type != "Add" or len(after[0].input) != 2:
+        tensor = node.outputs[0].name
+        after = graph.consumers(tensor)
+        if len(after) == 1 and after[0].op == "Add" and any(_is_constant(graph, t.name) for t in after[0].inputs):
+            tensor = after[0].outputs[0].name  # a MatMul's bias
+            after = graph.consumers(tensor)
+        if len(after) != 1 or after[0].op != "Add" or len(after[0].inputs) != 2:
             continue
-        other = [name for name in after[0].input if name != tensor]
-        if len(other) == 1 and other[0] not in constants and layers_above(other[0]):
+        other = [t.name for t in after[0].inputs if t.name != tensor]
+        if len(other) == 1 and not _is_constant(graph, other[0]) and layers_above(other[0]):
             skips[layer.name] = other[0]
     return skips
 
 
-def _rows_align(layer: Layer, node: onnx.NodeProto) -> bool:
+def _is_constant(graph: GraphModel, name: str) -> bool:
+    """An initializer or a Constant node's output."""
+    producer = graph.producer(name)
+    return graph.constant(name) is not None or (producer is not None and producer.op == "Constant")
+
+
+def _rows_align(layer: Layer, node: gs.Node) -> bool:
     """Each input row of the layer is one row (pixel or token) of its output."""
     if layer.op_type == "Conv":
         return is_pointwise(layer)
     if layer.op_type == "Gemm":
-        alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0)
-        return not layer.trans_a and alpha == 1.0
+        return not layer.trans_a and node.attrs.get("alpha", 1.0) == 1.0
     return layer.op_type == "MatMul"
 
 
@@ -307,11 +308,12 @@ class Stage:
         return list(dict.fromkeys([layer.activation for layer in self.layers] + list(self.skips.values())))
 
 
-def stage_plan(model: onnx.ModelProto, layers: list[Layer]) -> list[Stage]:
+def stage_plan(model: onnx.ModelProto | GraphModel, layers: list[Layer]) -> list[Stage]:
     """The stages in rounding order with their ready skips."""
-    skips, layers_above = residual_skips(model, layers), layer_ancestry(model, layers)
+    graph = as_graph(model)
+    skips, layers_above = residual_skips(graph, layers), layer_ancestry(graph, layers)
     plan, rounded = [], set()
-    for group in stages(model, layers):
+    for group in stages(graph, layers):
         plan.append(Stage(group, {layer.name: skips[layer.name] for layer in group
                                   if layer.name in skips and layers_above(skips[layer.name]) <= rounded}))
         rounded |= {layer.name for layer in group}
@@ -323,13 +325,13 @@ class StageCapture:
     and the model with the layers rounded so far, keeping each stream's cut between stages in a ``BatchStore``
     (spilled under ``folder`` past its limit): every node runs once per stream, and memory stays bounded."""
 
-    def __init__(self, model: onnx.ModelProto, replaced_names: list[str], plan: list[Stage], feeds: Iterable[Feed],
-                 folder: Path, store_bytes: int = STORE_BYTES) -> None:
-        inits = {t.name: t for t in model.graph.initializer}
-        self.float_tensors = {name: onnx.numpy_helper.to_array(inits[name]) for name in replaced_names}
-        self.fed_model = weights_as_inputs(model, replaced_names)
+    def __init__(self, model: onnx.ModelProto | GraphModel, replaced_names: list[str], plan: list[Stage],
+                 feeds: Iterable[Feed], folder: Path, store_bytes: int = STORE_BYTES) -> None:
+        graph = as_graph(model)
+        self.float_tensors = {name: graph.array(name) for name in replaced_names}
+        self.fed_model = GraphModel(weights_as_inputs(graph.template, replaced_names))  # walked per segment
         self.parameters = set(replaced_names)
-        self.mask_name = attention_mask_name(model_inputs(model))
+        self.mask_name = attention_mask_name(model_inputs(graph.template))
         self.segments = iter(plan_segments(self.fed_model, [stage.needs for stage in plan], self.parameters))
         self.feeds, self.folder, self.store_bytes = feeds, folder, store_bytes
         self.float_cut: BatchStore | None = None  # None: the feeds are the cut (first stage)
@@ -446,7 +448,7 @@ class SegmentRunner:
         """Make the session for cuts typed like this one, unless made already."""
         if self.session is not None or not self.segment.outputs:
             return
-        graph_types = {v.name: v.type for v in self.capture.fed_model.graph.input}
+        graph_types = {v.name: v.type for v in self.capture.fed_model.template.graph.input}
         types = {name: graph_types.get(name) or onnx.helper.make_tensor_type_proto(
             onnx.helper.np_dtype_to_tensor_dtype(np.asarray(cut[name]).dtype), None)
             for name in self.segment.inputs}
@@ -503,14 +505,15 @@ def round_sequentially(model: onnx.ModelProto, layers: list[Layer], feeds: Itera
         raise OnnxqError(f"--sequential cannot round layers inside If/Loop/Scan bodies ({', '.join(inside[:3])}"
                          f"{' and more' if len(inside) > 3 else ''}); drop --sequential, or keep them in float "
                          "with --nodes_to_exclude")
-    plan = stage_plan(model, layers)
+    graph = GraphModel(model)  # unedited: its template is ``model``
+    plan = stage_plan(graph, layers)
     names = [layer.weight for layer in layers] + [slot.tensor for slot in slots.values()]
     replaced: dict[str, np.ndarray] = {}
     results: dict = {}
     # one BLAS thread: the paired GEMMs are small (a pointwise Conv's are per sample), and multithreaded BLAS
     # on them cost 4x the CPU time on a loaded 2-core machine (threads spinning while their partner waits)
     with threadpool_limits(1), tempfile.TemporaryDirectory(prefix="onnxq-sequential-") as folder:
-        capture = StageCapture(model, names, plan, feeds, Path(folder), store_bytes)
+        capture = StageCapture(graph, names, plan, feeds, Path(folder), store_bytes)
         try:
             for stage in plan:
                 paired = capture.paired_stats(stage, replaced)
