@@ -61,3 +61,32 @@ def test_first_last_bits_widens_all_heads_of_a_two_head_model(tmp_path):
     budget = onnxq.quantize(path, calib, tmp_path / "m.onnx", avg_bits=4.5, first_last_bits=8, method="rtn",
                             verify_samples=0, clado_samples=8, calib_size=16)
     assert all(r.bits == 8 for r in budget.layers if r.name in ("stem", "cls_head", "box_projection"))
+
+
+def test_a_transformer_block_keeps_its_first_projections_and_its_last_one_only():
+    """The attention mask joins after the Q/K projections and the residual stream reaches the output past every
+    layer: neither makes the layers in between edges (all would stay at 8 bits)."""
+    from test_transformer import transformer
+
+    model = transformer()
+    layers, _ = find_layers(model)
+    assert [layer.name for layer in layers] == ["proj_q", "proj_k", "proj_v", "proj_o", "fc1", "fc2"]
+    assert boundary_layers(GraphModel(model), layers) == ["proj_q", "proj_k", "proj_v", "fc2"]
+
+
+def test_a_skip_connection_around_the_head_is_not_followed():
+    """y = x + head(relu(stem(x))): the stem reads the input, the head is last; the skip adds no edge layer."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), n) for n in ("w0", "w1", "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"], name="stem"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w1"], ["b"], name="middle"),
+             helper.make_node("Add", ["r", "b"], ["c"], name="skip"),
+             helper.make_node("MatMul", ["c", "w2"], ["d"], name="head"),
+             helper.make_node("Add", ["c", "d"], ["y"], name="skip2")]
+    vi = helper.make_tensor_value_info
+    model = helper.make_model(helper.make_graph(nodes, "res", [vi("x", TensorProto.FLOAT, [2, 4])],
+                                                [vi("y", TensorProto.FLOAT, [2, 4])], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    layers, _ = find_layers(model)
+    assert boundary_layers(GraphModel(model), layers) == ["stem", "head"]

@@ -1,14 +1,16 @@
 """The layers at the edges of a model, which ``--first-last-bits`` keeps wider.
 
-First: every layer that reads a graph input without passing another weighted layer (through Div, Sub,
-Transpose ... of the input). Last: every layer whose output reaches a graph output without passing another
-weighted layer, so each head of a multi-output model (a detector's class and box heads) counts, not just the
-layer that happens to come last in the node list.
+First: every layer whose activation input is computed from the graph inputs without any weighted layer (through
+Div, Sub, Transpose, LayerNorm of an embedding ...): the stem of a CNN, a transformer's first Q/K/V projections.
+An input that only joins later (an attention mask added to the scores) does not make the layers after the join
+first. Last: every layer whose output reaches a graph output without passing another weighted layer, so each head
+of a multi-output model (a detector's class and box heads) counts, not just the layer that happens to come last in
+the node list. The walk back from the outputs does not follow skip connections: at a node whose input ``a`` is
+an ancestor of another of its inputs (a residual ``Add(x, f(x))``), ``a`` is the skip and is not followed, so a
+transformer's last layer is its last projection, not every layer the residual stream passes.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import onnx_graphsurgeon as gs
 
@@ -18,36 +20,55 @@ from onnxq.graph.model import GraphModel
 
 def boundary_layers(graph: GraphModel, layers: list[Layer]) -> list[str]:
     """Names of the first and last layers (see the module docstring), in the order of ``layers``."""
-    by_node = {layer.name: layer for layer in layers}
-    starts = [name for name in graph.input_names if graph.constant(name) is None]
-    edge = _reached(starts, graph.consumers, _names_of("outputs"), by_node)
-    producer = graph.producer
-    edge |= _reached(sorted(graph.output_names), lambda tensor: [node] if (node := producer(tensor)) else [],
-                     _names_of("inputs"), by_node)
-    return [layer.name for layer in layers if layer.name in edge]
+    top = [layer for layer in layers if not layer.where]  # body layers: stages of their own graph, never edges
+    ancestry, bit = _ancestry(graph)
+    layer_bits = sum(bit[layer.name] for layer in top if layer.name in bit)
+    first = {layer.name for layer in top
+             if layer.activation in ancestry and not ancestry[layer.activation] & layer_bits}
+    last = _last(graph, {layer.name for layer in top}, ancestry, bit)
+    return [layer.name for layer in layers if layer.name in first | last]
 
 
-def _names_of(side: str) -> Callable[[gs.Node], list[str]]:
-    """A node's input or output tensor names."""
-    return lambda node: [t.name for t in getattr(node, side)]
+def _ancestry(graph: GraphModel) -> tuple[dict[str, int], dict[str, int]]:
+    """Each top-level tensor's upstream nodes as a bit set (graph inputs and constants: none), and each node's bit."""
+    ancestry: dict[str, int] = {name: 0 for name in graph.input_names}
+    bit: dict[str, int] = {}
+    for index, node in enumerate(graph.nodes):  # topological order
+        bit[node.name] = 1 << index
+        upstream = bit[node.name]
+        for tensor in node.inputs:
+            upstream |= ancestry.get(tensor.name, 0)
+        for tensor in node.outputs:
+            ancestry[tensor.name] = upstream
+    return ancestry, bit
 
 
-def _reached(tensors: list[str], nodes_of, next_tensors, layers: dict[str, Layer]) -> set[str]:
-    """Layers reached from ``tensors`` walking ``nodes_of`` / ``next_tensors``, stopping at each layer."""
+def _last(graph: GraphModel, layers: set[str], ancestry: dict[str, int], bit: dict[str, int]) -> set[str]:
+    """Layers reached walking back from the graph outputs through weight-free nodes, skip connections left out."""
     found: set[str] = set()
-    seen_nodes: set[int] = set()
-    stack = list(tensors)
-    seen_tensors = set(stack)
+    stack = sorted(graph.output_names)
+    seen = set(stack)
     while stack:
-        for node in nodes_of(stack.pop()):
-            if id(node) in seen_nodes:
-                continue
-            seen_nodes.add(id(node))
-            if node.name in layers:
-                found.add(node.name)
-                continue
-            for tensor in next_tensors(node):
-                if tensor and tensor not in seen_tensors:
-                    seen_tensors.add(tensor)
-                    stack.append(tensor)
+        node = graph.producer(stack.pop())
+        if node is None:
+            continue
+        if node.name in layers:
+            found.add(node.name)
+            continue
+        for name in _followed_inputs(node, graph, ancestry, bit):
+            if name not in seen:
+                seen.add(name)
+                stack.append(name)
     return found
+
+
+def _followed_inputs(node: gs.Node, graph: GraphModel, ancestry: dict[str, int], bit: dict[str, int]) -> list[str]:
+    """The node's computed inputs, less those that feed another of its inputs (skip connections)."""
+    names = list(dict.fromkeys(t.name for t in node.inputs if t.name and graph.constant(t.name) is None))
+
+    def feeds_another(name: str) -> bool:
+        producer = graph.producer(name)
+        mine = bit.get(producer.name, 0) if producer is not None else 0
+        return bool(mine) and any(other != name and ancestry.get(other, 0) & mine for other in names)
+
+    return [name for name in names if not feeds_another(name)]
