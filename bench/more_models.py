@@ -54,6 +54,7 @@ CACHE = RESULTS / "cache" / "more_models"
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 CONFIGS = {  # name: onnxq options
     "W8": {"bits": 8},
+    "W4": {"bits": 4},  # no wider edges: on a residual transformer --first-last-bits 8 widens every layer
     "W4/8": {"bits": 4, "first_last_bits": 8},
     "W3/8": {"bits": 3, "first_last_bits": 8},
     "W4/8 seq": {"bits": 4, "first_last_bits": 8, "sequential": True},
@@ -585,10 +586,9 @@ def save(new_rows: list[dict], tag: str) -> str:
     old row), in the benchmark's model and configuration order, and rewrite <tag>.md; returns the table."""
     path = RESULTS / f"{tag}.json"
     old = json.loads(path.read_text())["rows"] if path.exists() else []
-    fresh = {(r["model"], r["config"]) for r in new_rows}
+    latest = {(r["model"], r["config"]): r for r in old + new_rows}  # a later row replaces an earlier one
     order = {name: k for k, name in enumerate(["FP32", *CONFIGS])}
-    rows = sorted([r for r in old if (r["model"], r["config"]) not in fresh] + new_rows,
-                  key=lambda r: (list(BENCHES).index(r["model"]), order[r["config"]]))
+    rows = sorted(latest.values(), key=lambda r: (list(BENCHES).index(r["model"]), order[r["config"]]))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"configs": CONFIGS, "sizes": SIZES, "rows": rows}, indent=1, default=float) + "\n")
     (RESULTS / f"{tag}.md").write_text(markdown(rows))
