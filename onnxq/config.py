@@ -152,7 +152,7 @@ class MixedPrecision(_Section):
                                         "the lowest loss is kept. 0: no check.", "--verify-samples", kind="int",
                                         minimum=0, shown=f"{DEFAULT_VERIFY_SAMPLES}; none with --sensitivity diagonal "
                                                          "or --prefer speed")
-    time_limit: float = option(20.0, "Seconds for the exact integer program; the optimality gap is reported if "
+    time_limit: float = option(10.0, "Seconds for the exact integer program; the optimality gap is reported if "
                                "it stops early.", "--clado-time-limit", kind="float", minimum=0)
     sensitivity_cache: Path | None = option(None, "Cache file for the sensitivity matrix, so another budget "
                                             "skips the measurement.", "--sensitivity-cache", kind="path")
