@@ -191,3 +191,14 @@ def test_lagged_maps_take_stride_one_three_by_three_layers():
     stats = empty_stats(layer)
     stats.merge(x, layer)
     assert_matches(stats, reference_rows(x, layer))
+
+
+def test_lag_gram_dot_products_match_on_any_numpy():
+    """numpy < 2 has no vecdot: the einsum fallback gives the same dot products along the last axis."""
+    from onnxq.calibration import lag_gram
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 3, 2, 50)).astype(np.float32)
+    expected = (a.astype(np.float64) * b).sum(-1)
+    for dot in (lag_gram.dot_last, lag_gram._einsum_dot):
+        np.testing.assert_allclose(dot(a, b), expected, rtol=1e-5)

@@ -23,6 +23,13 @@ from scipy import sparse
 
 from onnxq.calibration.unfold import Window
 
+
+def _einsum_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("...i,...i->...", a, b)
+
+
+dot_last = getattr(np, "vecdot", _einsum_dot)  # dot products along the last axis (np.vecdot needs numpy >= 2)
+
 LAG_MIN_PIXELS = 100  # maps from 10 x 10 up (up to 8 x 8 image_gram.py folds the image Gram matrix; between: tiles)
 LAG_MAX_TAPS = 9  # kernels up to 3x3
 LAG_CHUNK_ELEMENTS = 1 << 20  # phase-image values held at once (4 MB, about a core's L2 cache)
@@ -232,13 +239,13 @@ class Frames:
         per_column = np.empty((channels, lags, len(drop_cols)))
         for k, (a, b, dy, dx) in enumerate(self.plan.lags):
             shift = dy * row_length + dx
-            rows = np.vecdot(images[a][:, begin:begin + span].reshape(channels, self.height, row_length),
+            rows = dot_last(images[a][:, begin:begin + span].reshape(channels, self.height, row_length),
                              images[b][:, begin + shift:begin + shift + span].reshape(channels, self.height,
                                                                                       row_length))
             totals[:, k] = rows.sum(axis=1, dtype=np.float64)
             per_row[:, k] = rows[:, drop_rows]
             for j, (column, partner) in enumerate(zip(self.columns, self.columns_shifted(dx), strict=True)):
-                per_column[:, k, j] = np.vecdot(edges[a][:, column, top:top + length],
+                per_column[:, k, j] = dot_last(edges[a][:, column, top:top + length],
                                                 edges[b][:, partner, top + dy * n:top + dy * n + length])
         crossings = self.crossings(edges)
         return np.concatenate([totals[..., None], per_row, per_column, crossings], axis=2).reshape(channels, -1)
