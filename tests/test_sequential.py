@@ -19,7 +19,8 @@ from onnxq.calibration.unfold import unfold
 from onnxq.data.calibration_set import CalibrationSet
 from onnxq.data.sources import model_inputs
 from onnxq.graph.layers import Layer, find_layers
-from onnxq.rounding.sequential import PairedStats, compensated_bias_shift, compensated_target, residual_skips, stages
+from onnxq.passes.compensation import compensated_target
+from onnxq.rounding.sequential import PairedStats, compensated_bias_shift, residual_skips, stages
 
 
 def centred_moments(Xq: np.ndarray, Xf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -41,6 +41,7 @@ from onnxq.graph.bias import BiasSlot, replacement_tensors
 from onnxq.graph.layers import Layer
 from onnxq.graph.model import GraphModel, as_graph
 from onnxq.graph.segments import Segment, plan_segments, segment_model
+from onnxq.passes.compensation import compensated_target, output_mean_shift
 from onnxq.passes.gram import centred_gram, overflow_shift
 from onnxq.rounding.paired_gram import (
     PairedSums,
@@ -48,8 +49,6 @@ from onnxq.rounding.paired_gram import (
     add_paired_conv,
     add_paired_pointwise,
 )
-
-TARGET_DAMP = 0.01  # ridge on S (fraction of its mean diagonal) when solving for W*: S is often rank-deficient
 
 
 @dataclass
@@ -185,36 +184,10 @@ class PairedStats:
         return S, C
 
 
-def compensated_target(W: np.ndarray, S: np.ndarray, C: np.ndarray, rows: int | None = None,
-                       damp: float = TARGET_DAMP, skip: np.ndarray | None = None) -> np.ndarray:
-    """``W* = W + W (C - S)^T (S + lambda I)^-1`` per Gram group: the weight that, fed the quantized model's
-    inputs, best reproduces the float output. The ridge only shrinks the correction, so X~ = X gives W.
-
-    The correction is a regression of the earlier layers' error on the d inputs, fitted on ``rows`` rows;
-    its noise grows as d / rows, so it is scaled by ``max(0, 1 - d / rows)``: a classifier after pooling
-    (one row per image, more inputs than images) keeps W instead of fitting the calibration images' noise.
-    ``skip`` (d x out, one Gram group) is ``cov(X~, e)`` of a residual layer: the skip's error joins the target."""
-    groups, d = S.shape[0], S.shape[-1]
-    weight = 1.0 if rows is None else max(0.0, 1.0 - d / max(rows, 1))
-    target = W.astype(np.float64).copy()
-    if weight == 0.0:
-        return target
-    grouped = target.reshape(groups, -1, d)  # rows of each Gram group
-    ridge = damp * np.maximum(np.diagonal(S, axis1=1, axis2=2).mean(axis=1), 1e-30)
-    rhs = np.matmul(C - S, grouped.transpose(0, 2, 1))
-    if skip is not None:
-        rhs = rhs + skip[None]
-    correction = np.linalg.solve(S + ridge[:, None, None] * np.eye(d), rhs).transpose(0, 2, 1)
-    return (grouped + weight * correction).reshape(W.shape)
-
-
 def compensated_bias_shift(W: np.ndarray, Q: np.ndarray, stats: PairedStats) -> np.ndarray:
-    """``W mu - Q mu~`` per output channel: the mean of the float output minus the quantized layer's."""
-    groups = stats.gram.shape[0]
-    index = np.repeat(np.arange(groups), W.shape[0] // groups)
-    mf, mq = stats.mean_float[index], stats.mean_quantized[index]
-    shift = np.einsum("od,od->o", W.astype(np.float64), mf) - np.einsum("od,od->o", Q.astype(np.float64), mq)
-    return shift if stats.skip_sum is None else shift + stats.skip_sum / max(stats.rows, 1)
+    """``W mu - Q mu~`` per output channel from a layer's paired statistics (``passes.compensation``)."""
+    skip_mean = None if stats.skip_sum is None else stats.skip_sum / max(stats.rows, 1)
+    return output_mean_shift(W, Q, stats.mean_float, stats.mean_quantized, skip_mean)
 
 
 def layer_ancestry(graph: GraphModel, layers: list[Layer]) -> Callable[[str], set[str]]:
