@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -61,16 +61,23 @@ class ArrayReader:
         self.batches = self._batches()
 
 
+def calibrated_job(command: Callable) -> Callable:
+    """The arguments of a job that calibrates: MODEL SAMPLES OUT [--batch-size N]."""
+    for decorate in reversed([click.argument("model", type=click.Path(exists=True, path_type=Path)),
+                              click.argument("samples", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+                              click.argument("out", type=click.Path(path_type=Path)),
+                              click.option("--batch-size", type=int, default=16, show_default=True)]):
+        command = decorate(command)
+    return command
+
+
 @click.group()
 def main() -> None:
     """Run one onnxruntime quantizer job."""
 
 
 @main.command()
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.argument("samples", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@calibrated_job
 def static(model: Path, samples: Path, out: Path, batch_size: int) -> None:
     """onnxruntime's pre-processing and W8A8 quantize_static (per channel, MinMax)."""
     static_job(model, samples, out, batch_size, "QInt8", "QUInt8")
@@ -131,10 +138,7 @@ def feed_list(samples: Path, model: Path) -> list[dict[str, np.ndarray]]:
 
 
 @main.command("static-int4")
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.argument("samples", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@calibrated_job
 def static_int4(model: Path, samples: Path, out: Path, batch_size: int) -> None:
     """onnxruntime's int4 weights: quantize_static QInt4 per channel, first/last QInt8, QUInt16 activations."""
     static_job(model, samples, out, batch_size, "QInt4", "QUInt16", first_last_type="QInt8")
@@ -184,20 +188,14 @@ def quark_job(model: Path, samples: Path, out: Path, weight_type: str, batch_siz
 
 
 @main.command("quark-w8a8")
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.argument("samples", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@calibrated_job
 def quark_w8a8(model: Path, samples: Path, out: Path, batch_size: int) -> None:
     """AMD Quark ONNX: W8A8 QDQ, per channel, MinMax."""
     quark_job(model, samples, out, "QInt8", batch_size)
 
 
 @main.command("quark-int4")
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.argument("samples", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@calibrated_job
 def quark_int4(model: Path, samples: Path, out: Path, batch_size: int) -> None:
     """AMD Quark ONNX asked for QInt4 weights (its legacy type; bench/peers.py reports what it stores)."""
     quark_job(model, samples, out, "QInt4", batch_size)
