@@ -29,15 +29,38 @@ def cnn_path(tmp_path: Path) -> Path:
     return save(tiny.cnn_model(), tmp_path / "cnn.onnx")
 
 
+def cnn_samples(folder: Path, count: int) -> Path:
+    """A folder of ``count`` seeded .npy samples for the tiny CNN (the first ones equal whatever the count)."""
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        np.save(folder / f"{i:03d}.npy", rng.normal(size=(1, 3, 16, 16)).astype(np.float32))
+    return folder
+
+
 @pytest.fixture
 def cnn_calib(tmp_path: Path) -> Path:
     """A folder of 20 .npy samples for the tiny CNN."""
-    folder = tmp_path / "calib"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(20):
-        np.save(folder / f"{i:03d}.npy", rng.normal(size=(1, 3, 16, 16)).astype(np.float32))
-    return folder
+    return cnn_samples(tmp_path / "calib", 20)
+
+
+class SensitivityBar:
+    """A progress factory for tests that act during CLADO's sensitivity measurement: it is the bar of the
+    "sensitivity" phase (other phases get none); subclasses say what ``update`` does."""
+
+    def __call__(self, total, label):
+        from onnxq.report.progress import NoProgress
+
+        return self if label == "sensitivity" else NoProgress()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        raise NotImplementedError
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import tiny
-from conftest import save
+from conftest import cnn_samples, save
 
 import onnxq
 import onnxq.calibration.capture
@@ -27,12 +27,7 @@ BUDGET = MixedPrecision(avg_bits=3, samples=16, verify_samples=16)
 @pytest.fixture
 def calib40(tmp_path: Path) -> Path:
     """40 samples: 24 to calibrate on, 16 held out for CLADO's oracle and its verification."""
-    folder = tmp_path / "calib"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(40):
-        np.save(folder / f"{i:03d}.npy", rng.normal(size=(1, 3, 16, 16)).astype(np.float32))
-    return folder
+    return cnn_samples(tmp_path / "calib", 40)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny
+from conftest import SensitivityBar
 
 import onnxq
 from onnxq.allocation import distributed, probes
@@ -20,7 +21,6 @@ from onnxq.errors import OnnxqError
 from onnxq.graph import suffix
 from onnxq.graph.layers import find_layers
 from onnxq.graph.prepare import prepare
-from onnxq.report.progress import NoProgress
 
 ray = pytest.importorskip("ray")
 
@@ -49,21 +49,12 @@ def busy_workers() -> list[int]:
     return found
 
 
-class KillOneWorker:
+class KillOneWorker(SensitivityBar):
     """A progress bar that, when the first task has come back, kills (SIGKILL) a worker in the middle of the
     next one."""
 
     def __init__(self) -> None:
         self.killed: list[int] = []
-
-    def __call__(self, total, label):
-        return self if label == "sensitivity" else NoProgress()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
     def update(self, n: int) -> None:
         if self.killed or n == 0:

@@ -7,13 +7,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import SensitivityBar
 
 import onnxq
 from onnxq.allocation import probes
 from onnxq.allocation.probes import ProbeJournal, ProbeResults, plan_tasks, single_groups
 from onnxq.config import Config
 from onnxq.errors import OnnxqError
-from onnxq.report.progress import NoProgress
 
 OPTIONS = {"method": "rtn", "avg_bits": 3.0, "sensitivity": "exact", "clado_samples": 8, "calib_size": 8}
 
@@ -49,20 +49,11 @@ def test_journal_round_trip(tmp_path):
     assert ProbeJournal(tmp_path / "omega.npz", "another").load().single == {}
 
 
-class Interrupt:
+class Interrupt(SensitivityBar):
     """A progress bar that raises KeyboardInterrupt (as Ctrl-C does) once ``after`` probes have finished."""
 
     def __init__(self, after: int | None) -> None:
         self.after, self.done = after, 0
-
-    def __call__(self, total, label):
-        return self if label == "sensitivity" else NoProgress()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
     def update(self, n: int) -> None:
         self.done += n
