@@ -245,15 +245,21 @@ def test_a_failed_rename_restores_the_previous_data(previous, cnn_path, cnn_cali
     assert snapshot(out.parent) == before and not leftovers(out.parent)
 
 
-def test_signals_during_the_renames_wait_until_both_are_done(previous, cnn_path, cnn_calib, monkeypatch):
-    out, before = previous
+def interrupt_after_each_rename(monkeypatch) -> None:
+    """Every rename of the atomic writer is followed by a SIGINT (Ctrl-C), which arrives between the data's rename
+    and the model's."""
     real_replace = os.replace
 
     def replace(src, dst):
         real_replace(src, dst)
-        os.kill(os.getpid(), signal.SIGINT)  # arrives between the data's rename and the model's
+        os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(onnxq.export.atomic.os, "replace", replace)
+
+
+def test_signals_during_the_renames_wait_until_both_are_done(previous, cnn_path, cnn_calib, monkeypatch):
+    out, before = previous
+    interrupt_after_each_rename(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         onnxq.quantize(cnn_path, cnn_calib, out, bits=2, external_data=True, **RTN)
     after = snapshot(out.parent)
@@ -607,15 +613,9 @@ def test_an_interruption_during_the_renames_says_what_was_written(previous, cnn_
     from onnxq.cli import _what_was_written
 
     out, _ = previous
-    real_replace = os.replace
-
-    def replace(src, dst):
-        real_replace(src, dst)
-        os.kill(os.getpid(), signal.SIGINT)
-
     monkeypatch.setattr(onnxq.export.atomic, "_COMMITTED", [])
     assert _what_was_written() == "nothing was written"
-    monkeypatch.setattr(onnxq.export.atomic.os, "replace", replace)
+    interrupt_after_each_rename(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         onnxq.quantize(cnn_path, cnn_calib, out, bits=2, external_data=True, **RTN)
     assert str(out) in _what_was_written() and str(out.parent / "q.onnx.data") in _what_was_written()
