@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 
 import click
@@ -163,7 +164,7 @@ class Launcher:
     """A small process that starts the jobs and reports each one's rusage. A child's peak RSS starts from its
     parent's (Linux keeps the larger of the two across fork and exec), and this benchmark grows as it runs
     (the tokenizer and torch for MiniLM, the forward passes of the calibration limit), so jobs started from it
-    would all report its size; started from this launcher, which stays small, they report their own."""
+    would all report its size; started from this launcher, a fresh small program, they report their own."""
 
     def __init__(self) -> None:
         self.process = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE,
@@ -177,28 +178,18 @@ class Launcher:
         return cpu, wall, rss, code
 
 
-_launcher: Launcher | None = None
-
-
-def start_launcher() -> None:
-    """Start the job launcher now, while this process is still small (call it first in a benchmark's main)."""
-    global _launcher
-    _launcher = _launcher or Launcher()
+@cache
+def launcher() -> Launcher:
+    """The one job launcher of this process, started on first use: it is a fresh program, so whenever it starts,
+    the jobs it starts do not inherit this process's size."""
+    return Launcher()
 
 
 def run_child(command: list[str], log: Path) -> tuple[float, float, float, float, str | None]:
-    """Run a command as a child process (of the launcher, when started): (CPU s of its process tree, wall s, peak
-    RSS MB, load before, None) or, when it fails, the last line of its output in place of None."""
+    """Run a command as a child of the launcher: (CPU s of its process tree, wall s, peak RSS MB, load before,
+    None) or, when it fails, the last line of its output in place of None."""
     load = os.getloadavg()[0]
-    if _launcher is not None:
-        cpu, wall, rss, code = _launcher.run(command, log)
-    else:
-        start = time.perf_counter()
-        with log.open("w") as out:
-            child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(child.pid, 0)
-        cpu, wall, rss, code = (usage.ru_utime + usage.ru_stime, time.perf_counter() - start, usage.ru_maxrss,
-                                os.waitstatus_to_exitcode(status))
+    cpu, wall, rss, code = launcher().run(command, log)
     error = None
     if code:
         lines = [line for line in log.read_text().splitlines() if line.strip()]
@@ -485,7 +476,6 @@ def parse_list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 def main(models: str, jobs: str, samples: int, repeats: int, limit: bool, layer_times: bool, out: str) -> None:
     """Alternate onnxruntime's quantizers and onnxq on the same samples; CPU, wall, peak RSS and their ratios."""
     require_shared()
-    start_launcher()
     names = parse_list(models, (*MODELS, MINILM), "--models")
     chosen = parse_list(jobs, JOBS, "--jobs")
     info = {**machine(), "load_start": round(os.getloadavg()[0], 2)}
