@@ -138,7 +138,8 @@ def test_size_budgets_hold_with_block_wise_scales(tmp_path):
 
 def test_verification_keeps_the_allocation_that_measures_best():
     """The quadratic model prefers mixing 2 and 8 bits; if uniform 4 measures better, uniform 4 is kept."""
-    from onnxq.allocation.mixed import uniform_choices, verify
+    from onnxq.allocation.mixed import verify
+    from onnxq.passes.budget import uniform_choices
     from onnxq.passes import clado
 
     cands = clado.Candidates.uniform([2, 4, 8], np.array([[2.0, 4.0, 8.0]] * 3))
@@ -162,7 +163,7 @@ def test_verification_keeps_the_allocation_that_measures_best():
 
 
 def test_the_race_drops_only_the_clearly_worse_allocation_and_keeps_full_means_for_the_rest():
-    from onnxq.allocation.mixed import DROP_AFTER, race
+    from onnxq.passes.budget import DROP_AFTER, race
 
     rng = np.random.default_rng(0)
     base = rng.gamma(2.0, 0.1, size=256)  # per-sample losses of the best allocation (skewed, as KL is)

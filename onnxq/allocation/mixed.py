@@ -29,6 +29,7 @@ from onnxq.export.qdq import stored_weight_bits
 from onnxq.graph.layers import Layer
 from onnxq.graph.suffix import SuffixProbes
 from onnxq.passes import QuantWeight, clado
+from onnxq.passes import budget as passes_budget
 from onnxq.report.progress import NoProgress
 
 log = logging.getLogger("onnxq")
@@ -87,13 +88,13 @@ def candidates_for(layers: list[Layer], choices: list[tuple[int, ...]],
 def budget_bits(budget: Budget, layers: list[Layer], fixed_bytes: int, float_bytes: int) -> tuple[float, bool]:
     """The budget in stored bits for the weight codes, and whether it is a file size (else an average)."""
     if budget.avg_bits is not None:
-        return budget.avg_bits * sum(layer.params for layer in layers), False
+        return passes_budget.average_budget(budget.avg_bits, sum(layer.params for layer in layers)), False
     target_bytes = budget.size_mb * 1e6 if budget.size_mb is not None else budget.size_ratio * float_bytes
-    available = (target_bytes - fixed_bytes) * 8
-    if available <= 0:
+    try:
+        return passes_budget.size_budget(target_bytes, fixed_bytes), True
+    except passes_budget.InfeasibleBudget:
         raise OnnxqError(f"the size budget ({target_bytes / 1e6:.3f} MB) is smaller than the parts of the model "
-                         f"that are not quantized ({fixed_bytes / 1e6:.3f} MB); raise the budget")
-    return available, True
+                         f"that are not quantized ({fixed_bytes / 1e6:.3f} MB); raise the budget") from None
 
 
 def check_budget(cands: clado.Candidates, limit: float, layers: list[Layer], is_size: bool, fixed_bytes: int) -> None:
@@ -224,60 +225,7 @@ def single_outputs(oracle: LossOracle, layers: list[Layer], tensors: dict[tuple[
         yield key, outputs
 
 
-def float_mac_share(layers: list[Layer], choices: list[tuple[int, ...]], macs: dict[str, float]) -> np.ndarray:
-    """Per candidate, the share of the model's multiply-adds it leaves to float kernels: every width but 8
-    (8-bit layers run as W8A8 in integer kernels; 2-4-bit weights are dequantized to float)."""
-    total = sum(macs.values()) or 1.0
-    return np.array([0.0 if b == 8 else macs[layer.name] / total
-                     for layer, widths in zip(layers, choices, strict=True) for b in widths])
-
-
-def uniform_choices(cands: clado.Candidates, limit: float) -> dict[str, np.ndarray]:
-    """The widest uniform width that fits the budget (layers with a single width keep it), by label; narrower
-    uniform widths are never better, so they are not worth a forward pass."""
-    for b in sorted({b for widths in cands.bits for b in widths}, reverse=True):
-        if all(b in widths or len(widths) == 1 for widths in cands.bits):
-            choice = np.array([widths.index(b) if b in widths else 0 for widths in cands.bits])
-            if cands.total_cost(choice) <= limit:
-                return {f"uniform {b}": choice}
-    return {}
-
-
-# An alternative allocation stops being measured once, after at least DROP_AFTER samples, its mean loss is
-# DROP_RATIO times the best one's and the paired per-sample difference is DROP_Z standard errors above zero
-# (uniform 2 bits at avg 3 on SqueezeNet / MobileNet v1 / EfficientNet-Lite0: 14-48x the best one's loss): the
-# finalists still see every sample.
-DROP_AFTER, DROP_RATIO, DROP_Z = 32, 1.5, 4.0
-
 Measure = Callable[[tuple[int, ...]], Iterator[np.ndarray]]  # one allocation's per-sample losses, batch by batch
-
-
-def race(streams: dict[tuple[int, ...], Iterator[np.ndarray]]) -> tuple[dict[tuple[int, ...], float],
-                                                                       dict[tuple[int, ...], int]]:
-    """Advance every allocation's per-sample losses batch by batch, dropping the clearly worse ones early
-    (``DROP_*``); returns each one's mean loss and the samples it was measured on (all, for those never dropped)."""
-    seen: dict[tuple[int, ...], list[np.ndarray]] = {key: [] for key in streams}
-    live = dict(streams)
-    while live:
-        for key, stream in list(live.items()):
-            batch = next(stream, None)
-            if batch is None:
-                del live[key]
-            else:
-                seen[key].append(batch)
-        if len(live) < 2:
-            continue
-        losses = {key: np.concatenate(seen[key]) for key in live}
-        best = min(losses, key=lambda key: losses[key].mean())
-        for key, values in losses.items():
-            difference = values - losses[best]
-            if key != best and len(values) >= DROP_AFTER and values.mean() > DROP_RATIO * losses[best].mean() \
-                    and difference.mean() > DROP_Z * difference.std(ddof=1) / np.sqrt(len(values)):
-                live.pop(key).close()
-                log.info("verification: dropped an allocation after %d samples (loss %.4g against %.4g)",
-                         len(values), values.mean(), losses[best].mean())
-    means = {key: float(np.concatenate(parts).mean()) for key, parts in seen.items()}
-    return means, {key: sum(len(part) for part in parts) for key, parts in seen.items()}
 
 
 def verify(result: clado.Allocation, cands: clado.Candidates, limit: float, omega: np.ndarray,
@@ -290,14 +238,13 @@ def verify(result: clado.Allocation, cands: clado.Candidates, limit: float, omeg
     kept choice, its label, every alternative's loss, and the samples of those stopped early.
     """
     options = {"solver": result.choice, "diagonal": clado.allocate_diagonal(omega, cands, limit).choice,
-               **uniform_choices(cands, limit)}
+               **passes_budget.uniform_choices(cands, limit)}
     widths = {label: tuple(int(b) for b in cands.bits_of(choice)) for label, choice in options.items()}
-    means, samples = race({bits: measure(bits) for bits in dict.fromkeys(widths.values())})
-    full = max(samples.values())
-    losses = {label: means[bits] for label, bits in widths.items()}
-    finalists = [label for label, bits in widths.items() if samples[bits] == full]
-    picked = min(finalists, key=lambda label: (losses[label], label != "solver"))
-    stopped = {label: samples[bits] for label, bits in widths.items() if samples[bits] < full}
+    means, samples = passes_budget.race({bits: measure(bits) for bits in dict.fromkeys(widths.values())})
+    picked, losses, stopped = passes_budget.pick_verified(widths, means, samples)
+    for label, seen in stopped.items():
+        log.info("verification: dropped the %s allocation after %d samples (loss %.4g against %.4g)",
+                 label, seen, losses[label], losses[picked])
     return options[picked], picked, losses, stopped
 
 
@@ -325,7 +272,7 @@ def allocate_bits(layers: list[Layer], choices: list[tuple[int, ...]], budget: B
     seconds = result.seconds
     share = None
     if macs is not None:
-        penalty = float_mac_share(layers, choices, macs)
+        penalty = passes_budget.float_mac_share(cands, [macs[layer.name] for layer in layers])
         weight = max(result.objective, 1e-12)
         result = solve(omega + np.diag(weight * penalty))
         seconds += result.seconds
