@@ -36,13 +36,32 @@ def runtime():
     ray.shutdown()
 
 
+def parent(pid: int) -> int:
+    """The parent process id of ``pid`` (0 once it is gone)."""
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def descends_from_this_process(pid: int) -> bool:
+    """Whether ``pid`` was started, through any chain of processes, by this test process (its Ray runtime's)."""
+    while pid > 1:
+        pid = parent(pid)
+        if pid == os.getpid():
+            return True
+    return False
+
+
 def busy_workers() -> list[int]:
-    """Process ids of this user's Ray workers that are running a probe task now."""
+    """Process ids of this test's own Ray workers that are running a probe task now (never another run's on the
+    same machine)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "cmdline").read_bytes().startswith(WORKER_TITLE):
+                if (entry / "cmdline").read_bytes().startswith(WORKER_TITLE) and \
+                        descends_from_this_process(int(entry.name)):
                     found.append(int(entry.name))
             except OSError:
                 continue
