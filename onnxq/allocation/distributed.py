@@ -34,6 +34,7 @@ from onnxq.graph.layers import Layer
 log = logging.getLogger("onnxq")
 REACH_SECONDS = 10.0  # to connect to a --ray-address host:port before handing it to Ray
 TASK_RETRIES = 3  # runs of a task after its worker dies (Ray's own retry of system failures)
+WAIT_SECONDS = 1.0  # longest a wait for the next finished task blocks signal handling (Ctrl-C)
 _ORACLES: dict[str, tuple[LossOracle, list[Layer]]] = {}  # per worker process: the oracle of the shipped spec
 
 
@@ -192,7 +193,8 @@ def evaluate_on_ray(cluster: Cluster, oracle: LossOracle, layers: list[Layer],
         pending = {remote.remote([spec], weights, task, keep_deltas): task for task in tasks}
         log.info("sensitivity: %d tasks on %s", len(tasks), cluster.address or f"{cluster.workers} local workers")
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            # a bounded wait, so that Ctrl-C (SIGINT to this process alone, too) stops the run within a second
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_SECONDS)
             for ref in ready:
                 task = pending.pop(ref)
                 yield finished_results(ray, ref, task, oracle)
