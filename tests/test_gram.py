@@ -83,9 +83,10 @@ def test_auto_pad_depthwise_tiled(auto_pad, monkeypatch):
     assert_matches(stats, reference_rows(x, conv_layer(3, 3, [4, 3], [2, 1], [1, 1], explicit)))
 
 
-def test_depthwise_mobilenet_geometry_is_tiled_and_exact():
-    """A stride-2 3x3 depthwise layer on a large map takes the tiled path (with left-over rows and columns) and
-    still matches the exact Gram matrix."""
+def test_depthwise_mobilenet_geometry_is_tiled_and_exact(monkeypatch):
+    """A stride-2 3x3 depthwise layer on a large map, with the lagged maps off (they take it by default), takes the
+    tiled path (with left-over rows and columns) and still matches the exact Gram matrix."""
+    monkeypatch.setattr(lag_gram, "LAG_MAX_STRIDE", 1)
     layer = conv_layer(5, 5, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1])
     x = np.random.default_rng(4).normal(size=(16, 5, 30, 33)).astype(np.float32)
     assert gram.tile_shape(Window((3, 3), (2, 2), (1, 1)), (15, 17), 16, 5, 5) == (3, 3)  # 2 columns left over
@@ -178,14 +179,16 @@ def test_lagged_maps_match_exact_im2col(kernel, stride, dilation, pads, height, 
     assert_matches(stats, reference_rows(x, layer))
 
 
-def test_lagged_maps_take_stride_one_three_by_three_layers():
-    """MobileNet's stride-1 3x3 depthwise layers on maps of 10 x 10 and up take the lagged maps; stride 2, 5x5
-    kernels and dense Convs keep the window tiles; the result matches the exact Gram matrix."""
+def test_lagged_maps_take_layers_up_to_five_by_five_and_stride_two():
+    """Stride-1 and stride-2 3x3 and 5x5 depthwise layers on maps of 10 x 10 and up take the lagged maps; stride 3,
+    7x7 kernels and dense Convs keep the window tiles; the result matches the exact Gram matrix."""
     x = np.random.default_rng(8).normal(size=(4, 5, 30, 33)).astype(np.float32)
     same = dict(kernel_shape=[3, 3], strides=[1, 1], dilations=[1, 1], pads=[1, 1, 1, 1])
     assert lag_gram.fits(x, same)
-    assert not lag_gram.fits(x, same | {"strides": [2, 2]})
-    assert not lag_gram.fits(x, same | {"kernel_shape": [5, 5]})
+    assert lag_gram.fits(x, same | {"strides": [2, 2]})
+    assert not lag_gram.fits(x, same | {"strides": [3, 3]})
+    assert lag_gram.fits(x, same | {"kernel_shape": [5, 5], "pads": [2, 2, 2, 2]})
+    assert not lag_gram.fits(x, same | {"kernel_shape": [7, 7]})
     assert not lag_gram.fits(x[:, :, :9, :9], same)
     layer = conv_layer(5, 5, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1])
     stats = empty_stats(layer)
