@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxq.calibration import gram, image_gram, lag_gram
-from onnxq.calibration.calibrate import LayerStats, empty_stats
+from onnxq.calibration.calibrate import LayerStats, empty_stats, value_range
 from onnxq.calibration.unfold import Window
 from onnxq.graph.layers import Layer
 
@@ -205,3 +205,13 @@ def test_lag_gram_dot_products_match_on_any_numpy():
     expected = (a.astype(np.float64) * b).sum(-1)
     for dot in (lag_gram.dot_last, lag_gram._einsum_dot):
         np.testing.assert_allclose(dot(a, b), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [1, 1000, (1 << 16) + 1, 5 * (1 << 16) - 3])
+def test_value_range_is_min_and_max(size):
+    """The chunked one-sweep range equals numpy's min and max, on contiguous and strided inputs, and NaN spreads."""
+    x = np.random.default_rng(size).normal(size=(size, 2)).astype(np.float32)
+    assert value_range(x) == (float(x.min()), float(x.max()))
+    assert value_range(x[:, 1]) == (float(x[:, 1].min()), float(x[:, 1].max()))
+    x[size // 2, 0] = np.nan
+    assert all(np.isnan(value_range(x)))
