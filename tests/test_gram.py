@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxq.calibration import gram, image_gram, lag_gram
-from onnxq.calibration.calibrate import LayerStats, empty_stats
+from onnxq.calibration.calibrate import LayerStats, empty_stats, value_range
 from onnxq.calibration.unfold import Window
 from onnxq.graph.layers import Layer
 
@@ -83,9 +83,10 @@ def test_auto_pad_depthwise_tiled(auto_pad, monkeypatch):
     assert_matches(stats, reference_rows(x, conv_layer(3, 3, [4, 3], [2, 1], [1, 1], explicit)))
 
 
-def test_depthwise_mobilenet_geometry_is_tiled_and_exact():
-    """A stride-2 3x3 depthwise layer on a large map takes the tiled path (with left-over rows and columns) and
-    still matches the exact Gram matrix."""
+def test_depthwise_mobilenet_geometry_is_tiled_and_exact(monkeypatch):
+    """A stride-2 3x3 depthwise layer on a large map, with the lagged maps off (they take it by default), takes the
+    tiled path (with left-over rows and columns) and still matches the exact Gram matrix."""
+    monkeypatch.setattr(lag_gram, "LAG_MAX_STRIDE", 1)
     layer = conv_layer(5, 5, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1])
     x = np.random.default_rng(4).normal(size=(16, 5, 30, 33)).astype(np.float32)
     assert gram.tile_shape(Window((3, 3), (2, 2), (1, 1)), (15, 17), 16, 5, 5) == (3, 3)  # 2 columns left over
@@ -178,14 +179,16 @@ def test_lagged_maps_match_exact_im2col(kernel, stride, dilation, pads, height, 
     assert_matches(stats, reference_rows(x, layer))
 
 
-def test_lagged_maps_take_stride_one_three_by_three_layers():
-    """MobileNet's stride-1 3x3 depthwise layers on maps of 10 x 10 and up take the lagged maps; stride 2, 5x5
-    kernels and dense Convs keep the window tiles; the result matches the exact Gram matrix."""
+def test_lagged_maps_take_layers_up_to_five_by_five_and_stride_two():
+    """Stride-1 and stride-2 3x3 and 5x5 depthwise layers on maps of 10 x 10 and up take the lagged maps; stride 3,
+    7x7 kernels and dense Convs keep the window tiles; the result matches the exact Gram matrix."""
     x = np.random.default_rng(8).normal(size=(4, 5, 30, 33)).astype(np.float32)
     same = dict(kernel_shape=[3, 3], strides=[1, 1], dilations=[1, 1], pads=[1, 1, 1, 1])
     assert lag_gram.fits(x, same)
-    assert not lag_gram.fits(x, same | {"strides": [2, 2]})
-    assert not lag_gram.fits(x, same | {"kernel_shape": [5, 5]})
+    assert lag_gram.fits(x, same | {"strides": [2, 2]})
+    assert not lag_gram.fits(x, same | {"strides": [3, 3]})
+    assert lag_gram.fits(x, same | {"kernel_shape": [5, 5], "pads": [2, 2, 2, 2]})
+    assert not lag_gram.fits(x, same | {"kernel_shape": [7, 7]})
     assert not lag_gram.fits(x[:, :, :9, :9], same)
     layer = conv_layer(5, 5, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1])
     stats = empty_stats(layer)
@@ -202,3 +205,13 @@ def test_lag_gram_dot_products_match_on_any_numpy():
     expected = (a.astype(np.float64) * b).sum(-1)
     for dot in (lag_gram.dot_last, lag_gram._einsum_dot):
         np.testing.assert_allclose(dot(a, b), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [1, 1000, (1 << 16) + 1, 5 * (1 << 16) - 3])
+def test_value_range_is_min_and_max(size):
+    """The chunked one-sweep range equals numpy's min and max, on contiguous and strided inputs, and NaN spreads."""
+    x = np.random.default_rng(size).normal(size=(size, 2)).astype(np.float32)
+    assert value_range(x) == (float(x.min()), float(x.max()))
+    assert value_range(x[:, 1]) == (float(x[:, 1].min()), float(x[:, 1].max()))
+    x[size // 2, 0] = np.nan
+    assert all(np.isnan(value_range(x)))

@@ -9,7 +9,8 @@ input window they read together (``span x span``, e.g. 9 x 9 for L = 7), and the
 windows is folded back: the patch of output pixel ``l`` of a tile is a fixed subset of its window, so
 ``H = sum_l Big[idx_l, idx_l]``. That is ~1.7 times the floating point work of the 9 x 9 products in a
 GEMM ~8 times faster, from a copy ~5 times smaller than the im2col one. Depthwise layers on small maps fold the
-image Gram matrix instead (image_gram.py), stride-1 3x3 ones on larger maps sum lagged image products (lag_gram.py).
+image Gram matrix instead (image_gram.py), stride-1 ones up to 5x5 on larger maps sum lagged image products
+(lag_gram.py).
 """
 
 from __future__ import annotations
