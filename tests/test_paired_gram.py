@@ -35,6 +35,7 @@ def reference_rows(x: np.ndarray, layer: Layer) -> np.ndarray:
 
 
 def assert_paired(stats: PairedStats, rows_q: np.ndarray, rows_f: np.ndarray) -> None:
+    stats.settle()
     for got, expected in ((stats.gram, np.einsum("gri,grj->gij", rows_q, rows_q)),
                           (stats.cross, np.einsum("gri,grj->gij", rows_q, rows_f))):
         assert np.abs(got - expected).max() <= 2e-6 * max(np.abs(expected).max(), 1e-30)
@@ -117,3 +118,26 @@ def test_paired_stats_of_inputs_past_float32s_range_are_the_scaled_ones(same):
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got / scale, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
     assert huge.rows == plain.rows == 15
+
+
+@pytest.mark.parametrize(("kernel", "stride", "pads", "size"), [
+    (5, 1, [2, 2, 2, 2], (7, 7)), (3, 2, [0, 1, 1, 0], (8, 7)), (5, 2, [2, 1, 2, 2], (7, 8)),
+    (3, 1, [1, 1, 1, 1], (1, 6))])
+def test_small_map_depthwise_sums_wait_for_the_last_batch_and_survive_overflow(kernel, stride, pads, size):
+    """A small-map depthwise layer keeps image sums until its sums are read (one fold for all batches); they equal
+    the exact im2col ones, also for inputs whose float32 products overflow (summed again scaled)."""
+    layer = conv_layer(3, 3, kernel, stride, 1, pads)
+    rng = np.random.default_rng(8)
+    batches = [stream_pair(rng, (n, 3, *size)) for n in (4, 1, 3)]
+    plain, huge = PairedStats.empty(layer), PairedStats.empty(layer)
+    for x_q, x_f in batches:
+        plain.merge(x_q, x_f, layer, None)
+        huge.merge(x_q * np.float32(1e25), x_f * np.float32(1e25), layer, None)
+    assert plain.images is not None and not plain.gram.any()  # nothing folded yet
+    rows_q, rows_f = (np.concatenate([reference_rows(pair[k], layer) for pair in batches], axis=1) for k in (0, 1))
+    assert_paired(plain, rows_q, rows_f)
+    S, C = huge.covariances(centred=True)
+    expected = plain.covariances(centred=True)
+    assert huge.images is None and np.isfinite(S).all()
+    np.testing.assert_allclose(S / 1e50, expected[0], rtol=1e-5, atol=1e-6 * np.abs(expected[0]).max())
+    np.testing.assert_allclose(C / 1e50, expected[1], rtol=1e-5, atol=1e-6 * np.abs(expected[1]).max())

@@ -5,11 +5,13 @@ They use the layouts of ``calibration/gram.py``, so a pair costs about what the 
 twice: a pointwise Conv's pixels are columns (small images gathered a few samples at a time so one GEMM sees
 up to ``GRAM_BLOCK_ROWS`` rows), other Convs build columns with one strided copy per kernel tap, and a
 depthwise Conv multiplies tiles of output pixels as the columns of the window they read and folds the
-window products back (see that module). Every product is a float32 BLAS call summed into float64.
+window products back (see that module). Every product is a float32 BLAS call summed into float64. Depthwise
+layers on small maps take ``paired_image_gram.py`` instead (``PairedStats`` routes them).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -22,9 +24,10 @@ from onnxq.calibration.gram import (
     tile_shape,
     tile_window,
 )
-from onnxq.calibration.unfold import Window, padded_input, patch_columns, patch_rows
+from onnxq.calibration.unfold import Window, conv_pads, padded_input, patch_columns, patch_rows
 
 _ONES = np.ones(GRAM_BLOCK_ROWS, np.float32)
+_FRAMES = threading.local()  # per stream: a zero-framed buffer the padded chunks are written into
 
 
 class PairedSums(NamedTuple):
@@ -75,14 +78,37 @@ def add_paired_conv(sums: PairedSums, x_q: np.ndarray, x_f: np.ndarray, conv: di
     tile = tile_shape(window, out, n, channels, groups)
     step = max(1, COLUMN_CHUNK_ELEMENTS // max(column_elements(window, out, channels, tile), 1))
     for start in range(0, n, step):
-        chunk_q = padded_input(x_q[start:start + step], conv)[0]
-        chunk_f = chunk_q if x_f is x_q else padded_input(x_f[start:start + step], conv)[0]
+        chunk_q = padded_chunk(x_q[start:start + step], conv, 0)
+        chunk_f = chunk_q if x_f is x_q else padded_chunk(x_f[start:start + step], conv, 1)
         if tile is None:
             add_paired_columns(sums, patch_columns(chunk_q, window, out, groups),
                                patch_columns(chunk_f, window, out, groups))
         else:
             add_paired_tiled(sums, chunk_q, chunk_f, window, out, groups, tile)
     return n * out[0] * out[1]
+
+
+def padded_chunk(x: np.ndarray, conv: dict, stream: int) -> np.ndarray:
+    """A chunk's padded input (``unfold.padded_input``) written into the stream's reused buffer: its frame of
+    zeros stays from the chunk before, so only the interior is copied (no zero fill, no fresh memory)."""
+    if x.ndim != 4 or not any(conv_pads(x.shape[2:], conv)):
+        return padded_input(x, conv)[0]
+    top, left, bottom, right = conv_pads(x.shape[2:], conv)
+    n, c, height, width = x.shape
+    shape = (c, top + height + bottom, left + width + right)
+    frames = getattr(_FRAMES, "buffers", None) or [None, None]
+    frame = frames[stream]
+    if frame is None or frame.shape[1:] != shape or len(frame) < n or frame.dtype != x.dtype:
+        frame = frames[stream] = np.zeros((n, *shape), x.dtype)
+    _FRAMES.buffers = frames
+    padded = frame[:n]
+    padded[:, :, top:top + height, left:left + width] = x
+    return padded
+
+
+def release_frames() -> None:
+    """Drop this thread's padded-chunk buffers (at the end of a sequential run)."""
+    _FRAMES.buffers = None
 
 
 def add_paired_tiled(sums: PairedSums, padded_q: np.ndarray, padded_f: np.ndarray, window: Window,

@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
 from onnxq.allocation.oracle import weights_as_inputs
+from onnxq.calibration import image_gram
 from onnxq.calibration.calibrate import is_pointwise
 from onnxq.calibration.capture import make_session
 from onnxq.calibration.gram import add_columns, add_conv, add_pointwise
@@ -48,7 +49,9 @@ from onnxq.rounding.paired_gram import (
     add_paired_columns,
     add_paired_conv,
     add_paired_pointwise,
+    release_frames,
 )
+from onnxq.rounding.paired_image_gram import ImageGeometry, ImageSums
 
 
 @dataclass
@@ -63,6 +66,8 @@ class PairedStats:
     samples: int = 0
     skip_cross: np.ndarray | None = None  # (d, out) sum x~ e^T, e = s - s~ the skip's error (residual layers)
     skip_sum: np.ndarray | None = None  # (out,) sum e
+    images: ImageSums | None = None  # a small-map depthwise layer's image sums, folded into the above by settle()
+    geometry: ImageGeometry | None = None
 
     @classmethod
     def empty(cls, layer: Layer) -> PairedStats:
@@ -91,7 +96,18 @@ class PairedStats:
     @property
     def finite(self) -> bool:
         return all(np.isfinite(total).all() for total in (self.gram, self.cross, self.sum_quantized, self.sum_float,
-                                                          self.skip_cross, self.skip_sum) if total is not None)
+                                                          self.skip_cross, self.skip_sum) if total is not None) and (
+            self.images is None or self.images.finite)
+
+    def settle(self) -> None:
+        """Fold the pending image sums of a small-map depthwise layer into the paired sums (once, after the
+        last batch: ``paired_image_gram``); every reader of the sums calls it."""
+        if self.images is not None:
+            with np.errstate(invalid="ignore", over="ignore"):  # Inf activations are reported per layer later
+                for total, folded in zip((self.gram, self.cross, self.sum_quantized, self.sum_float),
+                                         self.images.folded(self.geometry), strict=True):
+                    total += folded
+            self.images = None
 
     def _add_scaled(self, part: PairedStats, shift: int) -> None:
         """Add sums of inputs that were divided by ``2**shift``."""
@@ -101,6 +117,10 @@ class PairedStats:
         self.sum_float += np.ldexp(part.sum_float, shift)
         self.rows += part.rows
         self.samples += part.samples
+        if part.images is not None:
+            if self.images is None:
+                self.images, self.geometry = part.images.zeros_like(), part.geometry
+            self.images.add(part.images, shift)
         if part.skip_cross is not None:
             if self.skip_cross is None:
                 self.skip_cross, self.skip_sum = np.zeros_like(part.skip_cross), np.zeros_like(part.skip_sum)
@@ -119,6 +139,10 @@ class PairedStats:
         sums = PairedSums(self.gram, self.cross, self.sum_quantized, self.sum_float)
         if is_pointwise(layer):
             self.rows += add_paired_pointwise(sums, xq, xf)
+        elif layer.op_type == "Conv" and xq.ndim == 4 and xq.shape[1] == layer.groups and image_gram.fits(xq.shape[2:]):
+            self.geometry = ImageGeometry.of(xq.shape[2:], layer.conv)
+            self.images = ImageSums.of_batch(xq, xf)
+            self.rows += xq.shape[0] * self.geometry.rows
         elif layer.op_type == "Conv":
             self.rows += add_paired_conv(sums, xq, xf, layer.conv, layer.groups)
         else:
@@ -161,20 +185,24 @@ class PairedStats:
         """``cov(x~, e)`` (d, out) for a residual layer, or None."""
         if self.skip_cross is None:
             return None
+        self.settle()
         n = max(self.rows, 1)
         cov = self.skip_cross / n
         return cov - np.outer(self.mean_quantized[0], self.skip_sum / n) if centred else cov
 
     @property
     def mean_quantized(self) -> np.ndarray:
+        self.settle()
         return self.sum_quantized / max(self.rows, 1)
 
     @property
     def mean_float(self) -> np.ndarray:
+        self.settle()
         return self.sum_float / max(self.rows, 1)
 
     def covariances(self, centred: bool) -> tuple[np.ndarray, np.ndarray]:
         """``(S, C)``: the second moments of x~ and of (x~, x) per row, centred when a bias takes the means."""
+        self.settle()
         n = max(self.rows, 1)
         S, C = self.gram / n, self.cross / n
         if centred:
@@ -334,6 +362,8 @@ class StageCapture:
             if next_quantized is not None:
                 next_quantized.append({name: quantized[name] for name in segment.cut})
         self._advance(next_float, next_quantized)
+        for layer_stats in stats.values():
+            layer_stats.settle()
         return stats
 
     def _values(self, runner: SegmentRunner, replaced: dict[str, np.ndarray], sinks: tuple[Sink, Sink | None]
@@ -387,6 +417,7 @@ class StageCapture:
     def close(self) -> None:
         """Stop the stream threads and delete every store's file."""
         self.threads.shutdown(cancel_futures=True)
+        release_frames()
         for store in (self.float_cut, self.quantized_cut, *self.spare):
             if store is not None:
                 store.close()
