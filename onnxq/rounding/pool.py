@@ -2,7 +2,9 @@
 
 Layers are independent once their Gram matrices are known, so they are farmed out to worker processes,
 largest first; each worker runs single-threaded BLAS so the processes do not fight over cores. Workers are
-forked where the platform allows it, so scripts that call onnxq need no ``if __name__ == "__main__"`` guard.
+forked where the platform allows it, so scripts that call onnxq need no ``if __name__ == "__main__"`` guard; forked
+workers find the tasks in the memory they inherit (only an index goes through the pipe, not hundreds of MB of
+weights and Gram matrices to pickle and unpickle).
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ def run_task(method: str, task: RoundingTask) -> tuple[QuantWeight, float]:
     return qw, relative_error(task.W, qw.dequantize(), H)
 
 
+_INHERITED: list[RoundingTask] = []  # the tasks of the running pool, set before its workers fork
+
+
+def _run_inherited(method: str, index: int) -> tuple[QuantWeight, float]:
+    """In a forked worker: ``run_task`` on the parent's task ``index``, read from the inherited memory."""
+    return run_task(method, _INHERITED[index])
+
+
 def default_jobs() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
@@ -58,16 +68,22 @@ def round_all(tasks: list[RoundingTask], method: str, jobs: int | None = None,
             if on_done:
                 on_done()
         return results
-    method_names = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in method_names else "spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_single_threaded_blas) as pool:
-        futures = {pool.submit(run_task, method, task): task.key for task in ordered}
-        results = {}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            if on_done:
-                on_done()
-        return results
+    forked = "fork" in multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if forked else "spawn")
+    if forked:
+        _INHERITED[:] = ordered  # workers fork on the first submits, after this
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_single_threaded_blas) as pool:
+            futures = {(pool.submit(_run_inherited, method, index) if forked else pool.submit(run_task, method, task)):
+                       task.key for index, task in enumerate(ordered)}
+            results = {}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                if on_done:
+                    on_done()
+            return results
+    finally:
+        _INHERITED.clear()
 
 
 def _single_threaded_blas() -> None:
