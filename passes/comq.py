@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse
 
 from . import gptq, rtn
-from .gptq import dead_inputs, dequantize_codes, round_codes, stacked, unpermute_columns
+from .gptq import dead_inputs, dequantize_codes, round_codes, stacked
 from .grid import Grid, QuantWeight, as_grouped, block_index, objective
 
 INITS = ("gptq", "rtn", "float")
@@ -87,8 +87,9 @@ class _State:
 
     def _per_coordinate(self, x: np.ndarray) -> np.ndarray:
         """A (G, r, n_blocks) quantity gathered to one value per working coordinate."""
-        values = np.take_along_axis(x, self.col_block[:, None, :], axis=2)  # (G, r, d)
-        return np.ascontiguousarray(values.transpose(0, 2, 1)) if self.rows_last else values
+        if self.rows_last:  # whole rows of the transposed (G, n_blocks, r) stack: a row gather, no transpose
+            return x.transpose(0, 2, 1)[np.arange(x.shape[0])[:, None], self.col_block]
+        return np.take_along_axis(x, self.col_block[:, None, :], axis=2)  # (G, r, d)
 
     def times_gram(self, X: np.ndarray) -> np.ndarray:
         """Every row of X times its group's H (H is symmetric, so the transposed layout is H @ X)."""
@@ -507,11 +508,14 @@ def _layout(perm: np.ndarray | None) -> tuple[Callable, Callable]:
     if perm is None:
         return np.ascontiguousarray, lambda X: X
 
-    def to_work(X: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.take_along_axis(X, perm[:, None, :], axis=2).transpose(0, 2, 1))
+    groups = np.arange(perm.shape[0])[:, None]
+    inverse = np.argsort(perm, axis=1)
+
+    def to_work(X: np.ndarray) -> np.ndarray:  # transpose, then gather whole rows (cheaper than column gathers)
+        return np.ascontiguousarray(X.transpose(0, 2, 1))[groups, perm]
 
     def from_work(X: np.ndarray) -> np.ndarray:
-        return unpermute_columns(X.transpose(0, 2, 1), perm)
+        return np.ascontiguousarray(X[groups, inverse].transpose(0, 2, 1))
 
     return to_work, from_work
 
