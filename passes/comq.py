@@ -341,10 +341,14 @@ def update_block_scales(state: _State, W: np.ndarray, H: np.ndarray, to_work: Ca
     """
     d = W.shape[2]
     size = state.grid.block_size
-    idx = block_index(d, state.grid)
+
+    def per_weight(x: np.ndarray) -> np.ndarray:  # (G, r, n_blocks) -> (G, r, d): each block's value repeated
+        return np.repeat(x, size, axis=2)[..., :d]
+
     codes, scale32 = from_work(state.codes), state.scale32.copy()
-    K = codes.astype(np.float64) - state.zp[..., idx]
-    R = np.matmul(W - dequantize_codes(codes, scale32[..., idx], state.zp[..., idx]), H)  # (W - Q) H
+    zp = per_weight(state.zp)
+    K = codes.astype(np.float64) - zp
+    R = np.matmul(W - dequantize_codes(codes, per_weight(scale32), zp), H)  # (W - Q) H
     changed = 0
     span = size * max(1, SCALE_SPAN // size)
     for s1 in range(0, d, span):
@@ -368,7 +372,7 @@ def update_block_scales(state: _State, W: np.ndarray, H: np.ndarray, to_work: Ca
     if changed:
         state.scale32 = scale32
         state.coordinate_params()
-        state.Q = to_work(dequantize_codes(codes, scale32[..., idx], state.zp[..., idx]))
+        state.Q = dequantize_codes(state.codes, state.S32, state.Z)  # in the working layout already
     return changed
 
 
