@@ -53,3 +53,4 @@ def test_forked_workers_inherit_the_tasks() -> None:
     done = []
     results = round_all(work, "rtn", jobs=2, on_done=lambda: done.append(1))
     assert set(results) == set(keys) and len(done) == len(work)
+
