@@ -22,10 +22,13 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import Bounds, LinearConstraint, milp
+
+if TYPE_CHECKING:  # scipy.optimize costs ~0.5 CPU s to import: only runs that solve an allocation load it
+    from scipy.optimize import LinearConstraint
 
 Key = tuple[int, int]  # (layer, bits)
 PairKey = tuple[Key, Key]
@@ -356,6 +359,8 @@ def _gap(objective: float, bound: float) -> float:
 def _onehot_rows(cands: Candidates, n_vars: int) -> LinearConstraint:
     """``sum_b x[l, b] = 1`` for every layer."""
     A = sp.csr_array((np.ones(cands.n), (cands.layer, np.arange(cands.n))), shape=(cands.n_layers, n_vars))
+    from scipy.optimize import LinearConstraint
+
     return LinearConstraint(A, 1.0, 1.0)
 
 
@@ -364,6 +369,8 @@ def _budget_row(cands: Candidates, n_vars: int, budget: float) -> LinearConstrai
     scale = max(float(np.abs(cands.cost).max()), 1e-300)
     row = np.zeros((1, n_vars))
     row[0, : cands.n] = cands.cost / scale
+    from scipy.optimize import LinearConstraint
+
     return LinearConstraint(sp.csr_array(row), -np.inf, budget / scale)
 
 
@@ -399,6 +406,8 @@ def rlt_model(S: np.ndarray, cands: Candidates) -> tuple[np.ndarray, list[Linear
     if row == 0:
         return c, []
     A = sp.csr_array((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(row, var))
+    from scipy.optimize import LinearConstraint
+
     return c, [LinearConstraint(A, 0.0, 0.0)]
 
 
@@ -439,6 +448,8 @@ def _run_milp(
     The problem is always feasible (the budget was checked), so an "infeasible" answer is a HiGHS presolve
     error (seen with HiGHS 1.12 on RLT models whose budget equals the minimum cost): retried without it.
     """
+    from scipy.optimize import Bounds, milp
+
     t0 = time.perf_counter()
     n_vars = c.size
     rows = rows + [_onehot_rows(cands, n_vars), _budget_row(cands, n_vars, budget)]

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse
 
 from . import gptq, rtn
-from .gptq import dead_inputs, dequantize_codes, round_codes, stacked, unpermute_columns
+from .gptq import dead_inputs, dequantize_codes, round_codes, stacked
 from .grid import Grid, QuantWeight, as_grouped, block_index, objective
 
 INITS = ("gptq", "rtn", "float")
@@ -87,8 +87,9 @@ class _State:
 
     def _per_coordinate(self, x: np.ndarray) -> np.ndarray:
         """A (G, r, n_blocks) quantity gathered to one value per working coordinate."""
-        values = np.take_along_axis(x, self.col_block[:, None, :], axis=2)  # (G, r, d)
-        return np.ascontiguousarray(values.transpose(0, 2, 1)) if self.rows_last else values
+        if self.rows_last:  # whole rows of the transposed (G, n_blocks, r) stack: a row gather, no transpose
+            return x.transpose(0, 2, 1)[np.arange(x.shape[0])[:, None], self.col_block]
+        return np.take_along_axis(x, self.col_block[:, None, :], axis=2)  # (G, r, d)
 
     def times_gram(self, X: np.ndarray) -> np.ndarray:
         """Every row of X times its group's H (H is symmetric, so the transposed layout is H @ X)."""
@@ -340,10 +341,14 @@ def update_block_scales(state: _State, W: np.ndarray, H: np.ndarray, to_work: Ca
     """
     d = W.shape[2]
     size = state.grid.block_size
-    idx = block_index(d, state.grid)
+
+    def per_weight(x: np.ndarray) -> np.ndarray:  # (G, r, n_blocks) -> (G, r, d): each block's value repeated
+        return np.repeat(x, size, axis=2)[..., :d]
+
     codes, scale32 = from_work(state.codes), state.scale32.copy()
-    K = codes.astype(np.float64) - state.zp[..., idx]
-    R = np.matmul(W - dequantize_codes(codes, scale32[..., idx], state.zp[..., idx]), H)  # (W - Q) H
+    zp = per_weight(state.zp)
+    K = codes.astype(np.float64) - zp
+    R = np.matmul(W - dequantize_codes(codes, per_weight(scale32), zp), H)  # (W - Q) H
     changed = 0
     span = size * max(1, SCALE_SPAN // size)
     for s1 in range(0, d, span):
@@ -367,7 +372,7 @@ def update_block_scales(state: _State, W: np.ndarray, H: np.ndarray, to_work: Ca
     if changed:
         state.scale32 = scale32
         state.coordinate_params()
-        state.Q = to_work(dequantize_codes(codes, scale32[..., idx], state.zp[..., idx]))
+        state.Q = dequantize_codes(state.codes, state.S32, state.Z)  # in the working layout already
     return changed
 
 
@@ -507,11 +512,14 @@ def _layout(perm: np.ndarray | None) -> tuple[Callable, Callable]:
     if perm is None:
         return np.ascontiguousarray, lambda X: X
 
-    def to_work(X: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.take_along_axis(X, perm[:, None, :], axis=2).transpose(0, 2, 1))
+    groups = np.arange(perm.shape[0])[:, None]
+    inverse = np.argsort(perm, axis=1)
+
+    def to_work(X: np.ndarray) -> np.ndarray:  # transpose, then gather whole rows (cheaper than column gathers)
+        return np.ascontiguousarray(X.transpose(0, 2, 1))[groups, perm]
 
     def from_work(X: np.ndarray) -> np.ndarray:
-        return unpermute_columns(X.transpose(0, 2, 1), perm)
+        return np.ascontiguousarray(X[groups, inverse].transpose(0, 2, 1))
 
     return to_work, from_work
 

@@ -128,7 +128,8 @@ def gptq_columns(
     Columns are stored in reverse visiting order, so ``H = L L^T`` gives the usual upper factor of H^-1 as
     ``J L^-1 J``. The update is written with L itself: the value rounded at column t is
     ``w_t + sum_{i > t} (w_i - q_i) L_it / L_tt``, which equals GPTQ's ``w_t - sum_i err_i U_it`` exactly but
-    needs no inverse. Lazy blocks: inside a block only its columns are updated, the rest by one GEMM.
+    needs no inverse. Lazy blocks: inside a block only its columns are updated, the rest by one GEMM. A block
+    is worked on transposed (G, w, r), so each column is one contiguous row (the same float operations).
     """
     G, r, d = W.shape
     Ln = L
@@ -137,17 +138,28 @@ def gptq_columns(
     acc = np.zeros_like(W)
     for b2 in range(d, 0, -block):
         b1 = max(b2 - block, 0)
-        D = np.empty((G, r, b2 - b1))
-        for t in range(b2 - 1, b1 - 1, -1):
-            s32, z = scale32[:, :, t], zero_point[:, :, t]
-            k = round_codes(W[:, :, t] + acc[:, :, t], s32.astype(np.float64), z, grid)
-            delta = W[:, :, t] - dequantize_codes(k, s32, z)
-            acc[:, :, b1:t] += delta[:, :, None] * Ln[:, None, t, b1:t]
-            D[:, :, t - b1] = delta
-            codes[:, :, t] = k
+        w, cols = b2 - b1, slice(b1, b2)
+        Wb, accb, Lb = _by_column(W, cols), _by_column(acc, cols), np.ascontiguousarray(Ln[:, cols, cols])
+        s32, s64 = _by_column(scale32, cols, np.float32), _by_column(scale32, cols)
+        z, z32 = _by_column(zero_point, cols), _by_column(zero_point, cols, np.float32)
+        Db = np.empty((G, w, r))
+        kb = np.empty((G, w, r), dtype=np.int8)
+        for c in range(w - 1, -1, -1):
+            k = round_codes(Wb[:, c] + accb[:, c], s64[:, c], z[:, c], grid)
+            delta = Wb[:, c] - ((k.astype(np.float32) - z32[:, c]) * s32[:, c]).astype(np.float64)
+            if c:
+                accb[:, :c] += Lb[:, c, :c, None] * delta[:, None, :]
+            Db[:, c], kb[:, c] = delta, k
+        codes[:, :, b1:b2] = kb.transpose(0, 2, 1)
         if b1 > 0:
+            D = np.ascontiguousarray(Db.transpose(0, 2, 1))  # (G, r, w): the layout the GEMM always had
             acc[:, :, :b1] += np.matmul(D, Ln[:, b1:b2, :b1])
     return codes
+
+
+def _by_column(X: np.ndarray, cols: slice, dtype: type = np.float64) -> np.ndarray:
+    """Columns ``cols`` of a (G, r, d) stack as a contiguous (G, w, r) array of ``dtype``."""
+    return np.ascontiguousarray(X[:, :, cols].transpose(0, 2, 1), dtype=dtype)
 
 
 def column_params(

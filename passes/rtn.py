@@ -28,10 +28,11 @@ def _clipped_rows(W: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = weight_range(W, grid)
     best_err = np.full(lo.shape, np.inf)
     best_scale, best_zp = minmax_params(lo, hi, grid)
-    view, spread = _param_view(W, grid)
+    view, spread, restore = _param_view(W, grid)
+    buffer = np.empty_like(view)  # reused by every ratio (a fresh 512 KB array would be page-faulted in each time)
     for ratio in CLIP_RATIOS:
         scale, zp = minmax_params(lo * ratio, hi * ratio, grid)
-        err = block_reduce(_squared_error(view, spread(scale), spread(zp.astype(np.float64)), grid).reshape(W.shape),
+        err = block_reduce(restore(_squared_error(view, spread(scale), spread(zp.astype(np.float64)), grid, buffer)),
                            grid)
         better = err < best_err
         best_err = np.where(better, err, best_err)
@@ -40,24 +41,37 @@ def _clipped_rows(W: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     return best_scale.astype(np.float32), best_zp.astype(np.int8)
 
 
-def _param_view(W: np.ndarray, grid: Grid) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-    """W, or W as (out, n_blocks, block) when the blocks are whole, and how a per-row/per-block quantity
-    broadcasts against it (no per-weight copy of the scales then)."""
-    d = W.shape[1]
-    if grid.block_size is None:
-        return W, lambda x: x[:, None]
-    if d % grid.block_size == 0:
-        return W.reshape(W.shape[0], -1, grid.block_size), lambda x: x[:, :, None]
-    return W, lambda x: per_weight(x, d, grid)
+def _param_view(W: np.ndarray, grid: Grid
+                ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+    """W laid out so that each scale covers one column: (block, rows x n_blocks) when the blocks are whole,
+    (fan_in, rows) per channel; how a per-row/per-block quantity broadcasts against it (as a row, so numpy's
+    inner loops run over contiguous memory instead of repeating a scalar for 32 weights); and how a result in
+    that layout returns to W's shape (into one reused buffer). Partial blocks keep W's layout."""
+    rows, d = W.shape
+    if grid.block_size is not None and d % grid.block_size:
+        return W, lambda x: per_weight(x, d, grid), lambda X: X
+    size = grid.block_size or d
+    view = np.ascontiguousarray(W.reshape(-1, size).T)
+    back = np.empty(W.shape)
+    columns = back.reshape(-1, size).T  # a view of back in the working layout
+
+    def restore(X: np.ndarray) -> np.ndarray:
+        columns[...] = X
+        return back
+
+    return view, lambda x: x.reshape(1, -1), restore
 
 
-def _squared_error(W: np.ndarray, scale32: np.ndarray, zp64: np.ndarray, grid: Grid) -> np.ndarray:
-    """(dequantize(round_to_grid(W)) - W)^2, in place in one buffer (the same float64 operations)."""
-    err = np.rint(W / scale32.astype(np.float64))
-    err += zp64
-    np.minimum(np.maximum(err, grid.qmin, out=err), grid.qmax, out=err)
-    err -= zp64
-    err *= scale32
+def _squared_error(W: np.ndarray, scale32: np.ndarray, zp64: np.ndarray, grid: Grid,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """(dequantize(round_to_grid(W)) - W)^2, in place in one buffer (``out`` when given).
+
+    The codes are clipped as ``rint(W / scale)`` to [qmin - zp, qmax - zp] rather than shifted by zp, clipped to
+    [qmin, qmax] and shifted back: the same integers (exact in float64), two passes fewer."""
+    scale64 = scale32.astype(np.float64)
+    err = np.rint(np.divide(W, scale64, out=out), out=out)
+    np.minimum(np.maximum(err, grid.qmin - zp64, out=err), grid.qmax - zp64, out=err)
+    err *= scale64
     err -= W
     err *= err
     return err
