@@ -11,9 +11,11 @@ those of the whole model with that one layer replaced, up to float summation ord
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -25,10 +27,22 @@ from onnxq.graph.layers import Layer
 from onnxq.graph.model import GraphModel, as_graph
 from onnxq.graph.segments import value_info
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
 GROUP_LAYERS = 8  # suffix sessions alive at once (each holds its constant weights; buffers come from one arena)
 # probes run side by side on single-threaded sessions: independent runs use the cores with no hand-offs inside a
 # run (SqueezeNet: ~8 % less CPU than one two-threaded session)
 PROBE_THREADS = max(1, min(2, os.cpu_count() or 1))
+# samples per probe run, tried against whole batches (``RowChoice``): one sample's activations can stay in the
+# core's cache from node to node where a batch streams each large map through memory
+PROBE_ROWS = 1
+# operators that compute each sample on its own, with the same kernel whatever the batch: a suffix of only these
+# gives the same outputs one sample at a time (a Gemm or MatMul picks another kernel for one row, so other
+# suffixes always run whole batches)
+SAMPLEWISE_OPS = frozenset({"Conv", "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Add", "Sub",
+                            "Mul", "Div", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+                            "BatchNormalization", "Flatten", "Identity", "Dropout"})
 
 
 @dataclass
@@ -160,22 +174,69 @@ class SuffixProbes:
                     for name, entries in probes.items()}
         live = {name: suffix for name, suffix in suffixes.items() if suffix.model is not None}
         sessions = {name: make_session(suffix.model, threads=1, shared_arena=True) for name, suffix in live.items()}
+        choices = {name: RowChoice(splittable(live[name], session)) for name, session in sessions.items()}
         boundary = {t for s in live.values() for t in s.boundary} - self.graph_inputs
         capture = CaptureEngine(prefix_of(self.graph, boundary), boundary, self.threads, shared_arena=True)
         parts: dict[object, list[np.ndarray]] = {key: [] for name in live for key, _ in probes[name]}
         jobs = [(name, key, tensors) for name in live for key, tensors in probes[name]]
         with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="onnxq-probe") as pool:
-            for feed in self.feeds:
+            for batch, feed in enumerate(self.feeds):
                 values = capture.values(feed)
 
-                def run(job: tuple, values: dict = values) -> np.ndarray:
+                def run(job: tuple, values: dict = values, batch: int = batch) -> np.ndarray:
                     name, _, tensors = job
-                    suffix = live[name]
+                    suffix, choice = live[name], choices[name]
                     fed = {t: tensors.get(t, self.float_tensors[t]) for t in suffix.fed}
-                    return sessions[name].run(None, {**{t: values[t] for t in suffix.boundary}, **fed})[0]
+                    rows = choice.rows(batch)
+                    start = time.thread_time()  # the session runs on this thread (one intra-op thread)
+                    outputs = [sessions[name].run(None, {**chunk, **fed})[0]
+                               for chunk in row_chunks({t: values[t] for t in suffix.boundary}, rows)]
+                    output = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+                    choice.record(rows, time.thread_time() - start, len(output))
+                    return output
 
                 for (_, key, _), output in zip(jobs, pool.map(run, jobs), strict=True):
                     parts[key].append(output)
         for name, entries in probes.items():
             for key, _ in entries:
                 yield key, (np.concatenate(parts.pop(key)) if name in live else self.reference)
+
+
+class RowChoice:
+    """Whole batches or runs of ``PROBE_ROWS`` samples for one suffix session, whichever took less CPU per sample
+    on the first two batches (SqueezeNet's 55 x 55 maps: ~8 % less one sample at a time; MobileNet v1's layers:
+    more). Convolutions compute each sample alone either way, so the outputs do not depend on the choice."""
+
+    def __init__(self, splittable: bool) -> None:
+        self.splittable = splittable
+        self.seconds: dict[int | None, list[float]] = {None: [], PROBE_ROWS: []}  # CPU per sample of each run
+
+    def rows(self, batch: int) -> int | None:
+        """The rows per run for the ``batch``-th batch (None: the whole batch)."""
+        if not self.splittable or batch == 0:
+            return None
+        whole, split = self.seconds[None], self.seconds[PROBE_ROWS]
+        if batch == 1 or not whole or not split:
+            return PROBE_ROWS
+        return PROBE_ROWS if min(split) < min(whole) else None
+
+    def record(self, rows: int | None, seconds: float, samples: int) -> None:
+        self.seconds[rows].append(seconds / max(samples, 1))
+
+
+def splittable(suffix: Suffix, session: ort.InferenceSession) -> bool:
+    """Whether the suffix gives the same outputs run sample by sample: only ``SAMPLEWISE_OPS``, and boundary inputs
+    of any length along the leading axis (not a fixed size)."""
+    shapes = {arg.name: arg.shape for arg in session.get_inputs()}
+    return all(node.op_type in SAMPLEWISE_OPS and node.domain in ("", "ai.onnx") for node in suffix.model.graph.node) \
+        and all(shapes[name] and not isinstance(shapes[name][0], int) for name in suffix.boundary)
+
+
+def row_chunks(values: dict[str, np.ndarray], rows: int | None) -> list[dict[str, np.ndarray]]:
+    """The values in runs of ``rows`` samples (views along the leading axis) when every array is batched
+    along it, the same length; else the values whole (an array without the sample axis cannot be split)."""
+    lengths = {np.shape(array)[0] if np.ndim(array) else None for array in values.values()}
+    if rows is None or len(lengths) != 1 or None in lengths or next(iter(lengths)) <= rows:
+        return [values]
+    count = next(iter(lengths))
+    return [{name: array[start:start + rows] for name, array in values.items()} for start in range(0, count, rows)]
