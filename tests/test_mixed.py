@@ -139,8 +139,8 @@ def test_size_budgets_hold_with_block_wise_scales(tmp_path):
 def test_verification_keeps_the_allocation_that_measures_best():
     """The quadratic model prefers mixing 2 and 8 bits; if uniform 4 measures better, uniform 4 is kept."""
     from onnxq.allocation.mixed import verify
-    from onnxq.passes.budget import uniform_choices
     from onnxq.passes import clado
+    from onnxq.passes.budget import uniform_choices
 
     cands = clado.Candidates.uniform([2, 4, 8], np.array([[2.0, 4.0, 8.0]] * 3))
     omega = np.diag([0.1, 0.5, 0.0] * 3)  # 4 bits predicted as bad as it can be: the solver mixes 2 and 8
