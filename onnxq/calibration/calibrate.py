@@ -9,6 +9,7 @@ are left out of every (batch, tokens, features) layer input (``masking.py``).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -139,27 +140,46 @@ def batch_chunks(x: np.ndarray, layer: Layer) -> Iterable[np.ndarray]:
         yield x[start:start + step]
 
 
+def input_signature(layer: Layer) -> tuple:
+    """What a layer's statistics depend on besides the data: its input tensor and how it unfolds it. Layers with
+    the same signature (a transformer's query, key and value projections) have identical statistics."""
+    conv = tuple(sorted((k, str(v)) for k, v in layer.conv.items())) if layer.op_type == "Conv" else ()
+    return (layer.activation, layer.op_type, layer.op_type == "Gemm" and layer.trans_a, layer.groups,
+            layer.fan_in, len(layer.shape), conv)
+
+
 class GramObserver:
-    """Accumulates each layer's statistics from its input tensor (padding tokens left out).
+    """Accumulates each layer's statistics from its input tensor (padding tokens left out); layers that read the
+    same input the same way (``input_signature``) share one accumulation.
 
     With a thread pool, the layers of one batch are merged in parallel (numpy and BLAS release the GIL), the
     slowest layers of the previous batch first so the workers finish together; each layer still takes its batches
     in order, so the sums are the same as on one thread."""
 
     def __init__(self, layers: list[Layer], mask_name: str | None, pool: ThreadPoolExecutor | None = None) -> None:
-        self.layers = layers
+        first = {}
+        for layer in layers:
+            first.setdefault(input_signature(layer), layer)
+        self.layers = list(first.values())  # the layers whose statistics are accumulated
+        self.same_as = {layer.name: first[input_signature(layer)].name for layer in layers}
         self.tensors = sorted({layer.activation for layer in layers})
         self.mask_name = mask_name
-        self.stats = {layer.name: empty_stats(layer) for layer in layers}
+        self.accumulated = {layer.name: empty_stats(layer) for layer in self.layers}
         self.pool = pool
-        self.seconds = dict.fromkeys((layer.name for layer in layers), 0.0)
+        self.seconds = dict.fromkeys((layer.name for layer in self.layers), 0.0)
+
+    @property
+    def stats(self) -> dict[str, LayerStats]:
+        """Every layer's statistics (a copy of the shared ones for the layers that share them)."""
+        return {name: self.accumulated[name] if name == source else copy.deepcopy(self.accumulated[source])
+                for name, source in self.same_as.items()}
 
     def update(self, values: dict[str, np.ndarray], feed: Feed) -> None:
         mask = batch_mask(feed, self.mask_name)
 
         def merge(layer: Layer) -> None:
             start = time.perf_counter()
-            self.stats[layer.name].merge(np.asarray(values[layer.activation], dtype=np.float32), layer, mask)
+            self.accumulated[layer.name].merge(np.asarray(values[layer.activation], dtype=np.float32), layer, mask)
             self.seconds[layer.name] = time.perf_counter() - start
 
         if self.pool is None:
@@ -186,8 +206,9 @@ def calibrate(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Fee
     with threadpool_limits(1), ThreadPoolExecutor(gram_workers(), thread_name_prefix="onnxq-gram") as pool:
         observer = GramObserver(layers, attention_mask_name(model_inputs(model)), pool)
         capture(model, batches, [observer, *observers], on_batch)
-    unreached = unreached_layers(layers, observer.stats)  # If branches the data never took
+    stats = observer.stats
+    unreached = unreached_layers(layers, stats)  # If branches the data never took
     if unreached:
         log.warning("%d layer(s) the calibration data never ran: %s", len(unreached),
                     "; ".join(grouped_reasons(unreached)))
-    return observer.stats
+    return stats
