@@ -141,3 +141,15 @@ def test_small_map_depthwise_sums_wait_for_the_last_batch_and_survive_overflow(k
     assert huge.images is None and np.isfinite(S).all()
     np.testing.assert_allclose(S / 1e50, expected[0], rtol=1e-5, atol=1e-6 * np.abs(expected[0]).max())
     np.testing.assert_allclose(C / 1e50, expected[1], rtol=1e-5, atol=1e-6 * np.abs(expected[1]).max())
+
+
+def test_small_map_depthwise_batches_of_different_map_sizes_fold_each_size_apart():
+    """Batches whose maps differ in size (a model with dynamic spatial shapes) each fold with their own geometry."""
+    layer = conv_layer(3, 3, 3, 1, 1, [1, 1, 1, 1])
+    rng = np.random.default_rng(9)
+    batches = [stream_pair(rng, (2, 3, *size)) for size in ((7, 7), (6, 5), (7, 7))]
+    stats = PairedStats.empty(layer)
+    for x_q, x_f in batches:
+        stats.merge(x_q, x_f, layer, None)
+    rows_q, rows_f = (np.concatenate([reference_rows(pair[k], layer) for pair in batches], axis=1) for k in (0, 1))
+    assert_paired(stats, rows_q, rows_f)

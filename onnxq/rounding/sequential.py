@@ -118,6 +118,8 @@ class PairedStats:
         self.rows += part.rows
         self.samples += part.samples
         if part.images is not None:
+            if self.images is not None and self.geometry != part.geometry:  # the map size changed: fold what came
+                self.settle()
             if self.images is None:
                 self.images, self.geometry = part.images.zeros_like(), part.geometry
             self.images.add(part.images, shift)
