@@ -15,6 +15,6 @@ def test_a_session_too_big_for_memory_goes_through_a_file(monkeypatch: pytest.Mo
     model = tiny.cnn_model()
     x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
     expected = capture.make_session(model).run(None, {"x": x})[0]
-    monkeypatch.setattr(capture, "IN_MEMORY_MAX_BYTES", 100)
+    monkeypatch.setattr(capture, "PROTOBUF_LIMIT", 100)
     assert capture._serialized(model) is None
     np.testing.assert_array_equal(capture.make_session(model).run(None, {"x": x})[0], expected)

@@ -23,9 +23,9 @@ from google.protobuf.message import EncodeError
 from onnxq.data.sources import Feed, feed_samples
 from onnxq.errors import OnnxqError
 from onnxq.graph.bodies import branch_tensors_in_loops, expose_body_tensors, flatten_stacked
+from onnxq.graph.loading import PROTOBUF_LIMIT
 
 Values = dict[str, np.ndarray]
-IN_MEMORY_MAX_BYTES = 2**31 - 2**26  # larger models reach onnxruntime through a file with external data
 
 
 class Observer(Protocol):
@@ -84,7 +84,7 @@ def _serialized(model: onnx.ModelProto) -> bytes | None:
         serialized = model.SerializeToString()
     except EncodeError:  # protobuf cannot serialize a message over 2 GB
         return None
-    return serialized if len(serialized) < IN_MEMORY_MAX_BYTES else None
+    return serialized if len(serialized) < PROTOBUF_LIMIT else None
 
 
 @cache

@@ -28,7 +28,7 @@ from onnxq.export.atomic import Staging
 from onnxq.export.nbits import replace_with_nbits, supports_nbits
 from onnxq.graph.bias import apply_bias_shifts
 from onnxq.graph.layers import Layer
-from onnxq.graph.loading import proto_size
+from onnxq.graph.loading import PROTOBUF_LIMIT, proto_size
 from onnxq.graph.model import GraphModel
 from onnxq.passes import Grid, QuantWeight
 
@@ -36,7 +36,6 @@ CONTAINERS = {2: (ml_dtypes.int2, TensorProto.INT2, 25), 4: (ml_dtypes.int4, Ten
               8: (np.int8, TensorProto.INT8, 13)}
 IR_FOR_OPSET = {13: 7, 21: 10, 25: 11}
 BLOCKED_OPSET = 21  # DequantizeLinear's block_size attribute
-PROTOBUF_LIMIT = 2**31 - 2**26
 
 
 def container_bits(layer: Layer, bits: int) -> int:

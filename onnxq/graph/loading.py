@@ -10,6 +10,7 @@ from google.protobuf.message import DecodeError, EncodeError
 from onnxq.errors import OnnxqError
 
 TWO_GB = 2**31
+PROTOBUF_LIMIT = TWO_GB - 2**26  # above this, a model goes to files with external data (room for metadata)
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:

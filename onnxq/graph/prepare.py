@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from onnxq.errors import OnnxqError
 from onnxq.graph.bodies import prepare_bodies
-from onnxq.graph.loading import proto_size
+from onnxq.graph.loading import PROTOBUF_LIMIT, proto_size
 from onnxq.graph.model import name_unnamed_nodes
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulNBits",
@@ -36,7 +36,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     refuse_quantized(model)
     with tempfile.TemporaryDirectory(prefix="onnxq-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "prepared.onnx"
-        large = proto_size(model) > 2**31 - 2**26
+        large = proto_size(model) > PROTOBUF_LIMIT
         onnx.save(model, str(src), save_as_external_data=large, location="in.data")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
