@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxq.calibration import gram
+from onnxq.calibration import gram, lag_gram
 from onnxq.graph.layers import Layer
 from onnxq.rounding.sequential import PairedStats
 
@@ -153,3 +153,30 @@ def test_small_map_depthwise_batches_of_different_map_sizes_fold_each_size_apart
         stats.merge(x_q, x_f, layer, None)
     rows_q, rows_f = (np.concatenate([reference_rows(pair[k], layer) for pair in batches], axis=1) for k in (0, 1))
     assert_paired(stats, rows_q, rows_f)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kernel=st.integers(1, 5), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+       pads=st.lists(st.integers(0, 3), min_size=4, max_size=4), height=st.integers(1, 14), width=st.integers(1, 14),
+       batch=st.integers(1, 3), chunk=st.sampled_from([1, 1 << 20]), seed=st.integers(0, 2**16))
+def test_paired_lagged_maps_match_exact_im2col(kernel, stride, dilation, pads, height, width, batch, chunk, seed):
+    """Depthwise layers on large maps (``lag_gram.fits``; forced here for every geometry) take the lagged maps for
+    both streams: the Gram matrix of x~, its cross products with x (not symmetric: each tap pair its own map) and
+    both row sums equal the exact im2col ones, over channel chunks and two merged batches."""
+    if min(height + pads[0] + pads[2], width + pads[1] + pads[3]) <= (kernel - 1) * dilation:
+        return
+    layer = conv_layer(3, 3, kernel, stride, dilation, pads)
+    x_q, x_f = stream_pair(np.random.default_rng(seed), (batch, 3, height, width))
+    crossed = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("onnxq.calibration.image_gram.IMAGE_GRAM_MAX_PIXELS", 0)
+        patch.setattr(lag_gram, "fits", lambda x, conv: x.ndim == 4)
+        patch.setattr(lag_gram, "LAG_CHUNK_ELEMENTS", chunk)
+        cross = lag_gram.add_lagged_cross
+        patch.setattr(lag_gram, "add_lagged_cross", lambda *args: crossed.append(cross(*args)))
+        stats = PairedStats.empty(layer)
+        for part in (slice(0, 1), slice(1, None)):
+            if len(x_q[part]):
+                stats.merge(x_q[part], x_f[part], layer, None)
+    assert len(crossed) == min(batch, 2)  # every batch took the lagged maps
+    assert_paired(stats, reference_rows(x_q, layer), reference_rows(x_f, layer))

