@@ -159,14 +159,7 @@ def add_lagged_cross(cross: np.ndarray, x: np.ndarray, y: np.ndarray, window: Wi
     lagged maps of x's phase images against y's (sequential rounding's quantized and float streams)."""
     rows, cols = axes(x.shape[2:], window, pads, out)
     plan = lag_plan(rows, cols, symmetric=False)
-    frames = Frames(plan, x.shape[0])
-    step = max(1, LAG_CHUNK_ELEMENTS // max(frames.per_channel, 1))
-    features = np.empty((x.shape[1], plan.gram_terms.shape[0]))
-    strides = (rows.stride, cols.stride)
-    for start in range(0, x.shape[1], step):
-        chunk = slice(start, min(start + step, x.shape[1]))
-        features[chunk] = frames.features(*frames.fill(x[:, chunk], strides), *frames.fill(y[:, chunk], strides, 1))
-    cross += (features @ plan.gram_terms).reshape(cross.shape)
+    cross += (lagged_features(plan, (rows.stride, cols.stride), x, y) @ plan.gram_terms).reshape(cross.shape)
 
 
 def add_lagged_gram(gram: np.ndarray, row_sum: np.ndarray, x: np.ndarray, window: Window, pads: tuple[int, int],
@@ -175,14 +168,28 @@ def add_lagged_gram(gram: np.ndarray, row_sum: np.ndarray, x: np.ndarray, window
     (n, G, H, W) with (top, left) padding and ``out`` output pixels (module docstring)."""
     rows, cols = axes(x.shape[2:], window, pads, out)
     plan = lag_plan(rows, cols)
-    frames = Frames(plan, x.shape[0])
-    step = max(1, LAG_CHUNK_ELEMENTS // max(frames.per_channel, 1))
-    features = np.empty((x.shape[1], plan.gram_terms.shape[0]))
-    for start in range(0, x.shape[1], step):
-        chunk = slice(start, min(start + step, x.shape[1]))
-        features[chunk] = frames.features(*frames.fill(x[:, chunk], (rows.stride, cols.stride)))
-    gram += (features @ plan.gram_terms).reshape(gram.shape)
+    gram += (lagged_features(plan, (rows.stride, cols.stride), x) @ plan.gram_terms).reshape(gram.shape)
     row_sum += tap_sums(x, rows, cols)
+
+
+def lagged_features(plan: LagPlan, strides: tuple[int, int], x: np.ndarray, y: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """(channels, lags * features) float64 sums of every lagged map of ``x`` (n, C, H, W) against itself, or against
+    ``y`` (the phase b of each map). The row dots stream the phase images in cache-sized chunks of channels; the
+    edge terms (small products over the edge columns) run once for all channels afterwards: per chunk, which on a
+    large map is a single channel, their dozens of small numpy calls cost as much as the dots."""
+    frames = Frames(plan, x.shape[0])
+    channels = x.shape[1]
+    step = max(1, LAG_CHUNK_ELEMENTS // max(frames.per_channel, 1))
+    dots = np.empty((channels, len(plan.lags), frames.height), np.float32)
+    edges = frames.edge_arrays(channels)
+    partner_edges = edges if y is None else frames.edge_arrays(channels)
+    for start in range(0, channels, step):
+        chunk = slice(start, min(start + step, channels))
+        images = frames.fill(x[:, chunk], strides, edges, chunk)
+        partner = images if y is None else frames.fill(y[:, chunk], strides, partner_edges, chunk, slot=1)
+        frames.row_dots(images, partner, dots[chunk])
+    return frames.assemble(dots, edges, partner_edges)
 
 
 def tap_sums(x: np.ndarray, rows: Axis, cols: Axis) -> np.ndarray:
@@ -237,42 +244,47 @@ class Frames:
         """The (..., rows, samples, columns) view of flat frames."""
         return image[..., self.mx:self.size - self.mx].reshape(*image.shape[:-1], *self.grid)
 
-    def edges(self, images: np.ndarray) -> np.ndarray:
-        """(channels, edge columns, rows * samples) copy of the frame columns the column dots read."""
-        columns = self.frame(images)[..., self.plan.edge_columns % self.width]  # left of 0: a right margin
-        return np.ascontiguousarray(columns.transpose(0, 3, 1, 2)).reshape(
-            len(images), len(self.plan.edge_columns), self.grid[0] * self.grid[1])
+    def edge_arrays(self, channels: int) -> list[np.ndarray]:
+        """Per phase, room for every channel's edge columns: (channels, edge columns, rows * samples)."""
+        shape = (channels, len(self.plan.edge_columns), self.grid[0] * self.grid[1])
+        return [np.empty(shape, np.float32) for _ in self.plan.phases]
 
-    def fill(self, x: np.ndarray, strides: tuple[int, int], slot: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """The phase images of ``x`` (n, c, H, W) in the frames of ``slot`` (reused: the margins stay zero)."""
+    def fill(self, x: np.ndarray, strides: tuple[int, int], edges: list[np.ndarray], chunk: slice, slot: int = 0
+             ) -> list[np.ndarray]:
+        """The phase images of ``x`` (n, c, H, W), channels ``chunk`` of the layer, in the frames of ``slot``
+        (reused: the margins stay zero); their frame columns the column dots read are copied into ``edges``."""
         if slot not in self.buffers or len(self.buffers[slot][0]) < x.shape[1]:
             self.buffers[slot] = [np.zeros((x.shape[1], self.size), np.float32) for _ in self.plan.phases]
-        images, edges = [], []
-        for (ry, rx), (h, w), buffer in zip(self.plan.phases, self.plan.shapes, self.buffers[slot], strict=True):
+        images = []
+        for (ry, rx), (h, w), buffer, edge in zip(self.plan.phases, self.plan.shapes, self.buffers[slot], edges,
+                                                  strict=True):
             image = buffer[:x.shape[1]]
             target = self.frame(image)[:, self.my:self.my + h, :, :w]
             target[...] = x[:, :, ry::strides[0], rx::strides[1]].transpose(1, 2, 0, 3)
             images.append(image)
-            edges.append(self.edges(image))
-        return images, edges
+            columns = self.frame(image)[..., self.plan.edge_columns % self.width]  # left of 0: a right margin
+            edge[chunk].reshape(len(image), edge.shape[1], *self.grid[:2])[...] = columns.transpose(0, 3, 1, 2)
+        return images
 
-    def features(self, images: list[np.ndarray], edges: list[np.ndarray], other_images: list[np.ndarray] | None = None,
-                 other_edges: list[np.ndarray] | None = None) -> np.ndarray:
-        """(channels, lags * features) float64 sums of every lagged map (phase a times phase b shifted by the lag):
-        all rows, each dropped row, each dropped column, each crossing of the two (the order of ``term_matrix``).
-        Phase b comes from ``other_images``/``other_edges`` when given (cross products of two inputs)."""
-        partner_images, partner_edges = other_images or images, other_edges or edges
-        drop_rows, drop_cols = self.plan.dropped
-        channels, lags = len(images[0]), len(self.plan.lags)
-        n, row_length = self.samples, self.samples * self.width
+    def row_dots(self, images: list[np.ndarray], partner_images: list[np.ndarray], out: np.ndarray) -> None:
+        """Every lagged map (phase a of ``images`` times phase b of ``partner_images`` shifted by the lag) summed per
+        frame row, into ``out`` (channels, lags, rows)."""
+        channels = len(images[0])
+        row_length = self.samples * self.width
         begin, span = self.mx + self.my * row_length, self.height * row_length
-        top, length = self.my * n, self.height * n
-        rows = np.empty((channels, lags, self.height), np.float32)  # every lagged map summed per frame row
         for k, (a, b, dy, dx) in enumerate(self.plan.lags):
             shift = dy * row_length + dx
             partner = partner_images[b][:, begin + shift:begin + shift + span]
             dot_last(images[a][:, begin:begin + span].reshape(channels, self.height, row_length),
-                     partner.reshape(channels, self.height, row_length), out=rows[:, k])
+                     partner.reshape(channels, self.height, row_length), out=out[:, k])
+
+    def assemble(self, rows: np.ndarray, edges: list[np.ndarray], partner_edges: list[np.ndarray]) -> np.ndarray:
+        """(channels, lags * features) float64 from the row dots and the edge columns of every channel: each map's
+        sum over all rows, each dropped row, each dropped column, each crossing of the two (``term_matrix``'s
+        order); phase b's edge columns come from ``partner_edges``."""
+        drop_rows, drop_cols = self.plan.dropped
+        channels, lags, n = len(rows), len(self.plan.lags), self.samples
+        top, length = self.my * n, self.height * n
         per_column = np.empty((channels, lags, len(drop_cols)), np.float32)
         dropped = [edge[:, self.columns, top:top + length] for edge in edges]  # each phase's dropped columns
         for (a, b, dy), group in self.row_lag_groups:  # one product for every column lag of a row lag
@@ -294,8 +306,7 @@ class Frames:
         near = self.near_values(edges)
         partner = near if partner_edges is edges else self.near_values(partner_edges)
         products = np.matmul(near[:, self.crossing_points], partner.transpose(0, 2, 1))
-        channels = len(edges[0])
-        return products.reshape(channels, -1)[:, self.crossing_index].reshape(channels, len(self.plan.lags), -1)
+        return products.reshape(len(near), -1)[:, self.crossing_index].reshape(len(near), len(self.plan.lags), -1)
 
     def near_values(self, edges: list[np.ndarray]) -> np.ndarray:
         """(channels, phases * edge columns * near rows, samples): the edge values near the crossings."""
