@@ -160,9 +160,9 @@ def test_small_map_depthwise_batches_of_different_map_sizes_fold_each_size_apart
        pads=st.lists(st.integers(0, 3), min_size=4, max_size=4), height=st.integers(1, 14), width=st.integers(1, 14),
        batch=st.integers(1, 3), chunk=st.sampled_from([1, 1 << 20]), seed=st.integers(0, 2**16))
 def test_paired_lagged_maps_match_exact_im2col(kernel, stride, dilation, pads, height, width, batch, chunk, seed):
-    """Depthwise layers on large maps (``lag_gram.fits``; forced here for every geometry) take the lagged maps for
-    both streams: the Gram matrix of x~, its cross products with x (not symmetric: each tap pair its own map) and
-    both row sums equal the exact im2col ones, over channel chunks and two merged batches."""
+    """Depthwise layers on large maps (``lag_gram.fits``; forced here for every geometry up to 5x5) take the lagged
+    maps for both streams: the Gram matrix of x~, its cross products with x (not symmetric: each tap pair its own
+    map) and both row sums equal the exact im2col ones, over channel chunks and two merged batches."""
     if min(height + pads[0] + pads[2], width + pads[1] + pads[3]) <= (kernel - 1) * dilation:
         return
     layer = conv_layer(3, 3, kernel, stride, dilation, pads)
@@ -172,6 +172,7 @@ def test_paired_lagged_maps_match_exact_im2col(kernel, stride, dilation, pads, h
         patch.setattr("onnxq.calibration.image_gram.IMAGE_GRAM_MAX_PIXELS", 0)
         patch.setattr(lag_gram, "fits", lambda x, conv: x.ndim == 4)
         patch.setattr(lag_gram, "LAG_CHUNK_ELEMENTS", chunk)
+        patch.setattr("onnxq.rounding.paired_gram.PAIRED_LAG_MAX_TAPS", 25)
         cross = lag_gram.add_lagged_cross
         patch.setattr(lag_gram, "add_lagged_cross", lambda *args: crossed.append(cross(*args)))
         stats = PairedStats.empty(layer)

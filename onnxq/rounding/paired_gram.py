@@ -29,6 +29,9 @@ from onnxq.calibration.gram import (
 from onnxq.calibration.unfold import Window, conv_pads, padded_input, patch_columns, patch_rows
 
 _ONES = np.ones(GRAM_BLOCK_ROWS, np.float32)
+# the lagged maps for kernels up to 3x3: a 5x5 kernel's cross products need 81 maps (its Gram 41), more than its
+# window tiles cost (EfficientNet-Lite0 --sequential: 3 CPU s less with its 5x5 layers on tiles)
+PAIRED_LAG_MAX_TAPS = 9
 _FRAMES = threading.local()  # per stream: a zero-framed buffer the padded chunks are written into
 
 
@@ -74,8 +77,9 @@ def add_paired_conv(sums: PairedSums, x_q: np.ndarray, x_f: np.ndarray, conv: di
     """A Conv's unfolded inputs, a few samples at a time (each stream's copy bounded as in the default). Each
     chunk is padded on its own: copies under glibc's 32 MB map threshold reuse freed heap memory, where a
     padded batch would be a fresh map whose pages the kernel zeroes on every call. Depthwise layers on large
-    maps take the lagged maps instead (``add_paired_lagged``)."""
-    if x_q.shape[1] == groups and lag_gram.fits(x_q, conv):
+    maps take the lagged maps instead (``add_paired_lagged``), kernels up to ``PAIRED_LAG_MAX_TAPS``."""
+    taps = int(np.prod(conv["kernel_shape"]))
+    if x_q.shape[1] == groups and lag_gram.fits(x_q, conv) and taps <= PAIRED_LAG_MAX_TAPS:
         return add_paired_lagged(sums, x_q, x_f, conv)
     first, window = padded_input(x_q[:1], conv)
     out = window.out_shape(first.shape[2:])
