@@ -18,3 +18,58 @@ def test_a_session_too_big_for_memory_goes_through_a_file(monkeypatch: pytest.Mo
     monkeypatch.setattr(capture, "PROTOBUF_LIMIT", 100)
     assert capture._serialized(model) is None
     np.testing.assert_array_equal(capture.make_session(model).run(None, {"x": x})[0], expected)
+
+
+def test_streamed_captures_reuse_two_sets_of_buffers_and_match_plain_runs() -> None:
+    """``CaptureEngine.stream`` writes each batch's tensors into one of two buffer sets (fresh arrays would pay their
+    page faults every batch): the values equal a plain run's, batch sizes that change get buffers of their own
+    shapes, and batch k + 2 reuses batch k's arrays only after the caller has moved past batch k."""
+    model = tiny.cnn_model()
+    rng = np.random.default_rng(1)
+    batches = [{"x": rng.normal(size=(n, 3, 16, 16)).astype(np.float32)} for n in (4, 4, 4, 4, 3, 3, 4)]
+    engine = capture.CaptureEngine(model, ["r1", "r3"])
+    plain = capture.CaptureEngine(model, ["r1", "r3"])
+    seen = []
+    for values, feed in engine.stream(batches):
+        expected = plain.values(feed)
+        for name in ("r1", "r3"):
+            np.testing.assert_array_equal(values[name], expected[name])
+        seen.append(values["r1"])
+        if len(seen) > 1:
+            assert not np.shares_memory(seen[-1], seen[-2])  # the batch in flight never writes the one in use
+    assert np.shares_memory(seen[1], seen[3])  # same shapes, same buffer set: reused
+    assert seen[4].shape[0] == 3 and seen[6].shape[0] == 4
+
+
+def test_captures_whose_shapes_follow_the_data_fall_back_to_plain_runs() -> None:
+    """An output whose shape depends on the values (NonZero) cannot be written into the last batch's buffers:
+    the engine runs plainly from then on, with the right values."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("NonZero", ["x"], ["nz"])
+    graph = helper.make_graph([node, helper.make_node("Identity", ["nz"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, None)],
+                              value_info=[helper.make_tensor_value_info("nz", TensorProto.INT64, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    batches = [{"x": np.array(values, np.float32)} for values in ([1, 0, 2], [0, 0, 3], [4, 5, 6], [0, 0, 0])]
+    engine = capture.CaptureEngine(model, ["nz"])
+    for values, feed in engine.stream(batches):
+        np.testing.assert_array_equal(values["nz"], np.array(np.nonzero(feed["x"])))
+    assert not engine.bindable
+
+
+def test_the_cli_keeps_freed_memory_for_reuse() -> None:
+    """The CLI fixes glibc's mmap threshold and stops heap trimming (a library call would change its host's
+    allocator, so only ``main`` does it); on glibc mallopt accepts both settings."""
+    import ctypes
+
+    from onnxq import cli
+
+    cli.keep_freed_memory()  # no error, whatever the C library
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        pytest.skip("no glibc mallopt here")
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    assert mallopt(cli.M_MMAP_THRESHOLD, cli.MMAP_THRESHOLD) == 1

@@ -34,7 +34,8 @@ class Observer(Protocol):
     tensors: Sequence[str]
 
     def update(self, values: Values, feed: Feed) -> None:
-        """Take one batch: ``values`` holds every requested tensor (graph inputs included), ``feed`` the inputs."""
+        """Take one batch: ``values`` holds every requested tensor (graph inputs included), ``feed`` the inputs.
+        The arrays are reused for a later batch once ``update`` returns: copy what must outlive it."""
 
 
 def capture_model(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
@@ -96,6 +97,26 @@ def shared_cpu_arena() -> None:
     ort.create_and_register_allocator(info, None)
 
 
+class OutputBuffers:
+    """Arrays a session writes one batch's captured tensors into, kept for the next batch of the same shapes: fresh
+    arrays of hundreds of MB per batch pay their first-touch page faults every time (EfficientNet-Lite0's
+    calibration: 4 s of system time). Holds one set of shapes at a time (token batches change length)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.arrays: list[np.ndarray] = []
+
+    def take(self, key: tuple, types: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarray]:
+        """The arrays for outputs of these shapes and types (allocated when the shapes changed)."""
+        if key != self.key:
+            self.key, self.arrays = key, [np.empty(shape, dtype) for shape, dtype in types]
+        return self.arrays
+
+    def keep(self, key: tuple, arrays: list[np.ndarray]) -> None:
+        """Adopt a plain run's outputs as the arrays for ``key``."""
+        self.key, self.arrays = key, arrays
+
+
 class CaptureEngine:
     """One session over ``model`` that yields the named tensors for each batch."""
 
@@ -106,12 +127,15 @@ class CaptureEngine:
         self.model = model  # read again only to explain a capture that fails
         captured, self.outputs, self.axes = capture_outputs(model, self.captured) if self.captured else (None, [], [])
         self.session = make_session(captured, threads, shared_arena) if captured is not None else None
+        self.output_types: dict[tuple, list[tuple[tuple[int, ...], np.dtype]]] = {}  # by the feed's shapes
+        self.bindable = self.session is not None
 
-    def values(self, feed: Feed) -> Values:
+    def values(self, feed: Feed, buffers: OutputBuffers | None = None) -> Values:
         """The captured tensors (and the feed's inputs) for one batch; a body tensor's iterations (Loop/Scan) are
-        rows of the batch."""
+        rows of the batch. With ``buffers`` the tensors are written into its arrays (valid until the next batch
+        that uses the same buffers)."""
         try:
-            arrays = self.session.run(self.outputs, feed) if self.session else []
+            arrays = self._run(feed, buffers) if self.session else []
         except Exception as err:  # onnxruntime's own exception types
             stacked = [name for name, axes in zip(self.captured, self.axes, strict=True) if axes]
             if not stacked or "Inconsistent shape" not in str(err):
@@ -125,13 +149,43 @@ class CaptureEngine:
         values.update(feed)
         return values
 
+    def _run(self, feed: Feed, buffers: OutputBuffers | None) -> list[np.ndarray]:
+        """One session run: into ``buffers`` once this feed's shapes have run before, else plainly. A run whose
+        output shapes depend on more than the input shapes (data-dependent shapes) fails to bind: it runs plainly,
+        and so does every later batch."""
+        if buffers is None or not self.bindable:
+            return self.session.run(self.outputs, feed)
+        given = {name: np.ascontiguousarray(value) for name, value in feed.items()}
+        key = tuple((name, value.shape, value.dtype.str) for name, value in given.items())
+        types = self.output_types.get(key)
+        if types is None:
+            arrays = self.session.run(self.outputs, feed)
+            self.output_types[key] = [(array.shape, array.dtype) for array in arrays]
+            buffers.keep(key, arrays)
+            return arrays
+        arrays = buffers.take(key, types)
+        try:
+            binding = self.session.io_binding()
+            for name, value in given.items():
+                binding.bind_cpu_input(name, value)
+            for name, array in zip(self.outputs, arrays, strict=True):
+                binding.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+            self.session.run_with_iobinding(binding)
+        except Exception:  # noqa: BLE001 - onnxruntime's own types: a shape that changed with the data, an input
+            self.bindable = False  # type binding does not take (strings)
+            return self.session.run(self.outputs, feed)
+        return arrays
+
     def stream(self, batches: Iterable[Feed]) -> Iterator[tuple[Values, Feed]]:
-        """``(values, feed)`` per batch, the next batch's forward pass running while the caller works."""
+        """``(values, feed)`` per batch, the next batch's forward pass running while the caller works. The batches
+        alternate between two sets of output buffers: a batch's values are valid until the caller asks for the
+        next one (an observer copies what it keeps)."""
+        buffers = (OutputBuffers(), OutputBuffers())
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxq-capture") as pool:
             pending: Future | None = None
             pending_feed: Feed | None = None
-            for feed in batches:
-                submitted = pool.submit(self.values, feed)
+            for index, feed in enumerate(batches):
+                submitted = pool.submit(self.values, feed, buffers[index % 2])
                 if pending is not None:
                     yield pending.result(), pending_feed
                 pending, pending_feed = submitted, feed
