@@ -37,7 +37,7 @@ from onnxq.calibration.gram import add_columns, add_conv, add_pointwise
 from onnxq.calibration.unfold import unfold_columns
 from onnxq.data.masking import attention_mask_name, batch_mask, token_rows
 from onnxq.data.sources import Feed, feed_samples, model_inputs
-from onnxq.data.spill import STORE_BYTES, BatchStore
+from onnxq.data.spill import STORE_BYTES, BatchStore, SpillFile
 from onnxq.errors import OnnxqError
 from onnxq.graph.bias import BiasSlot, replacement_tensors
 from onnxq.graph.layers import Layer
@@ -330,7 +330,9 @@ def stage_plan(model: onnx.ModelProto | GraphModel, layers: list[Layer]) -> list
 class StageCapture:
     """Runs the model segment by segment (``segments.py``) on two streams of the same batches, the float model
     and the model with the layers rounded so far, keeping each stream's cut between stages in a ``BatchStore``
-    (spilled under ``folder`` past its limit): every node runs once per stream, and memory stays bounded."""
+    (spilled under ``folder`` past its limit): every node runs once per stream, and memory stays bounded. The
+    stores spill into one shared file, and each batch of a cut is released once its stage has read it, so the next
+    cut's batches are written over its pages: the file grows to what is alive at once, not to four whole cuts."""
 
     def __init__(self, model: onnx.ModelProto | GraphModel, replaced_names: list[str], plan: list[Stage],
                  feeds: Iterable[Feed], folder: Path, store_bytes: int = STORE_BYTES) -> None:
@@ -343,7 +345,8 @@ class StageCapture:
         self.feeds, self.folder, self.store_bytes = feeds, folder, store_bytes
         self.float_cut: BatchStore | None = None  # None: the feeds are the cut (first stage)
         self.quantized_cut: BatchStore | None = None  # None: the same as the float cut (nothing rounded yet)
-        self.spare: list[BatchStore] = []  # stores read to the end, cleared: their files are written over next
+        self.spare: list[BatchStore] = []  # stores read to the end and cleared, for the next cuts
+        self.spill = SpillFile(folder)
         self.masks: list[np.ndarray | None] = []
         self.samples = 0
         self.threads = ThreadPoolExecutor(2, thread_name_prefix="onnxq-stream")  # the float and quantized runs
@@ -367,6 +370,7 @@ class StageCapture:
             next_float.append({name: floats[name] for name in segment.cut})
             if next_quantized is not None:
                 next_quantized.append({name: quantized[name] for name in segment.cut})
+            self._release(index)
         self._advance(next_float, next_quantized)
         for layer_stats in stats.values():
             layer_stats.settle()
@@ -410,7 +414,13 @@ class StageCapture:
             yield float_cut, float_cut if quantized is self.float_cut else quantized[index]
 
     def _new_store(self) -> BatchStore:
-        return self.spare.pop() if self.spare else BatchStore(self.folder, self.store_bytes)
+        return self.spare.pop() if self.spare else BatchStore(self.folder, self.store_bytes, self.spill)
+
+    def _release(self, index: int) -> None:
+        """Batch ``index`` of the cut being read is done with (both streams ran on it, its statistics are added and
+        what goes on is in the next cut): its pages go to the batches written next."""
+        for store in {id(store): store for store in (self.float_cut, self.quantized_cut) if store is not None}.values():
+            store.release(index)
 
     def _advance(self, next_float: BatchStore, next_quantized: BatchStore | None) -> None:
         """Keep the new boundary; the one just read is cleared for the next stage to write over."""
@@ -427,6 +437,7 @@ class StageCapture:
         for store in (self.float_cut, self.quantized_cut, *self.spare):
             if store is not None:
                 store.close()
+        self.spill.close()
 
 
 Sink = Callable[[str, tuple[int, ...], np.dtype], np.ndarray]  # (output, shape, dtype) -> array to write it into
