@@ -6,7 +6,6 @@ are imported inside the commands, so ``onnxq --help`` stays fast.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
 import json
@@ -430,26 +429,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     logging.getLogger("onnxq").warning("%s", text.splitlines()[0][:200] if text else category.__name__)
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 32 << 20  # glibc's largest dynamic threshold, fixed from the start
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep freed memory for reuse instead of handing it back to the kernel, in this process only (the
-    CLI's: a library must not change its host's allocator). The batches' large temporaries (captures, unfolded
-    columns) are freed and allocated again every batch, and the kernel zeroes every page handed out afresh:
-    EfficientNet-Lite0's default run spent 4.1 s of system time on it, 2.1 s with these settings, at the same peak
-    memory. Allocations up to 32 MB come from the heap and the heap is never trimmed. No-op without glibc."""
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-
-
 def main() -> None:
     """Entry point: one-line errors and a non-zero exit for every failure (tracebacks with --debug)."""
     import numpy as np
@@ -459,6 +438,8 @@ def main() -> None:
     logging.basicConfig(handlers=[handler], level=log_level(sys.argv[1:]))
     signal.signal(signal.SIGTERM, _terminate)
     warnings.showwarning = _show_warning
+    from onnxq.allocator import keep_freed_memory
+
     keep_freed_memory()
     debug = "--debug" in sys.argv
     try:

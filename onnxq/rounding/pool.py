@@ -9,7 +9,6 @@ weights and Gram matrices to pickle and unpickle).
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from onnxq.allocator import keep_freed_memory
 from onnxq.passes import ROUNDING_PASSES, Grid, QuantWeight, relative_error
 
 
@@ -87,26 +87,9 @@ def round_all(tasks: list[RoundingTask], method: str, jobs: int | None = None,
         _INHERITED.clear()
 
 
-# glibc mallopt parameters: above the mmap threshold every array is a fresh mapping whose pages fault in (zeroed by
-# the kernel) on first touch, and freed heap memory above the trim threshold goes back to the system.
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-KEEP_FREED_BYTES = 256 << 20
-
-
 def _worker_setup() -> None:
     """In a worker: one BLAS thread, since the workers themselves already use every core; and freed memory kept
     for reuse, since the passes allocate the same few-MB temporaries thousands of times (MiniLM's 36 layers:
     about 1 CPU s of page faults in 11-13 saved; the job's peak RSS did not grow)."""
     threadpool_limits(1)
-    _keep_freed_memory()
-
-
-def _keep_freed_memory() -> None:
-    """glibc only (elsewhere nothing): arrays up to KEEP_FREED_BYTES come from the heap, which is not trimmed."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):
-        return
-    for option, value in ((M_MMAP_THRESHOLD, KEEP_FREED_BYTES), (M_TRIM_THRESHOLD, 4 * KEEP_FREED_BYTES),
-                          (M_TOP_PAD, KEEP_FREED_BYTES)):
-        mallopt(option, value)
+    keep_freed_memory()
