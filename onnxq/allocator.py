@@ -17,8 +17,8 @@ KEEP_FREED_BYTES = 256 << 20  # arrays up to this size come from the heap, so th
 
 
 def keep_freed_memory() -> bool:
-    """Serve arrays up to ``KEEP_FREED_BYTES`` from the heap and never trim it; whether glibc took the settings
-    (False elsewhere: nothing changes)."""
+    """Serve arrays up to ``KEEP_FREED_BYTES`` from the heap, and hand freed heap memory back only past 4x that;
+    whether glibc took the settings (False elsewhere: nothing changes)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):

@@ -97,6 +97,18 @@ def shared_cpu_arena() -> None:
     ort.create_and_register_allocator(info, None)
 
 
+def run_into(session: ort.InferenceSession, given: Feed, outputs: Sequence[str], arrays: Sequence[np.ndarray]
+             ) -> None:
+    """Run ``session`` on ``given`` writing the named outputs into ``arrays`` (IOBinding: no copy out of
+    onnxruntime, no fresh memory); the arrays must have the outputs' shapes and types."""
+    binding = session.io_binding()
+    for name, value in given.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name, array in zip(outputs, arrays, strict=True):
+        binding.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+    session.run_with_iobinding(binding)
+
+
 class OutputBuffers:
     """Arrays a session writes one batch's captured tensors into, kept for the next batch of the same shapes: fresh
     arrays of hundreds of MB per batch pay their first-touch page faults every time (EfficientNet-Lite0's
@@ -165,12 +177,7 @@ class CaptureEngine:
             return arrays
         arrays = buffers.take(key, types)
         try:
-            binding = self.session.io_binding()
-            for name, value in given.items():
-                binding.bind_cpu_input(name, value)
-            for name, array in zip(self.outputs, arrays, strict=True):
-                binding.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
-            self.session.run_with_iobinding(binding)
+            run_into(self.session, given, self.outputs, arrays)
         except Exception:  # noqa: BLE001 - onnxruntime's own types: a shape that changed with the data, an input
             self.bindable = False  # type binding does not take (strings)
             return self.session.run(self.outputs, feed)

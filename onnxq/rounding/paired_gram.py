@@ -27,6 +27,7 @@ from onnxq.calibration.gram import (
     tile_window,
 )
 from onnxq.calibration.unfold import Window, conv_pads, padded_input, patch_columns, patch_rows
+from onnxq.rounding.paired_image_gram import ImageGeometry
 
 _ONES = np.ones(GRAM_BLOCK_ROWS, np.float32)
 # the lagged maps for kernels up to 3x3: a 5x5 kernel's cross products need 81 maps (its Gram 41), more than its
@@ -101,14 +102,12 @@ def add_paired_lagged(sums: PairedSums, x_q: np.ndarray, x_f: np.ndarray, conv: 
     """A depthwise Conv from lagged dot products of the unpadded maps (``calibration/lag_gram.py``): the quantized
     stream's Gram matrix and row sums as the default computes them, the float stream's row sums, and the cross
     products of the two streams' maps (no im2col copy of either)."""
-    top, left, bottom, right = conv_pads(x_q.shape[2:], conv)
-    window = Window(tuple(conv["kernel_shape"]), tuple(conv["strides"]), tuple(conv["dilations"]))
-    out = window.out_shape((x_q.shape[2] + top + bottom, x_q.shape[3] + left + right))
-    lag_gram.add_lagged_gram(sums.gram, sums.sum_quantized, x_q, window, (top, left), out)
-    lag_gram.add_lagged_cross(sums.cross, x_q, x_f, window, (top, left), out)
-    rows, cols = lag_gram.axes(x_f.shape[2:], window, (top, left), out)
-    sums.sum_float[...] += lag_gram.tap_sums(x_f, rows, cols)
-    return x_q.shape[0] * out[0] * out[1]
+    geometry = ImageGeometry.of(x_q.shape[2:], conv)
+    window, pads, out = geometry.window, geometry.pads, geometry.out
+    lag_gram.add_lagged_gram(sums.gram, sums.sum_quantized, x_q, window, pads, out)
+    lag_gram.add_lagged_cross(sums.cross, x_q, x_f, window, pads, out)
+    sums.sum_float[...] += lag_gram.tap_sums(x_f, *lag_gram.axes(x_f.shape[2:], window, pads, out))
+    return x_q.shape[0] * geometry.rows
 
 
 def padded_chunk(x: np.ndarray, conv: dict, stream: int) -> np.ndarray:

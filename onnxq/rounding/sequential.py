@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 from onnxq.allocation.oracle import weights_as_inputs
 from onnxq.calibration import image_gram
 from onnxq.calibration.calibrate import is_pointwise
-from onnxq.calibration.capture import make_session
+from onnxq.calibration.capture import make_session, run_into
 from onnxq.calibration.gram import add_columns, add_conv, add_pointwise
 from onnxq.calibration.unfold import unfold_columns
 from onnxq.data.masking import attention_mask_name, batch_mask, token_rows
@@ -498,12 +498,7 @@ class SegmentRunner:
         else:
             outputs = [sink(name, shape, dtype) for name, (shape, dtype) in zip(self.segment.outputs, known,
                                                                                 strict=True)]
-            binding = session.io_binding()
-            for name, value in given.items():
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            for name, output in zip(self.segment.outputs, outputs, strict=True):
-                binding.bind_output(name, "cpu", 0, output.dtype, output.shape, output.ctypes.data)
-            session.run_with_iobinding(binding)
+            run_into(session, given, self.segment.outputs, outputs)
         values.update(zip(self.segment.outputs, outputs, strict=True))
         return values
 
